@@ -1,0 +1,433 @@
+"""The CMD estimator: fit, reconstruct, save and load.
+
+>>> import numpy as np
+>>> from cmdcli import CMD
+>>> W = np.random.default_rng(0).normal(size=(500, 20)).cumsum(axis=1)  # 500 weights, 20 checkpoints
+>>> model = CMD(n_modes=3, seed=0).fit(W)
+>>> model.reconstruct().shape
+(500, 20)
+
+``fit`` takes an in-memory array of shape (n_weights, n_checkpoints) or any
+:class:`~cmdcli.fitting.TrajectorySource` (a run directory is wrapped in one by
+:mod:`cmdcli.api`); the numerics are the same streaming passes either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import fitting
+from .errors import InputError, NotFittedError
+from .fitting import BlockResult, Progress, Segment, TrajectorySource
+from .writers import SafetensorsWriter, TensorEntry
+
+__all__ = ["CMD", "ArraySource", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "cmd"
+FORMAT_VERSION = "1"
+DEFAULT_MAX_MEMORY = 512 * 2**20
+
+
+class ArraySource:
+    """A :class:`~cmdcli.fitting.TrajectorySource` over in-memory trajectories.
+
+    Parameters
+    ----------
+    trajectories : array-like of shape (n_weights, n_checkpoints), or dict of str to
+        array-like of shape (n_checkpoints, ...)
+        One matrix (seen as a single tensor named ``"weights"``), or named tensors
+        stacked over checkpoints along their first axis.
+    """
+
+    def __init__(self, trajectories: np.ndarray | dict[str, np.ndarray]) -> None:
+        if isinstance(trajectories, dict):
+            arrays = {k: np.asarray(v) for k, v in trajectories.items()}
+            t = {v.shape[0] for v in arrays.values()}
+            if len(t) != 1:
+                raise InputError(f"tensors disagree on the number of checkpoints: {sorted(t)}")
+            self._flat = {k: v.reshape(v.shape[0], -1) for k, v in arrays.items()}
+            self.shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
+        else:
+            w = np.asarray(trajectories)
+            if w.ndim != 2:
+                raise InputError(
+                    f"trajectories must have shape (n_weights, n_checkpoints), got shape {w.shape}"
+                )
+            self._flat = {"weights": w.T}
+            self.shapes = {"weights": (w.shape[0],)}
+        for name, v in self._flat.items():
+            if not np.issubdtype(v.dtype, np.floating):
+                raise InputError(f"tensor {name!r}: expected floating-point values, got {v.dtype}")
+            if not np.isfinite(v).all():
+                raise InputError(f"tensor {name!r}: contains NaN or Inf")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {k: v.shape[1] for k, v in self._flat.items()}
+
+    @property
+    def n_checkpoints(self) -> int:
+        return next(iter(self._flat.values())).shape[0]
+
+    def gather(self, index: dict[str, np.ndarray]) -> np.ndarray:
+        rows = [self._flat[k][:, idx].T for k, idx in index.items()]
+        return np.concatenate(rows).astype(np.float64)
+
+    def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
+        cols = [self._flat[s.tensor][:, s.start : s.stop] for s in segments]
+        return torch.from_numpy(np.concatenate(cols, axis=1).astype(np.float64))
+
+
+def _mode_dtype(n_modes: int) -> np.dtype:
+    return np.dtype(np.uint8) if n_modes <= 256 else np.dtype(np.int32)
+
+
+class CMD:
+    """Correlation Mode Decomposition of weight trajectories (post-hoc, faithful).
+
+    Every weight is modelled as an affine copy of its mode's reference
+    trajectory, ``w_i(t) ≈ a_i · r_{m(i)}(t) + b_i``.
+
+    Parameters
+    ----------
+    n_modes : int, default=10
+        Maximum number of modes M (clustering may find fewer).
+    n_samples : int, default=1000
+        Number of weights K whose trajectories are clustered (capped at N).
+    seed : int, default=0
+        Seed of the sampling; the fit is deterministic given the seed.
+    max_memory : int, default=512 MiB
+        Work-memory budget in bytes for the streaming pass (sets the block size).
+
+    Attributes
+    ----------
+    n_modes_ : int
+        Number of modes found.
+    references_ : ndarray of shape (n_modes_, n_checkpoints), float32
+        Reference trajectory of each mode.
+    reference_locations_ : list of (str, int)
+        Tensor name and flat index of each reference weight.
+    a_, b_ : ndarray of shape (n_weights,), float32
+        Affine coefficients of every weight, in flat order.
+    modes_ : ndarray of shape (n_weights,), uint8 (int32 beyond 256 modes)
+        Mode of every weight.
+    sample_index_ : dict of str to ndarray
+        Flat indices of the sampled weights of each tensor.
+    samples_ : ndarray of shape (n_samples, n_checkpoints), float32
+        Trajectories of the sampled weights (rows in ``sample_index_`` order).
+    sample_modes_ : ndarray of shape (n_samples,)
+        Cluster of each sample (its mode before the assignment pass).
+    tensor_sizes_ : dict of str to int
+        Number of elements of each modelled tensor, in flat order.
+    statistics_ : FitStatistics
+        Error and variance sums behind every reported number.
+    explained_variance_ : float
+        1 − ‖W − Ŵ‖² / ‖W − mean_t W‖².
+    relative_error_ : float
+        ‖W − Ŵ‖_F / ‖W‖_F.
+    """
+
+    def __init__(
+        self,
+        n_modes: int = 10,
+        n_samples: int = 1000,
+        seed: int = 0,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+    ) -> None:
+        self.n_modes = n_modes
+        self.n_samples = n_samples
+        self.seed = seed
+        self.max_memory = max_memory
+
+    # ------------------------------------------------------------------ fitting
+
+    def _validate_params(self) -> None:
+        for name, low in (("n_modes", 1), ("n_samples", 1), ("max_memory", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def fit(
+        self,
+        X: np.ndarray | dict[str, np.ndarray] | TrajectorySource,
+        *,
+        progress: Progress | None = None,
+    ) -> CMD:
+        """Fit the model.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_weights, n_checkpoints), dict of tensors stacked over
+            checkpoints, or TrajectorySource
+        progress : callable, optional
+            ``progress(task, completed, total)`` for long fits.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        source = X if hasattr(X, "read_block") else ArraySource(X)  # type: ignore[arg-type]
+        sizes = dict(source.sizes)
+        n_weights = sum(sizes.values())
+        n_ckpt = source.n_checkpoints
+        if n_ckpt < 3:
+            raise InputError(f"need at least 3 checkpoints to fit trajectories, got {n_ckpt}")
+        if n_weights == 0:
+            raise InputError("no weights to model")
+        k = min(self.n_samples, n_weights)
+        if self.n_modes > k:
+            raise InputError(
+                f"n_modes={self.n_modes} is more than the {k} sampled weights; "
+                f"use at most {k} modes or more samples"
+            )
+
+        # Pass 1: the sampled trajectories decide the modes and their references.
+        rng = np.random.default_rng(self.seed)
+        index = fitting.sample_indices(sizes, k, rng)
+        if progress:
+            progress("sample", 0, n_ckpt)
+        samples = source.gather(index)
+        if not np.isfinite(samples).all():
+            raise InputError("the sampled weights contain NaN or Inf")
+        if progress:
+            progress("sample", n_ckpt, n_ckpt)
+        abs_corr = fitting.abs_correlation(samples)
+        sample_modes = fitting.cluster_modes(abs_corr, self.n_modes)
+        ref_rows = fitting.choose_references(abs_corr, sample_modes)
+        owners = [name for name, idx in index.items() for _ in range(len(idx))]
+        flat_idx = np.concatenate(list(index.values()))
+        locations = [(owners[r], int(flat_idx[r])) for r in ref_rows]
+        # Stored references are float32, so fit against exactly those values.
+        references = samples[ref_rows].astype(np.float32)
+
+        # Pass 2: every weight, block by block.
+        offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist()))
+        n_modes = len(ref_rows)
+        a = np.empty(n_weights, dtype=np.float32)
+        b = np.empty(n_weights, dtype=np.float32)
+        modes = np.empty(n_weights, dtype=_mode_dtype(n_modes))
+
+        def keep(block: BlockResult) -> None:
+            col = 0
+            for seg in block.segments:
+                dst = slice(offsets[seg.tensor] + seg.start, offsets[seg.tensor] + seg.stop)
+                src = slice(col, col + seg.size)
+                a[dst], b[dst], modes[dst] = block.a[src], block.b[src], block.modes[src]
+                col += seg.size
+
+        stats = fitting.stream_fit(
+            source,
+            references.astype(np.float64),
+            locations,
+            max_memory=int(self.max_memory),
+            on_block=keep,
+            progress=progress,
+        )
+
+        self.n_modes_ = n_modes
+        self.references_ = references
+        self.reference_locations_ = locations
+        self.a_, self.b_, self.modes_ = a, b, modes
+        self.sample_index_ = index
+        self.samples_ = samples.astype(np.float32)
+        self.sample_modes_ = sample_modes
+        self.tensor_sizes_ = sizes
+        self.statistics_ = stats
+        self.explained_variance_ = stats.explained_variance
+        self.relative_error_ = stats.relative_error
+        return self
+
+    # ------------------------------------------------------------------ using a fit
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "references_"):
+            raise NotFittedError(
+                "this CMD instance is not fitted yet; call fit() or CMD.load() first"
+            )
+
+    @property
+    def n_checkpoints_(self) -> int:
+        self._check_fitted()
+        return int(self.references_.shape[1])
+
+    def tensor_slice(self, name: str) -> slice:
+        """Where tensor ``name`` lies in the flat weight order."""
+        self._check_fitted()
+        start = 0
+        for k, size in self.tensor_sizes_.items():
+            if k == name:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(f"tensor {name!r} is not modelled")
+
+    def _checkpoint_index(self, checkpoints: int | Sequence[int] | None) -> np.ndarray:
+        t = self.n_checkpoints_
+        idx = np.arange(t) if checkpoints is None else np.atleast_1d(np.asarray(checkpoints))
+        if idx.dtype.kind not in "iu" or ((idx < -t) | (idx >= t)).any():
+            raise InputError(f"checkpoint index must be integers in [{-t}, {t - 1}], got {checkpoints!r}")
+        return idx % t
+
+    def reconstruct(
+        self, checkpoints: int | Sequence[int] | None = None, tensor: str | None = None
+    ) -> np.ndarray:
+        """Rebuild weights from the model.
+
+        Parameters
+        ----------
+        checkpoints : int or sequence of int, optional
+            Positions (0 … T−1, negative from the end) of the checkpoints to
+            rebuild; all of them by default.
+        tensor : str, optional
+            Only this tensor's weights (flat); all weights by default.
+
+        Returns
+        -------
+        ndarray of shape (n_weights, n_chosen) or (n_weights,) for a single int, float64
+        """
+        self._check_fitted()
+        idx = self._checkpoint_index(checkpoints)
+        sl = self.tensor_slice(tensor) if tensor is not None else slice(None)
+        values = fitting.reconstruct_values(
+            torch.from_numpy(self.a_[sl]),
+            torch.from_numpy(self.b_[sl]),
+            torch.from_numpy(self.modes_[sl].astype(np.int64)),
+            torch.from_numpy(self.references_[:, idx]),
+        ).T.numpy()
+        return values[:, 0] if np.ndim(checkpoints) == 0 and checkpoints is not None else values
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+        steps: Sequence[int] | None = None,
+        metadata: dict[str, object] | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write the model as a safetensors file (see the README's file format).
+
+        Parameters
+        ----------
+        path : path-like
+        shapes : dict of str to tuple, optional
+            Original shape of each modelled tensor (flat by default).
+        steps : sequence of int, optional
+            Training step of each checkpoint (0 … T−1 by default).
+        metadata : dict, optional
+            Further header entries; non-string values are stored as JSON.
+        extra : dict of str to Tensor, optional
+            Further tensors to store as they are (e.g. copies of unmodelled ones).
+        """
+        self._check_fitted()
+        shapes = shapes or {k: (v,) for k, v in self.tensor_sizes_.items()}
+        steps = np.arange(self.n_checkpoints_) if steps is None else np.asarray(steps)
+        mode_torch = torch.from_numpy(np.zeros(0, dtype=self.modes_.dtype)).dtype
+        k = self.samples_.shape[0]
+        tensors: dict[str, torch.Tensor] = {
+            "references": torch.from_numpy(self.references_),
+            "steps": torch.from_numpy(steps.astype(np.int64)),
+            "sample/values": torch.from_numpy(self.samples_),
+            "sample/mode": torch.from_numpy(self.sample_modes_.astype(np.int64)),
+        }
+        entries = [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+        for name, shape in shapes.items():
+            entries += [
+                TensorEntry(f"a/{name}", torch.float32, tuple(shape)),
+                TensorEntry(f"b/{name}", torch.float32, tuple(shape)),
+                TensorEntry(f"mode/{name}", mode_torch, tuple(shape)),
+            ]
+        for name, t in (extra or {}).items():
+            entries.append(TensorEntry(name, t.dtype, tuple(t.shape)))
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "references_kind": "sampled",
+            "tensors": list(shapes),
+            "reference_locations": [list(loc) for loc in self.reference_locations_],
+            "sample_index": {n: idx.tolist() for n, idx in self.sample_index_.items()},
+            "fit": {"n_modes": self.n_modes, "n_samples": self.n_samples, "seed": self.seed},
+        }
+        header.update(metadata or {})
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
+        if sum(len(v) for v in meta.values()) > 50 * 2**20 or k > 10**6:
+            raise InputError("model metadata too large to store")
+        with SafetensorsWriter(path, entries, meta) as w:
+            for n, t in tensors.items():
+                w.write(n, t)
+            for name in shapes:
+                sl = self.tensor_slice(name)
+                w.write(f"a/{name}", torch.from_numpy(self.a_[sl]))
+                w.write(f"b/{name}", torch.from_numpy(self.b_[sl]))
+                w.write(f"mode/{name}", torch.from_numpy(self.modes_[sl]))
+            for name, t in (extra or {}).items():
+                w.write(name, t)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CMD:
+        """Read a model written by :meth:`save` (or ``cmd fit``).
+
+        Returns
+        -------
+        CMD
+            A fitted estimator; ``metadata_`` holds the file's header, decoded,
+            ``shapes_`` the original tensor shapes and ``steps_`` the steps.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such model file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+                if raw.get("format") != FORMAT_NAME:
+                    raise InputError(
+                        f"{path}: not a cmd model (format {raw.get('format')!r}, expected {FORMAT_NAME!r})"
+                    )
+                meta: dict[str, object] = {}
+                for key, value in raw.items():
+                    try:
+                        meta[key] = json.loads(value)
+                    except json.JSONDecodeError:
+                        meta[key] = value
+                fit = meta.get("fit", {})
+                model = cls(**{k: fit[k] for k in ("n_modes", "n_samples", "seed") if k in fit})
+                names = list(meta["tensors"])  # type: ignore[arg-type]
+                a, b, modes, shapes = [], [], [], {}
+                for name in names:
+                    a_t = f.get_tensor(f"a/{name}")
+                    shapes[name] = tuple(a_t.shape)
+                    a.append(a_t.reshape(-1).numpy())
+                    b.append(f.get_tensor(f"b/{name}").reshape(-1).numpy())
+                    modes.append(f.get_tensor(f"mode/{name}").reshape(-1).numpy())
+                model.references_ = f.get_tensor("references").numpy()
+                model.steps_ = f.get_tensor("steps").numpy()
+                model.samples_ = f.get_tensor("sample/values").numpy()
+                model.sample_modes_ = f.get_tensor("sample/mode").numpy()
+                model.extra_names_ = [k for k in f.keys() if k.startswith("extra/")]
+        except SafetensorError as exc:
+            raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
+        model.n_modes_ = int(model.references_.shape[0])
+        model.tensor_sizes_ = {n: int(np.prod(s, dtype=np.int64)) for n, s in shapes.items()}
+        model.shapes_ = shapes
+        model.a_ = np.concatenate(a) if a else np.zeros(0, np.float32)
+        model.b_ = np.concatenate(b) if b else np.zeros(0, np.float32)
+        model.modes_ = np.concatenate(modes) if modes else np.zeros(0, np.uint8)
+        model.reference_locations_ = [tuple(x) for x in meta.get("reference_locations", [])]
+        model.sample_index_ = {
+            k: np.asarray(v, dtype=np.int64) for k, v in meta.get("sample_index", {}).items()
+        }
+        model.metadata_ = meta
+        model.path_ = path
+        return model

@@ -1,0 +1,183 @@
+"""Writing outputs: streamed safetensors files and atomic output directories.
+
+A safetensors file is an 8-byte header length, a JSON header giving every
+tensor's dtype, shape and byte range, then the data. Because every shape is
+known before any value is computed, the header is written first and each
+tensor's bytes go straight to their place as they are produced: one tensor in
+memory at a time, never the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+__all__ = ["SafetensorsWriter", "TensorEntry", "atomic_directory", "DTYPE_CODES", "tensor_bytes"]
+
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        DTYPE_CODES[getattr(torch, _name)] = _code
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        DTYPE_CODES[getattr(torch, _name)] = _code
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Name, dtype and shape of one tensor to be written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
+    """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    t = t.detach().contiguous().cpu()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else b""
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor.
+
+    Parameters
+    ----------
+    path : path-like
+        File to write (created or truncated).
+    entries : sequence of TensorEntry
+        Every tensor the file will hold. Data is laid out in order of
+        decreasing element size, then name, so that every tensor stays aligned.
+    metadata : dict of str to str, optional
+        The header's ``__metadata__``.
+
+    Examples
+    --------
+    >>> with SafetensorsWriter(path, [TensorEntry("w", torch.float32, (2, 3))]) as w:
+    ...     w.write("w", torch.zeros(2, 3))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        entries: Sequence[TensorEntry],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in a safetensors file")
+        size = {e: torch.empty((), dtype=e.dtype).element_size() for e in entries}
+        ordered = sorted(entries, key=lambda e: (-size[e], e.name))
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        self._spans: dict[str, tuple[int, int, TensorEntry]] = {}
+        offset = 0
+        for e in ordered:
+            header[e.name] = {
+                "dtype": DTYPE_CODES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
+            self._spans[e.name] = (offset, offset + e.nbytes, e)
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data region starts 8-aligned
+        self._data_start = 8 + len(raw)
+        self._written: set[str] = set()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, struct.pack("<Q", len(raw)) + raw)
+        os.ftruncate(self._fd, self._data_start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write ``tensor``'s elements at flat element ``start`` of tensor ``name``.
+
+        The dtype must be the entry's; the values are written in flat order, so a
+        large tensor can be written in consecutive pieces.
+        """
+        begin, end, entry = self._spans[name]
+        if tensor.dtype != entry.dtype:
+            raise TypeError(f"tensor {name!r}: got dtype {tensor.dtype}, expected {entry.dtype}")
+        item = tensor.element_size()
+        data = tensor_bytes(tensor.reshape(-1))
+        pos = begin + start * item
+        if pos + len(data) > end:
+            raise ValueError(f"tensor {name!r}: write past its end")
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, self._data_start + pos)
+            view, pos = view[n:], pos + n
+        if start == 0 and len(data) == end - begin:
+            self._written.add(name)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """Build a directory under a temporary sibling name and rename it into place.
+
+    Nothing is left behind if the body raises. An existing ``target`` is an
+    :class:`~cmdcli.errors.InputError` unless ``overwrite`` is true, in which case
+    it is replaced only once the new one is complete.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise InputError(f"{target}: output directory already exists; pass --overwrite to replace it")
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
