@@ -254,8 +254,10 @@ class FitStatistics:
     mode_sse: np.ndarray = field(init=False)
     mode_variance: np.ndarray = field(init=False)
     tensor_mode_size: dict[str, np.ndarray] = field(default_factory=dict)
+    gram: np.ndarray = field(init=False)  # T×T Σ_i xc_i xc_iᵀ of centred trajectories
 
     def __post_init__(self) -> None:
+        self.gram = np.zeros((self.n_checkpoints, self.n_checkpoints))
         self.sse_per_checkpoint = np.zeros(self.n_checkpoints)
         self.sumsq_per_checkpoint = np.zeros(self.n_checkpoints)
         self.mode_size = np.zeros(self.n_modes, dtype=np.int64)
@@ -284,6 +286,20 @@ class FitStatistics:
         """1 − ‖W − Ŵ‖² / ‖W − mean_t W‖²."""
         return 1.0 - _safe_ratio(self.sse, self.variance)
 
+    def pca_explained_variance(self, max_components: int) -> np.ndarray:
+        """Explained variance of PCA of the trajectory with 1 … ``max_components`` components.
+
+        PCA here is the DLDR / P-BFGS model: every checkpoint is the mean over
+        checkpoints plus k directions in weight space. Its error is the sum of the
+        trailing eigenvalues of the T×T Gram matrix of centred trajectories.
+        """
+        eig = np.clip(np.linalg.eigvalsh(self.gram)[::-1], 0.0, None)
+        total = float(np.trace(self.gram))
+        k = min(max_components, len(eig))
+        if total <= 0:
+            return np.ones(k)
+        return np.cumsum(eig[:k]) / total
+
 
 def _safe_ratio(num: float, den: float) -> float:
     if den > 0:
@@ -291,7 +307,9 @@ def _safe_ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else float("inf")
 
 
-def plan_blocks(sizes: dict[str, int], n_checkpoints: int, max_memory: int) -> Iterator[list[Segment]]:
+def plan_blocks(
+    sizes: dict[str, int], n_checkpoints: int, max_memory: int
+) -> Iterator[list[Segment]]:
     """Split the flat weights into blocks whose pass-2 work fits ``max_memory`` bytes.
 
     Small tensors share a block; a tensor larger than a block is cut into pieces.
@@ -430,21 +448,28 @@ def stream_fit(
         a, b, modes = fit_block(x, refs, forced)
         x_hat = reconstruct_values(a, b, modes, refs)
         resid_sq = (x - x_hat).square_()
-        x_var = (x - x.mean(dim=0)).square_()
+        del x_hat
+        xc = x - x.mean(dim=0)
+        stats.gram += (xc @ xc.T).numpy()
+        x_var = xc.square_()
 
         stats.sse_per_checkpoint += resid_sq.sum(dim=1).numpy()
         stats.sumsq_per_checkpoint += x.square().sum(dim=1).numpy()
         w_sse = resid_sq.sum(dim=0)  # per weight
         w_var = x_var.sum(dim=0)
         stats.mode_size += np.bincount(modes.numpy(), minlength=n_modes)
-        stats.mode_sse += torch.zeros(n_modes, dtype=torch.float64).index_add_(0, modes, w_sse).numpy()
+        stats.mode_sse += (
+            torch.zeros(n_modes, dtype=torch.float64).index_add_(0, modes, w_sse).numpy()
+        )
         stats.mode_variance += (
             torch.zeros(n_modes, dtype=torch.float64).index_add_(0, modes, w_var).numpy()
         )
         col = 0
         for seg in segments:
             sl = slice(col, col + seg.size)
-            stats.tensor_sse[seg.tensor] = stats.tensor_sse.get(seg.tensor, 0.0) + float(w_sse[sl].sum())
+            stats.tensor_sse[seg.tensor] = stats.tensor_sse.get(seg.tensor, 0.0) + float(
+                w_sse[sl].sum()
+            )
             stats.tensor_variance[seg.tensor] = stats.tensor_variance.get(seg.tensor, 0.0) + float(
                 w_var[sl].sum()
             )
@@ -460,5 +485,5 @@ def stream_fit(
         done += x.shape[1]
         if progress:
             progress("fit", done, n_weights)
-        del x, x_hat, resid_sq, x_var
+        del x, xc, resid_sq, x_var
     return stats

@@ -2,7 +2,7 @@
 
 >>> import numpy as np
 >>> from cmdcli import CMD
->>> W = np.random.default_rng(0).normal(size=(500, 20)).cumsum(axis=1)  # 500 weights, 20 checkpoints
+>>> W = np.random.default_rng(0).normal(size=(500, 20)).cumsum(axis=1)  # N=500, T=20
 >>> model = CMD(n_modes=3, seed=0).fit(W)
 >>> model.reconstruct().shape
 (500, 20)
@@ -273,7 +273,9 @@ class CMD:
         t = self.n_checkpoints_
         idx = np.arange(t) if checkpoints is None else np.atleast_1d(np.asarray(checkpoints))
         if idx.dtype.kind not in "iu" or ((idx < -t) | (idx >= t)).any():
-            raise InputError(f"checkpoint index must be integers in [{-t}, {t - 1}], got {checkpoints!r}")
+            raise InputError(
+                f"checkpoint index must be integers in [{-t}, {t - 1}], got {checkpoints!r}"
+            )
         return idx % t
 
     def reconstruct(
@@ -393,7 +395,8 @@ class CMD:
                 raw = f.metadata() or {}
                 if raw.get("format") != FORMAT_NAME:
                     raise InputError(
-                        f"{path}: not a cmd model (format {raw.get('format')!r}, expected {FORMAT_NAME!r})"
+                        f"{path}: not a cmd model "
+                        f"(format {raw.get('format')!r}, expected {FORMAT_NAME!r})"
                     )
                 meta: dict[str, object] = {}
                 for key, value in raw.items():
@@ -431,3 +434,12 @@ class CMD:
         model.metadata_ = meta
         model.path_ = path
         return model
+
+    def get_extra(self, name: str) -> torch.Tensor:
+        """A tensor stored beside the model (``extra/…``), read from the loaded file."""
+        from safetensors import safe_open
+
+        if not hasattr(self, "path_"):
+            raise NotFittedError("get_extra needs a model read with CMD.load()")
+        with safe_open(str(self.path_), framework="pt") as f:
+            return f.get_tensor(name)

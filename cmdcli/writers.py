@@ -55,7 +55,10 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * torch.empty((), dtype=self.dtype).element_size()
+        return (
+            int(np.prod(self.shape, dtype=np.int64))
+            * torch.empty((), dtype=self.dtype).element_size()
+        )
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
@@ -161,7 +164,9 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool) -> Iterator[
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise InputError(f"{target}: output directory already exists; pass --overwrite to replace it")
+        raise InputError(
+            f"{target}: output directory already exists; pass --overwrite to replace it"
+        )
     if target.exists() and not target.is_dir():
         raise InputError(f"{target}: exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,580 @@
+"""The jobs behind the commands: one function each, no printing.
+
+``fit_run`` is what ``cmd fit`` does; ``reconstruct_run`` is ``cmd reconstruct``;
+``inspect_run`` is ``cmd inspect``. They take plain options and a progress
+callback, write their outputs atomically, and return plain data for the caller
+to render.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, fitting
+from .checkpoints import Checkpoint, Run, TensorSpec, discover
+from .errors import CheckpointError, InputError
+from .fitting import Progress, Segment
+from .model import CMD, DEFAULT_MAX_MEMORY
+from .reports import build_report, render_markdown
+from .writers import DTYPE_CODES, SafetensorsWriter, TensorEntry, atomic_directory
+
+__all__ = ["FitOptions", "RunSource", "fit_run", "inspect_run", "reconstruct_run", "parse_memory"]
+
+MODEL_FILE = "cmd.safetensors"
+RECONSTRUCTED_DIR = "reconstructed"
+# Copies of unmodelled tensors (integer buffers, excluded tensors) are kept in
+# the model file, for every checkpoint, up to this many bytes in all; beyond it
+# `cmd reconstruct` reads them from the original checkpoints.
+MAX_STORED_EXTRAS = 64 * 2**20
+# Elements rebuilt at once when writing a reconstruction (float64 work).
+_RECONSTRUCT_CHUNK = 4 * 2**20
+# Files of a Hugging Face checkpoint directory that are training state, not model.
+_TRAINING_STATE = ("optimizer.*", "scheduler.*", "rng_state*", "scaler.*", "training_args.bin")
+_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from ``"512MiB"``, ``"2GB"``, ``"1.5G"`` or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    s = str(text).strip().lower().replace("ib", "").replace("b", "")
+    num = s.rstrip("kmgt")
+    unit = s[len(num) :]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise InputError(
+            f"--max-memory: expected a size like 512MiB or 2GiB, got {text!r}"
+        ) from None
+    if value < 2**20:
+        raise InputError(f"--max-memory: at least 1MiB is needed, got {text!r}")
+    return int(value)
+
+
+@dataclass
+class FitOptions:
+    """Settings of ``cmd fit`` (see ``cmd fit --help``)."""
+
+    n_modes: int = 10
+    n_samples: int = 1000
+    seed: int = 0
+    steps: str | None = None  # "START:END", inclusive, either end optional
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    reconstruct: str = "last"  # "last" | "all" | "none" | "STEP,STEP,…"
+    overwrite: bool = False
+    trust_pickle: bool = False
+    max_memory: int = DEFAULT_MAX_MEMORY
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class RunSource:
+    """A :class:`~cmdcli.fitting.TrajectorySource` reading checkpoints lazily.
+
+    Pass 1 opens each checkpoint once and reads only the sampled elements;
+    pass 2 opens each checkpoint once per block and reads only the block's
+    byte ranges. Values are upcast to float64 as they are read.
+
+    Parameters
+    ----------
+    checkpoints : list of Checkpoint
+        In training order.
+    specs : dict of str to TensorSpec
+        The tensors to model, in flat order.
+    unmodelled : dict of str to TensorSpec, optional
+        Tensors to copy, not model; read during pass 1 when ``keep_unmodelled``.
+    """
+
+    def __init__(
+        self,
+        checkpoints: Sequence[Checkpoint],
+        specs: dict[str, TensorSpec],
+        *,
+        trust_pickle: bool = False,
+        unmodelled: dict[str, TensorSpec] | None = None,
+        keep_unmodelled: bool = False,
+    ) -> None:
+        self.checkpoints = list(checkpoints)
+        self.specs = specs
+        self.trust_pickle = trust_pickle
+        self.unmodelled = dict(unmodelled or {})
+        self.keep_unmodelled = keep_unmodelled
+        self.unmodelled_values: dict[str, torch.Tensor] = {}
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: spec.numel for name, spec in self.specs.items()}
+
+    @property
+    def n_checkpoints(self) -> int:
+        return len(self.checkpoints)
+
+    def gather(self, index: dict[str, np.ndarray]) -> np.ndarray:
+        rows = sum(len(v) for v in index.values())
+        out = np.empty((rows, self.n_checkpoints))
+        for t, ckpt in enumerate(self.checkpoints):
+            with ckpt.open(trust_pickle=self.trust_pickle) as reader:
+                r = 0
+                for name, idx in index.items():
+                    values = reader.gather(name, idx).to(torch.float64)
+                    _check_finite(values, ckpt, name)
+                    out[r : r + len(idx), t] = values.numpy()
+                    r += len(idx)
+                if self.keep_unmodelled:
+                    for name, spec in self.unmodelled.items():
+                        key = f"extra/{t}/{name}"
+                        self.unmodelled_values[key] = reader.read(name).reshape(spec.shape)
+        return out
+
+    def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
+        width = sum(s.size for s in segments)
+        out = torch.empty((self.n_checkpoints, width), dtype=torch.float64)
+        for t, ckpt in enumerate(self.checkpoints):
+            with ckpt.open(trust_pickle=self.trust_pickle) as reader:
+                col = 0
+                for seg in segments:
+                    values = reader.read(seg.tensor, seg.start, seg.stop)
+                    dst = out[t, col : col + seg.size]
+                    dst.copy_(values)
+                    _check_finite(dst, ckpt, seg.tensor)
+                    col += seg.size
+        return out
+
+
+def _check_finite(values: torch.Tensor, ckpt: Checkpoint, name: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise CheckpointError(f"{ckpt.name}: tensor {name!r} contains NaN or Inf values")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _parse_steps(text: str | None, run: Run) -> list[Checkpoint]:
+    ckpts = run.checkpoints
+    if not text:
+        return list(ckpts)
+    lo_s, sep, hi_s = text.partition(":")
+    try:
+        lo = int(lo_s) if lo_s.strip() else None
+        hi = int(hi_s) if sep and hi_s.strip() else (lo if not sep else None)
+    except ValueError:
+        raise InputError(
+            f"--steps: expected START:END (integers, either optional), got {text!r}"
+        ) from None
+    chosen = [c for c in ckpts if (lo is None or c.step >= lo) and (hi is None or c.step <= hi)]
+    return chosen
+
+
+def _select_tensors(
+    specs: dict[str, TensorSpec], include: Sequence[str], exclude: Sequence[str]
+) -> tuple[dict[str, TensorSpec], list[str]]:
+    """Split the tensors into modelled (float, non-empty, selected) and copied ones."""
+    modelled: dict[str, TensorSpec] = {}
+    copied: list[str] = []
+    for name, spec in specs.items():
+        wanted = (not include or any(fnmatch.fnmatchcase(name, p) for p in include)) and not any(
+            fnmatch.fnmatchcase(name, p) for p in exclude
+        )
+        if spec.is_float and spec.numel > 0 and wanted:
+            modelled[name] = spec
+        else:
+            copied.append(name)
+    return modelled, copied
+
+
+def _parse_reconstruct(text: str, ckpts: Sequence[Checkpoint]) -> list[int]:
+    """Positions of the checkpoints to rebuild."""
+    text = (text or "last").strip().lower()
+    if text == "none":
+        return []
+    if text == "last":
+        return [len(ckpts) - 1]
+    if text == "all":
+        return list(range(len(ckpts)))
+    by_step = {c.step: i for i, c in enumerate(ckpts)}
+    out = []
+    for part in text.split(","):
+        try:
+            step = int(part)
+        except ValueError:
+            raise InputError(
+                f"--reconstruct: expected last, all, none or steps like 100,200, got {text!r}"
+            ) from None
+        if step not in by_step:
+            raise InputError(
+                f"--reconstruct: step {step} is not a fitted checkpoint "
+                f"(fitted steps: {_describe_steps([c.step for c in ckpts])})"
+            )
+        out.append(by_step[step])
+    return sorted(set(out))
+
+
+def _describe_steps(steps: Sequence[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return ", ".join(map(str, steps[:4])) + ", …, " + ", ".join(map(str, steps[-2:]))
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit_run(
+    run_dir: str | Path,
+    out: str | Path,
+    options: FitOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> dict:
+    """Fit a post-hoc CMD model to the checkpoints in ``run_dir`` and write ``out``.
+
+    Writes ``out/cmd.safetensors``, ``out/reconstructed/``, ``out/report.json``
+    and ``out/report.md`` — all or nothing.
+
+    Returns
+    -------
+    dict
+        The report (as written to ``report.json``).
+    """
+    opts = options or FitOptions()
+    started = time.perf_counter()
+    run = discover(run_dir, trust_pickle=opts.trust_pickle)
+    ckpts = _parse_steps(opts.steps, run)
+    if len(ckpts) < 3:
+        found = f"{len(ckpts)} checkpoint" + ("s" if len(ckpts) != 1 else "")
+        within = f" with steps in {opts.steps}" if opts.steps else ""
+        raise InputError(f"{run.root}: need at least 3 checkpoints to fit, found {found}{within}")
+    modelled, copied = _select_tensors(run.specs, opts.include, opts.exclude)
+    if not modelled:
+        raise InputError(
+            f"{run.root}: no floating-point tensor left to model "
+            f"(include={list(opts.include)}, exclude={list(opts.exclude)})"
+        )
+    n_weights = sum(s.numel for s in modelled.values())
+    if opts.n_modes > min(opts.n_samples, n_weights):
+        raise InputError(
+            f"--modes {opts.n_modes} is more than the {min(opts.n_samples, n_weights)} sampled "
+            f"weights; use fewer modes or more --samples"
+        )
+    rebuild = _parse_reconstruct(opts.reconstruct, ckpts)
+    extra_bytes = len(ckpts) * sum(
+        run.specs[n].numel * torch.empty((), dtype=run.specs[n].dtype).element_size()
+        for n in copied
+    )
+    source = RunSource(
+        ckpts,
+        modelled,
+        trust_pickle=opts.trust_pickle,
+        unmodelled={n: run.specs[n] for n in copied},
+        keep_unmodelled=extra_bytes <= MAX_STORED_EXTRAS,
+    )
+    out = Path(out)
+    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+        fitted = CMD(
+            n_modes=opts.n_modes,
+            n_samples=opts.n_samples,
+            seed=opts.seed,
+            max_memory=opts.max_memory,
+        ).fit(source, progress=progress)
+        fit_seconds = time.perf_counter() - started
+        settings = {
+            "n_modes": opts.n_modes,
+            "n_samples": opts.n_samples,
+            "seed": opts.seed,
+            "steps": opts.steps,
+            "include": list(opts.include),
+            "exclude": list(opts.exclude),
+            "max_memory": opts.max_memory,
+        }
+        metadata = {
+            "cmdcli_version": __version__,
+            "run_dir": str(run.root.resolve()),
+            "checkpoints": [_checkpoint_record(c, run.root) for c in ckpts],
+            "tensor_specs": [
+                [n, DTYPE_CODES[s.dtype], list(s.shape), n in modelled]
+                for n, s in run.specs.items()
+            ],
+            "settings": settings,
+            "extras_stored": source.keep_unmodelled,
+        }
+        fitted.save(
+            tmp / MODEL_FILE,
+            shapes={n: s.shape for n, s in modelled.items()},
+            steps=[c.step for c in ckpts],
+            metadata=metadata,
+            extra=source.unmodelled_values,
+        )
+        source.unmodelled_values = {}
+        # Rebuild from what was written, exactly as `cmd reconstruct` will later.
+        model = CMD.load(tmp / MODEL_FILE)
+        model.statistics_ = fitted.statistics_
+        del fitted
+        written = _write_reconstructions(model, tmp, rebuild, progress=progress)
+        report = build_report(
+            model,
+            run=run,
+            checkpoints=ckpts,
+            specs=modelled,
+            settings=settings,
+            reconstructed=written,
+            seconds=time.perf_counter() - started,
+            fit_seconds=fit_seconds,
+        )
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(render_markdown(report))
+    report["out"] = str(out)
+    for rec in report["reconstructed"]:
+        rec["path"] = str(out / rec["path"])
+    return report
+
+
+def _checkpoint_record(c: Checkpoint, root: Path) -> dict:
+    return {
+        "name": c.name,
+        "step": c.step,
+        "path": str(c.path.resolve()),
+        "format": c.format,
+        "state_key": c.state_key,
+        "step_source": c.step_source,
+        "weight_files": [str(p.resolve()) for p in c.weight_files],
+    }
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+def _output_stem(name: str) -> str:
+    for ext in (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _specs_from_metadata(model: CMD) -> dict[str, TensorSpec]:
+    specs = {}
+    for name, code, shape, _ in model.metadata_["tensor_specs"]:  # type: ignore[index]
+        specs[name] = TensorSpec(name=name, shape=tuple(shape), dtype=_CODE_DTYPES[code])
+    return specs
+
+
+def _checkpoint_from_record(rec: dict) -> Checkpoint:
+    return Checkpoint(
+        name=rec["name"],
+        step=int(rec["step"]),
+        path=Path(rec["path"]),
+        format=rec["format"],
+        state_key=rec.get("state_key"),
+        step_source=rec.get("step_source", "name"),
+        weight_files=tuple(Path(p) for p in rec.get("weight_files", [])),
+    )
+
+
+def _write_reconstructions(
+    model: CMD, out: Path, positions: Sequence[int], *, progress: Progress | None = None
+) -> list[dict]:
+    """Rebuild the checkpoints at ``positions`` into ``out/reconstructed/``."""
+    if not positions:
+        return []
+    dest = out / RECONSTRUCTED_DIR
+    dest.mkdir(exist_ok=True)
+    records = model.metadata_["checkpoints"]  # type: ignore[index]
+    specs = _specs_from_metadata(model)
+    written = []
+    for i, t in enumerate(positions):
+        if progress:
+            progress("reconstruct", i, len(positions))
+        ckpt = _checkpoint_from_record(records[t])
+        written.append(_write_one(model, t, ckpt, specs, dest))
+    if progress:
+        progress("reconstruct", len(positions), len(positions))
+    return written
+
+
+def _write_one(
+    model: CMD, t: int, ckpt: Checkpoint, specs: dict[str, TensorSpec], dest: Path
+) -> dict:
+    """Rebuild checkpoint ``t`` in the layout of ``ckpt`` under ``dest``."""
+    modelled = set(model.tensor_sizes_)
+    copied = [n for n in specs if n not in modelled]
+    stored = {n for n in copied if f"extra/{t}/{n}" in set(model.extra_names_)}
+    reader = None
+    if any(n not in stored for n in copied):
+        missing = [str(p) for p in ckpt.weight_files if not p.exists()]
+        if missing:
+            raise InputError(
+                f"{ckpt.name}: unmodelled tensors must be copied from the original checkpoint, "
+                f"but {missing[0]} no longer exists"
+            )
+        reader = ckpt.open(trust_pickle=True)
+
+    meta = {"format": "pt", "cmd_step": str(ckpt.step), "cmd_source": ckpt.name}
+    if ckpt.is_directory:
+        target = dest / ckpt.name
+        target.mkdir(exist_ok=True)
+        groups = _shard_groups(ckpt, specs)
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": 0}, "weight_map": {}}
+            for fname, names in groups.items():
+                index["weight_map"].update({n: fname for n in names})
+            total = sum(TensorEntry(n, specs[n].dtype, specs[n].shape).nbytes for n in specs)
+            index["metadata"]["total_size"] = total
+            (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(ckpt, target)
+        files = [(target / fname, names) for fname, names in groups.items()]
+        result_path = target
+    else:
+        result_path = dest / f"{_output_stem(ckpt.name)}.safetensors"
+        files = [(result_path, list(specs))]
+
+    try:
+        for path, names in files:
+            entries = [TensorEntry(n, specs[n].dtype, specs[n].shape) for n in names]
+            with SafetensorsWriter(path, entries, meta) as w:
+                for name in names:
+                    spec = specs[name]
+                    if name in modelled:
+                        _write_rebuilt(model, t, name, spec, w)
+                    elif name in stored:
+                        w.write(name, model.get_extra(f"extra/{t}/{name}"))
+                    else:
+                        w.write(name, reader.read(name).reshape(spec.shape))  # type: ignore[union-attr]
+    finally:
+        if reader is not None:
+            reader.close()
+    return {"name": ckpt.name, "step": ckpt.step, "path": str(result_path.relative_to(dest.parent))}
+
+
+def _write_rebuilt(
+    model: CMD, t: int, name: str, spec: TensorSpec, writer: SafetensorsWriter
+) -> None:
+    sl = model.tensor_slice(name)
+    refs = torch.from_numpy(model.references_[:, [t]])
+    for start in range(sl.start, sl.stop, _RECONSTRUCT_CHUNK):
+        stop = min(start + _RECONSTRUCT_CHUNK, sl.stop)
+        values = fitting.reconstruct_values(
+            torch.from_numpy(model.a_[start:stop]),
+            torch.from_numpy(model.b_[start:stop]),
+            torch.from_numpy(model.modes_[start:stop].astype(np.int64)),
+            refs,
+        )[0]
+        writer.write(name, values.to(spec.dtype), start=start - sl.start)
+
+
+def _shard_groups(ckpt: Checkpoint, specs: dict[str, TensorSpec]) -> dict[str, list[str]]:
+    """File name → tensors, following the original shard layout where there is one."""
+    index_file = ckpt.path / "model.safetensors.index.json"
+    if ckpt.format == "hf-sharded" and index_file.exists():
+        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+        groups: dict[str, list[str]] = {}
+        for name in specs:
+            groups.setdefault(weight_map.get(name, "model.safetensors"), []).append(name)
+        return groups
+    return {"model.safetensors": list(specs)}
+
+
+def _copy_side_files(ckpt: Checkpoint, target: Path) -> None:
+    """Copy config, tokenizer and other small files; skip weights and training state."""
+    if not ckpt.path.is_dir():
+        return
+    weights = {p.name for p in ckpt.weight_files} | {
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    }
+    for p in sorted(ckpt.path.iterdir()):
+        if not p.is_file() or p.name in weights:
+            continue
+        if any(fnmatch.fnmatchcase(p.name, pat) for pat in _TRAINING_STATE):
+            continue
+        shutil.copy2(p, target / p.name)
+
+
+def reconstruct_run(
+    out: str | Path,
+    steps: str = "last",
+    *,
+    dest: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Rebuild checkpoints from a fitted model (``cmd reconstruct``).
+
+    Parameters
+    ----------
+    out : path
+        A ``cmd fit`` output directory (or its ``cmd.safetensors``).
+    steps : str
+        ``"last"``, ``"all"`` or comma-separated training steps.
+    dest : path, optional
+        Where to write; ``out/reconstructed`` by default.
+    """
+    out = Path(out)
+    model_path = out if out.is_file() else out / MODEL_FILE
+    if not model_path.exists():
+        raise InputError(f"{out}: no {MODEL_FILE} here; run `cmd fit` first")
+    model = CMD.load(model_path)
+    ckpts = [_checkpoint_from_record(r) for r in model.metadata_["checkpoints"]]  # type: ignore[index]
+    positions = _parse_reconstruct(steps, ckpts)
+    target = Path(dest) if dest else model_path.parent / RECONSTRUCTED_DIR
+    # Rebuild into a fresh directory and move the files over, so a failure leaves no part.
+    staging = target.with_name(f".{target.name}.staging")
+    with atomic_directory(staging, overwrite=True) as tmp:
+        written = _write_reconstructions(model, tmp, positions, progress=progress)
+    target.mkdir(parents=True, exist_ok=True)
+    src_root = staging / RECONSTRUCTED_DIR
+    for rec in written:
+        name = Path(rec["path"]).name  # relative: reconstructed/<name>
+        final = target / name
+        if final.exists():
+            if not overwrite:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise InputError(f"{final}: already exists; pass --overwrite to replace it")
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        (src_root / name).rename(final)
+        rec["path"] = str(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def inspect_run(run_dir: str | Path, *, trust_pickle: bool = False) -> dict:
+    """What ``cmd fit`` would read in ``run_dir``, as plain data."""
+    run = discover(run_dir, trust_pickle=trust_pickle)
+    floats = [s for s in run.specs.values() if s.is_float and s.numel > 0]
+    dtypes = sorted({str(s.dtype).replace("torch.", "") for s in floats})
+    per_ckpt_bytes = sum(TensorEntry(s.name, s.dtype, s.shape).nbytes for s in run.specs.values())
+    return {
+        "run_dir": str(run.root),
+        "n_checkpoints": len(run.checkpoints),
+        "n_tensors": len(run.specs),
+        "n_float_tensors": len(floats),
+        "n_weights": int(sum(s.numel for s in floats)),
+        "dtypes": dtypes,
+        "bytes_per_checkpoint": int(per_ckpt_bytes),
+        "checkpoints": [
+            {
+                "name": c.name,
+                "step": c.step,
+                "step_source": c.step_source,
+                "format": c.format,
+                "state_key": c.state_key,
+                "path": str(c.path),
+                "n_tensors": len(run.specs),
+                "n_weights": int(sum(s.numel for s in floats)),
+                "dtype": "/".join(dtypes),
+            }
+            for c in run.checkpoints
+        ],
+        "skipped": [{"name": n, "reason": r} for n, r in run.skipped],
+        "notices": list(run.notices),
+    }

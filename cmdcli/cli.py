@@ -1,0 +1,336 @@
+"""The ``cmd`` command line: parse options, call one job in :mod:`cmdcli.api`, render.
+
+Errors in the user's input end with one line on stderr and exit status 2;
+failures of the tool itself exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .errors import CMDError, InputError
+
+app = typer.Typer(
+    name="cmd",
+    help=(
+        "Correlation Mode Decomposition of a training run, from its checkpoints.\n\n"
+        "Example:\n\n"
+        "    cmd inspect sample_runs/digits_mlp\n\n"
+        "    cmd fit sample_runs/digits_mlp --out digits-cmd"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+_TASK_LABELS = {
+    "sample": "Pass 1: reading sampled weights",
+    "fit": "Pass 2: fitting every weight",
+    "reconstruct": "Writing reconstructions",
+}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"cmdcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
+) -> None:
+    """Correlation Mode Decomposition of a training run, from its checkpoints."""
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the project's exceptions into one line and an exit status."""
+    try:
+        yield
+    except InputError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(code=2) from None
+    except CMDError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written", markup=False)
+        raise typer.Exit(code=130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug of ours: say so, keep the details one env var away
+        if os.environ.get("CMD_DEBUG"):
+            traceback.print_exc()
+        err.print(
+            f"internal error: {type(exc).__name__}: {exc} (set CMD_DEBUG=1 for the traceback)",
+            markup=False,
+        )
+        raise typer.Exit(code=1) from None
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(task: str, completed: int, total: int) -> None:
+        if task not in tasks:
+            tasks[task] = bar.add_task(_TASK_LABELS.get(task, task), total=total)
+        bar.update(tasks[task], completed=completed, total=total)
+
+    with bar:
+        yield update
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  cmd fit sample_runs/digits_mlp --out digits-cmd\n\n"
+        "  cmd fit runs/resnet --out resnet-cmd --modes 10 --seed 0 --steps 1000:50000 "
+        "--exclude '*.running_*' --reconstruct all"
+    )
+)
+def fit(
+    run_dir: Annotated[Path, typer.Argument(help="Directory of checkpoints of one training run.")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory [default: ./<RUN_DIR name>-cmd]."),
+    ] = None,
+    modes: Annotated[
+        int, typer.Option("--modes", "-m", help="Maximum number of modes M.", min=1)
+    ] = 10,
+    samples: Annotated[
+        int, typer.Option("--samples", "-k", help="Weights sampled to find the modes (K).", min=1)
+    ] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.", min=0)] = 0,
+    steps: Annotated[
+        str | None,
+        typer.Option(help="Fit only steps START:END (inclusive; either end optional)."),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(help="Model only tensors matching this glob (repeatable)."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Do not model tensors matching this glob; they are copied (repeatable)."),
+    ] = None,
+    reconstruct: Annotated[
+        str, typer.Option(help="Checkpoints to rebuild: last, all, none, or steps like 100,200.")
+    ] = "last",
+    max_memory: Annotated[
+        str, typer.Option(help="Work-memory budget of the streaming pass, e.g. 512MiB or 4GiB.")
+    ] = "512MiB",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Unpickle checkpoints that need more than tensors (only if you trust them)."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON on stdout.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress display or summary.")
+    ] = False,
+) -> None:
+    """Fit a CMD model to the checkpoints in RUN_DIR.
+
+    Writes OUT/cmd.safetensors (the model), OUT/reconstructed/ (rebuilt
+    checkpoints, loadable like the originals), OUT/report.json and OUT/report.md.
+    """
+    with _errors():
+        from .api import FitOptions, fit_run, parse_memory
+
+        options = FitOptions(
+            n_modes=modes,
+            n_samples=samples,
+            seed=seed,
+            steps=steps,
+            include=include or (),
+            exclude=exclude or (),
+            reconstruct=reconstruct,
+            overwrite=overwrite,
+            trust_pickle=trust_pickle,
+            max_memory=parse_memory(max_memory),
+        )
+        target = out_dir or Path(f"{run_dir.resolve().name}-cmd")
+        with _progress(not quiet) as progress:
+            report = fit_run(run_dir, target, options, progress=progress)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    elif not quiet:
+        _print_fit_summary(report)
+
+
+def _print_fit_summary(report: dict) -> None:
+    for note in report.get("notices", []):
+        err.print(f"note: {note}", markup=False)
+    for s in report.get("skipped", []):
+        err.print(f"skipped {s['name']}: {s['reason']}", markup=False)
+    table = Table(title="CMD fit", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "checkpoints",
+        f"{report['n_checkpoints']} (steps {report['checkpoints'][0]['step']}"
+        f"…{report['checkpoints'][-1]['step']})",
+    )
+    table.add_row("weights", f"{report['n_params']:,} in {report['n_tensors']} tensors")
+    table.add_row("modes", str(report["n_modes"]))
+    table.add_row("explained variance", _fmt(report["explained_variance"]))
+    pca = report["baselines"]["pca"]
+    if pca:
+        table.add_row("  PCA, same budget", f"{_fmt(pca[0]['explained_variance'])} (1 component)")
+    table.add_row("relative error", _fmt(report["relative_error"], 6))
+    table.add_row("compression", f"{report['compression_ratio']:.1f}×")
+    table.add_row("time", f"{report['seconds']['total']:.1f} s")
+    table.add_row("output", str(report["out"]))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+@app.command(
+    name="reconstruct",
+    epilog=(
+        "Examples:\n\n  cmd reconstruct digits-cmd --step all\n\n"
+        "  cmd reconstruct digits-cmd --step 10,20"
+    ),
+)
+def reconstruct_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Output directory of `cmd fit`.")],
+    step: Annotated[str, typer.Option(help="last, all, or training steps like 100,200.")] = "last",
+    dest: Annotated[
+        Path | None, typer.Option(help="Where to write [default: OUT/reconstructed].")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace reconstructions that exist.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print what was written as JSON.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Rebuild checkpoints from a fitted model (OUT/cmd.safetensors)."""
+    with _errors():
+        from .api import reconstruct_run
+
+        with _progress(not quiet) as progress:
+            written = reconstruct_run(
+                out_dir, step, dest=dest, overwrite=overwrite, progress=progress
+            )
+    if as_json:
+        print(json.dumps(written, indent=2))
+    elif not quiet:
+        for rec in written:
+            out.print(f"step {rec['step']}: {rec['path']}", markup=False)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@app.command(
+    epilog="Examples:\n\n  cmd inspect sample_runs/digits_cnn\n\n  cmd inspect runs/bert --json"
+)
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="Directory of checkpoints of one training run.")],
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Unpickle checkpoints that need more than tensors (only if you trust them)."
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the checkpoints `cmd fit` would read in RUN_DIR, in training order."""
+    with _errors():
+        from .api import inspect_run
+
+        info = inspect_run(run_dir, trust_pickle=trust_pickle)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"{info['run_dir']}", title_justify="left")
+    for col in ("step", "checkpoint", "format", "tensors", "weights", "dtype", "step from"):
+        table.add_column(col, justify="right" if col in ("step", "tensors", "weights") else "left")
+    for c in info["checkpoints"]:
+        fmt = c["format"] + (f" [{c['state_key']}]" if c["state_key"] else "")
+        table.add_row(
+            str(c["step"]),
+            c["name"],
+            fmt,
+            str(c["n_tensors"]),
+            f"{c['n_weights']:,}",
+            c["dtype"],
+            c["step_source"],
+        )
+    out.print(table)
+    size = info["bytes_per_checkpoint"] * info["n_checkpoints"] / 2**20
+    out.print(
+        f"{info['n_checkpoints']} checkpoints, {info['n_weights']:,} floating-point weights in "
+        f"{info['n_float_tensors']} of {info['n_tensors']} tensors, {size:.1f} MiB in all",
+        markup=False,
+    )
+    for note in info["notices"]:
+        out.print(f"note: {note}", markup=False)
+    for s in info["skipped"]:
+        out.print(f"skipped {s['name']}: {s['reason']}", markup=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="cmd")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

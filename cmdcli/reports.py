@@ -1,0 +1,238 @@
+"""Report data (plain dicts, JSON-ready) and its markdown rendering."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+
+__all__ = ["build_report", "render_markdown"]
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return float(num / den)
+    return 0.0 if num == 0 else math.inf
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def build_report(
+    model,
+    *,
+    run,
+    checkpoints: Sequence,
+    specs: dict,
+    settings: dict,
+    reconstructed: list[dict],
+    seconds: float,
+    fit_seconds: float,
+) -> dict:
+    """Everything ``report.json`` holds, from a fitted model and its statistics.
+
+    Parameters
+    ----------
+    model : CMD
+        Fitted, with ``statistics_`` from the fit.
+    run : Run
+        The discovered run (for skipped files and notices).
+    checkpoints : sequence of Checkpoint
+        The fitted checkpoints, in order.
+    specs : dict of str to TensorSpec
+        The modelled tensors.
+    """
+    stats = model.statistics_
+    n_ckpt = len(checkpoints)
+    n_params = int(sum(s.numel for s in specs.values()))
+    n_modes = int(model.n_modes_)
+    original_bytes = n_ckpt * sum(s.numel * _itemsize(s.dtype) for s in specs.values())
+    model_bytes = model.references_.nbytes + model.a_.nbytes + model.b_.nbytes + model.modes_.nbytes
+    pca = stats.pca_explained_variance(max(n_modes, 2))
+    mode_sizes = stats.mode_size
+    flat_offsets = np.cumsum([0, *model.tensor_sizes_.values()])
+    tensor_start = dict(zip(model.tensor_sizes_, flat_offsets[:-1].tolist()))
+
+    report = {
+        "format": "cmd-report",
+        "cmdcli_version": __version__,
+        "run_dir": str(run.root),
+        "n_params": n_params,
+        "n_checkpoints": n_ckpt,
+        "n_modes": n_modes,
+        "n_tensors": len(specs),
+        "relative_error": stats.relative_error,
+        "explained_variance": stats.explained_variance,
+        "compression_ratio": _ratio(original_bytes, model_bytes),
+        "storage": {
+            "original_bytes": int(original_bytes),
+            "model_bytes": int(model_bytes),
+            "numbers_per_weight": 2,
+        },
+        "baselines": {
+            "pca": [
+                {
+                    "components": k + 1,
+                    "explained_variance": float(ev),
+                    "numbers_per_weight": k + 2,
+                }
+                for k, ev in enumerate(pca)
+            ],
+        },
+        "checkpoints": [
+            {
+                "name": c.name,
+                "step": int(c.step),
+                "relative_error": math.sqrt(
+                    _ratio(stats.sse_per_checkpoint[t], stats.sumsq_per_checkpoint[t])
+                ),
+            }
+            for t, c in enumerate(checkpoints)
+        ],
+        "tensors": [
+            {
+                "name": name,
+                "shape": list(spec.shape),
+                "dtype": str(spec.dtype).replace("torch.", ""),
+                "n_params": int(spec.numel),
+                "relative_error": math.sqrt(
+                    _ratio(stats.tensor_sse.get(name, 0.0), stats.tensor_sumsq.get(name, 0.0))
+                ),
+                "explained_variance": 1.0
+                - _ratio(stats.tensor_sse.get(name, 0.0), stats.tensor_variance.get(name, 0.0)),
+                "mode_sizes": stats.tensor_mode_size.get(name, np.zeros(n_modes, int)).tolist(),
+            }
+            for name, spec in specs.items()
+        ],
+        "modes": [
+            {
+                "mode": m,
+                "size": int(mode_sizes[m]),
+                "share": _ratio(mode_sizes[m], n_params),
+                "reference": {
+                    "tensor": model.reference_locations_[m][0],
+                    "index": int(model.reference_locations_[m][1]),
+                    "flat_index": int(
+                        tensor_start[model.reference_locations_[m][0]]
+                        + model.reference_locations_[m][1]
+                    ),
+                },
+                "explained_variance": 1.0 - _ratio(stats.mode_sse[m], stats.mode_variance[m]),
+                "variance_share": _ratio(stats.mode_variance[m], stats.variance),
+            }
+            for m in range(n_modes)
+        ],
+        "settings": settings,
+        "reconstructed": reconstructed,
+        "skipped": [{"name": n, "reason": r} for n, r in run.skipped],
+        "notices": list(run.notices),
+        "seconds": {"total": round(seconds, 3), "fit": round(fit_seconds, 3)},
+    }
+    return report
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return f"{x:.{digits}f}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def render_markdown(report: dict, *, max_rows: int = 40) -> str:
+    """A human-readable ``report.md`` of a fit report."""
+    lines = [
+        "# CMD fit report",
+        "",
+        f"Run: `{report['run_dir']}` — {report['n_checkpoints']} checkpoints, "
+        f"{report['n_params']:,} weights in {report['n_tensors']} tensors, "
+        f"{report['n_modes']} modes.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| explained variance | {_fmt(report['explained_variance'])} |",
+        f"| relative error ‖W−Ŵ‖/‖W‖ | {_fmt(report['relative_error'], 6)} |",
+        f"| compression | {_fmt(report['compression_ratio'], 1)}× "
+        f"({_bytes(report['storage']['original_bytes'])} → "
+        f"{_bytes(report['storage']['model_bytes'])}) |",
+        "",
+        "## Against PCA of the trajectory",
+        "",
+        "PCA keeps the mean over checkpoints plus k coordinates per weight (k + 1 numbers);",
+        "CMD keeps 2 numbers and a mode id per weight.",
+        "",
+        "| model | numbers per weight | explained variance |",
+        "|---|---|---|",
+        f"| CMD, {report['n_modes']} modes | 2 | {_fmt(report['explained_variance'])} |",
+    ]
+    for row in report["baselines"]["pca"]:
+        lines.append(
+            f"| PCA, {row['components']} component{'s' if row['components'] > 1 else ''} "
+            f"| {row['numbers_per_weight']} | {_fmt(row['explained_variance'])} |"
+        )
+    lines += [
+        "",
+        "## Modes",
+        "",
+        "| mode | weights | share | explained variance | reference |",
+        "|---|---|---|---|---|",
+    ]
+    for m in report["modes"]:
+        ref = m["reference"]
+        lines.append(
+            f"| {m['mode']} | {m['size']:,} | {_fmt(m['share'], 3)} | "
+            f"{_fmt(m['explained_variance'])} | `{ref['tensor']}`[{ref['index']}] |"
+        )
+    tensors = sorted(report["tensors"], key=lambda r: r["explained_variance"])
+    limit = f", first {max_rows}" if len(tensors) > max_rows else ""
+    lines += [
+        "",
+        f"## Tensors (worst explained first{limit})",
+        "",
+        "| tensor | shape | weights | explained variance | relative error |",
+        "|---|---|---|---|---|",
+    ]
+    for r in tensors[:max_rows]:
+        lines.append(
+            f"| `{r['name']}` | {tuple(r['shape'])} | {r['n_params']:,} | "
+            f"{_fmt(r['explained_variance'])} | {_fmt(r['relative_error'], 6)} |"
+        )
+    ckpts = report["checkpoints"]
+    shown = ckpts if len(ckpts) <= max_rows else ckpts[: max_rows // 2] + ckpts[-max_rows // 2 :]
+    lines += ["", "## Checkpoints", "", "| checkpoint | step | relative error |", "|---|---|---|"]
+    for i, c in enumerate(shown):
+        if len(ckpts) > max_rows and i == max_rows // 2:
+            lines.append("| … | | |")
+        lines.append(f"| {c['name']} | {c['step']} | {_fmt(c['relative_error'], 6)} |")
+    if report.get("reconstructed"):
+        lines += ["", "## Reconstructed checkpoints", ""]
+        lines += [f"- step {r['step']}: `{r['path']}`" for r in report["reconstructed"]]
+    if report.get("skipped"):
+        lines += ["", "## Skipped files", ""]
+        lines += [f"- `{s['name']}`: {s['reason']}" for s in report["skipped"]]
+    s = report["settings"]
+    lines += [
+        "",
+        "## Settings",
+        "",
+        f"modes ≤ {s['n_modes']}, samples {s['n_samples']}, seed {s['seed']}"
+        + (f", steps {s['steps']}" if s.get("steps") else "")
+        + (f", include {s['include']}" if s.get("include") else "")
+        + (f", exclude {s['exclude']}" if s.get("exclude") else "")
+        + f"; cmdcli {report['cmdcli_version']}; {report['seconds']['total']:.1f} s.",
+        "",
+    ]
+    return "\n".join(lines)

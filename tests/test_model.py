@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from sklearn.metrics import adjusted_rand_score
+
+from cmdcli import CMD
+from cmdcli.errors import InputError, NotFittedError
+from tests.planted import planted_modes
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_modes(n_weights=3000, n_checkpoints=25, n_modes=4, noise=1e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(planted):
+    return CMD(n_modes=4, n_samples=500, seed=0).fit(planted.W)
+
+
+def test_planted_modes_recovered(planted, fitted):
+    assert fitted.n_modes_ == 4
+    assert adjusted_rand_score(planted.labels, fitted.modes_) >= 0.99
+
+
+def test_error_is_at_the_noise_floor(planted, fitted):
+    # w = a·r + b + ε with a noisy reference r + ε_r: the residual is ε − a·ε_r,
+    # so its RMS is σ·sqrt(mean(1 + a²)); a poor fit would be orders above it.
+    resid = planted.W - fitted.reconstruct()
+    floor = planted.noise * np.sqrt(np.mean(1 + planted.a**2))
+    assert np.sqrt(np.mean(resid**2)) < 1.5 * floor
+    assert fitted.explained_variance_ > 0.999
+
+
+def test_references_are_planted_shapes_and_exact(planted, fitted):
+    for m, (tensor, i) in enumerate(fitted.reference_locations_):
+        assert tensor == "weights"
+        assert fitted.modes_[i] == m and fitted.a_[i] == 1.0 and fitted.b_[i] == 0.0
+        r = fitted.references_[m]
+        best = max(abs(np.corrcoef(r, s)[0, 1]) for s in planted.refs)
+        assert best > 0.999
+        np.testing.assert_array_equal(fitted.reconstruct()[i], planted.W[i].astype(np.float32))
+
+
+def test_coefficients_recover_planted_affine_maps(planted, fitted):
+    # each weight's a relative to its mode's reference weight equals a_i / a_ref
+    for m, (_, i) in enumerate(fitted.reference_locations_):
+        members = fitted.modes_ == m
+        expected = planted.a[members] / planted.a[i]
+        np.testing.assert_allclose(fitted.a_[members], expected, rtol=0.02, atol=0.02)
+
+
+def test_same_seed_same_result_and_block_size_does_not_matter(planted):
+    one = CMD(n_modes=4, n_samples=300, seed=7).fit(planted.W)
+    two = CMD(n_modes=4, n_samples=300, seed=7, max_memory=50_000).fit(planted.W)
+    np.testing.assert_array_equal(one.a_, two.a_)
+    np.testing.assert_array_equal(one.modes_, two.modes_)
+    np.testing.assert_array_equal(one.references_, two.references_)
+
+
+def test_dict_of_tensors_input_keeps_names(planted):
+    W = planted.W
+    tensors = {"fc.weight": W[:2000].T.reshape(-1, 40, 50), "fc.bias": W[2000:].T}
+    model = CMD(n_modes=4, seed=0).fit(tensors)
+    assert list(model.tensor_sizes_) == ["fc.weight", "fc.bias"]
+    assert model.tensor_slice("fc.bias") == slice(2000, 3000)
+    assert model.reconstruct(-1, tensor="fc.bias").shape == (1000,)
+
+
+def test_one_mode_puts_everything_in_mode_zero(planted):
+    model = CMD(n_modes=1, seed=0).fit(planted.W)
+    assert model.n_modes_ == 1 and np.all(model.modes_ == 0)
+
+
+def test_reconstruct_selected_checkpoints(fitted):
+    full = fitted.reconstruct()
+    np.testing.assert_array_equal(fitted.reconstruct([0, -1]), full[:, [0, -1]])
+    np.testing.assert_array_equal(fitted.reconstruct(3), full[:, 3])
+    with pytest.raises(InputError, match="checkpoint index"):
+        fitted.reconstruct(25)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_modes": 0}, "n_modes must be an integer >= 1, got 0"),
+        ({"n_samples": 2.5}, "n_samples must be an integer"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"n_modes": 20, "n_samples": 10}, "n_modes=20 is more than the 10 sampled weights"),
+    ],
+)
+def test_bad_parameters(planted, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        CMD(**kwargs).fit(planted.W)
+
+
+def test_bad_inputs():
+    with pytest.raises(InputError, match="at least 3 checkpoints"):
+        CMD().fit(np.zeros((10, 2)))
+    W = np.ones((10, 5))
+    W[3, 2] = np.nan
+    with pytest.raises(InputError, match="NaN or Inf"):
+        CMD().fit(W)
+    with pytest.raises(InputError, match="shape"):
+        CMD().fit(np.zeros(10))
+
+
+def test_not_fitted():
+    with pytest.raises(NotFittedError, match="not fitted"):
+        CMD().reconstruct()
+
+
+def test_save_load_roundtrip_readable_by_safetensors_alone(tmp_path, planted):
+    W = planted.W
+    model = CMD(n_modes=4, seed=0).fit({"w": W[:2000].T.reshape(-1, 40, 50), "v": W[2000:].T})
+    path = tmp_path / "cmd.safetensors"
+    model.save(path, shapes={"w": (40, 50), "v": (1000,)}, steps=range(10, 260, 10))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "cmd" and "format_version" in meta
+        assert f.get_tensor("references").dtype == torch.float32
+        assert tuple(f.get_tensor("references").shape) == (4, 25)
+        assert f.get_tensor("steps").tolist() == list(range(10, 260, 10))
+        assert tuple(f.get_tensor("a/w").shape) == (40, 50)
+        assert f.get_tensor("b/v").dtype == torch.float32
+        assert not f.get_tensor("mode/w").dtype.is_floating_point
+    loaded = CMD.load(path)
+    np.testing.assert_array_equal(loaded.a_, model.a_)
+    np.testing.assert_array_equal(loaded.b_, model.b_)
+    np.testing.assert_array_equal(loaded.modes_, model.modes_)
+    np.testing.assert_array_equal(loaded.reconstruct(), model.reconstruct())
+    assert loaded.shapes_ == {"w": (40, 50), "v": (1000,)}
+    assert loaded.reference_locations_ == model.reference_locations_
+
+
+def test_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(InputError, match="not a cmd model"):
+        CMD.load(tmp_path / "x.safetensors")
+    with pytest.raises(InputError, match="no such model file"):
+        CMD.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x01\x02junk")
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        CMD.load(tmp_path / "junk.safetensors")
