@@ -143,11 +143,16 @@ class RunSource:
             with ckpt.open(trust_pickle=self.trust_pickle) as reader:
                 col = 0
                 for seg in segments:
-                    values = reader.read(seg.tensor, seg.start, seg.stop)
-                    dst = out[t, col : col + seg.size]
-                    dst.copy_(values)
-                    _check_finite(dst, ckpt, seg.tensor)
+                    out[t, col : col + seg.size].copy_(reader.read(seg.tensor, seg.start, seg.stop))
                     col += seg.size
+        # One reduction per checkpoint finds NaN/Inf; only then look for where.
+        bad = ~torch.isfinite(out.sum(dim=1))
+        if bool(bad.any()):
+            t = int(torch.nonzero(bad)[0])
+            col = 0
+            for seg in segments:
+                _check_finite(out[t, col : col + seg.size], self.checkpoints[t], seg.tensor)
+                col += seg.size
         return out
 
 

@@ -50,9 +50,9 @@ __all__ = [
 Progress = Callable[[str, int, int], None]
 """Callback ``progress(task, completed, total)``, called as work advances."""
 
-# Bytes of float64 work memory per trajectory element in pass 2: the block
-# itself, its centred copy, the reconstruction/residual and torch temporaries.
-_BYTES_PER_ELEMENT = 8 * 5
+# Bytes of work memory per trajectory element in pass 2: the float64 block
+# (centred in place) plus the float32 pieces it is read from.
+_BYTES_PER_ELEMENT = 8 * 2
 
 
 @dataclass(frozen=True)
@@ -361,7 +361,7 @@ def fit_block(
     Parameters
     ----------
     x : float64 tensor of shape (T, B)
-        The trajectories of B weights (one column per weight).
+        The trajectories of B weights (one column per weight). Not modified.
     references : float64 tensor of shape (M, T)
     forced : dict of int to int, optional
         Columns of ``x`` that are reference weights, mapped to their mode: they
@@ -374,16 +374,44 @@ def fit_block(
         The mode whose reference has the highest |Pearson correlation| with the
         weight; ties and constant weights go to the lowest mode id.
     """
+    fit = _fit_centred(x.clone(), references, forced)
+    return fit.a, fit.b, fit.modes
+
+
+@dataclass
+class _BlockFit:
+    a: torch.Tensor  # float32 (B,)
+    b: torch.Tensor  # float32 (B,)
+    modes: torch.Tensor  # int64 (B,)
+    xc: torch.Tensor  # float64 (T, B): centred trajectories
+    x_mean: torch.Tensor  # (B,)
+    x_sq: torch.Tensor  # (B,) Σ_t xc²
+    cov: torch.Tensor  # (B,) Σ_t xc·rc of the chosen mode
+
+
+def _fit_centred(
+    x: torch.Tensor, references: torch.Tensor, forced: dict[int, int] | None
+) -> _BlockFit:
+    """Core of :func:`fit_block`; centres ``x`` in place to save a copy of the block."""
     r_mean = references.mean(dim=1, keepdim=True)
     rc = references - r_mean  # (M, T)
     r_sq = (rc * rc).sum(dim=1)  # (M,)
     x_mean = x.mean(dim=0)  # (B,)
-    xc = x - x_mean
-    x_norm = xc.norm(dim=0)  # (B,)
+    xc = x.sub_(x_mean)
+    x_sq = torch.einsum("tb,tb->b", xc, xc)
     cov = rc @ xc  # (M, B): Σ_t rc_m(t) xc_i(t)
-    denom = torch.sqrt(r_sq)[:, None] * x_norm[None, :]
-    corr = torch.where(denom > 0, cov.abs() / torch.where(denom > 0, denom, 1.0), 0.0)
-    modes = torch.argmax(corr, dim=0)  # first maximum → lowest mode id on ties
+    # |ρ_im| = |cov_im| / (‖rc_m‖·‖xc_i‖); the weight's own norm does not change
+    # which mode wins, so only the references' norms are divided out. A constant
+    # reference correlates with nothing (its column scale is 0).
+    r_norm = torch.sqrt(r_sq)
+    inv_r_norm = torch.where(r_norm > 0, 1.0 / torch.where(r_norm > 0, r_norm, 1.0), 0.0)
+    score = cov.abs().mul_(inv_r_norm[:, None])
+    # A constant weight correlates with nothing either; rounding in its mean
+    # leaves a residue of ~1e-16·|mean|, which must not pick a mode.
+    constant = x_sq <= (x.shape[0] * (1e-12 * x_mean.abs()) ** 2)
+    score[:, constant] = 0.0
+    modes = torch.argmax(score, dim=0)  # first maximum → lowest mode id on ties
+    del score
 
     cov_m = cov.gather(0, modes[None, :])[0]
     r_sq_m = r_sq[modes]
@@ -392,9 +420,10 @@ def fit_block(
     if forced:
         cols = torch.tensor(list(forced), dtype=torch.long)
         modes[cols] = torch.tensor(list(forced.values()), dtype=torch.long)
+        cov_m[cols] = cov[modes[cols], cols]
         a[cols] = 1.0
         b[cols] = 0.0
-    return a.to(torch.float32), b.to(torch.float32), modes
+    return _BlockFit(a.to(torch.float32), b.to(torch.float32), modes, xc, x_mean, x_sq, cov_m)
 
 
 def stream_fit(
@@ -407,6 +436,17 @@ def stream_fit(
     progress: Progress | None = None,
 ) -> FitStatistics:
     """Pass 2: assign, fit and score every weight, one block at a time.
+
+    The errors are computed from sums rather than from a materialised
+    reconstruction: with e_it = (xc_it − a_i·rc_m(t)) + δ_i, where xc and rc are
+    centred over t and δ_i = x̄_i − a_i·r̄_m − b_i (the float32 rounding of b),
+
+    * per weight, Σ_t e² = ‖xc_i‖² − 2a_i·cov_i + a_i²‖rc_m‖² + T·δ_i²;
+    * per checkpoint, Σ_i e² follows from diag(xc xcᵀ) and one (T, B) × (B, M+2)
+      product, whose columns gather a_i and δ_i by mode.
+
+    So the block is read, centred in place and multiplied a few times; nothing
+    else of its size is allocated.
 
     Parameters
     ----------
@@ -429,6 +469,9 @@ def stream_fit(
     n_weights = sum(sizes.values())
     n_modes, n_ckpt = references.shape
     refs = torch.from_numpy(np.ascontiguousarray(references, dtype=np.float64))
+    rc = refs - refs.mean(dim=1, keepdim=True)
+    r_mean = refs.mean(dim=1)
+    r_sq = (rc * rc).sum(dim=1)
     stats = FitStatistics(n_checkpoints=n_ckpt, n_modes=n_modes)
     located: dict[tuple[str, int], int] = {loc: m for m, loc in enumerate(reference_locations)}
 
@@ -436,7 +479,6 @@ def stream_fit(
     if progress:
         progress("fit", 0, n_weights)
     for segments in plan_blocks(sizes, n_ckpt, max_memory):
-        x = source.read_block(segments)
         forced: dict[int, int] = {}
         col = 0
         for seg in segments:
@@ -445,18 +487,39 @@ def stream_fit(
                     forced[col + index - seg.start] = m
             col += seg.size
 
-        a, b, modes = fit_block(x, refs, forced)
-        x_hat = reconstruct_values(a, b, modes, refs)
-        resid_sq = (x - x_hat).square_()
-        del x_hat
-        xc = x - x.mean(dim=0)
-        stats.gram += (xc @ xc.T).numpy()
-        x_var = xc.square_()
+        x = source.read_block(segments)
+        fit = _fit_centred(x, refs, forced)
+        xc, modes = fit.xc, fit.modes
+        a = fit.a.to(torch.float64)
+        delta = fit.x_mean - a * r_mean[modes] - fit.b.to(torch.float64)
+        w_var = fit.x_sq
+        w_sse = (w_var - 2 * a * fit.cov + a * a * r_sq[modes] + n_ckpt * delta * delta).clamp_(
+            min=0
+        )
 
-        stats.sse_per_checkpoint += resid_sq.sum(dim=1).numpy()
-        stats.sumsq_per_checkpoint += x.square().sum(dim=1).numpy()
-        w_sse = resid_sq.sum(dim=0)  # per weight
-        w_var = x_var.sum(dim=0)
+        # Per-checkpoint sums from products with the centred block.
+        width = xc.shape[1]
+        cols = torch.zeros((width, n_modes + 2), dtype=torch.float64)
+        cols.scatter_(1, modes[:, None], a[:, None])
+        cols[:, n_modes] = delta
+        cols[:, n_modes + 1] = fit.x_mean
+        proj = xc @ cols  # (T, M+2)
+        gram = xc @ xc.T
+        diag = torch.diagonal(gram)
+        by_mode = torch.zeros((n_modes, 3), dtype=torch.float64)
+        by_mode.index_add_(0, modes, torch.stack([a * a, a * delta, torch.ones_like(a)], dim=1))
+        sse_t = (
+            diag
+            - 2 * (proj[:, :n_modes] * rc.T).sum(dim=1)
+            + (rc.T**2 * by_mode[:, 0]).sum(dim=1)
+            + 2 * proj[:, n_modes]
+            - 2 * (rc.T * by_mode[:, 1]).sum(dim=1)
+            + (delta * delta).sum()
+        )
+        sumsq_t = diag + 2 * proj[:, n_modes + 1] + (fit.x_mean**2).sum()
+        stats.gram += gram.numpy()
+        stats.sse_per_checkpoint += sse_t.clamp_(min=0).numpy()
+        stats.sumsq_per_checkpoint += sumsq_t.numpy()
         stats.mode_size += np.bincount(modes.numpy(), minlength=n_modes)
         stats.mode_sse += (
             torch.zeros(n_modes, dtype=torch.float64).index_add_(0, modes, w_sse).numpy()
@@ -464,26 +527,24 @@ def stream_fit(
         stats.mode_variance += (
             torch.zeros(n_modes, dtype=torch.float64).index_add_(0, modes, w_var).numpy()
         )
+        w_sumsq = w_var + n_ckpt * fit.x_mean**2
         col = 0
         for seg in segments:
             sl = slice(col, col + seg.size)
-            stats.tensor_sse[seg.tensor] = stats.tensor_sse.get(seg.tensor, 0.0) + float(
-                w_sse[sl].sum()
-            )
-            stats.tensor_variance[seg.tensor] = stats.tensor_variance.get(seg.tensor, 0.0) + float(
+            name = seg.tensor
+            stats.tensor_sse[name] = stats.tensor_sse.get(name, 0.0) + float(w_sse[sl].sum())
+            stats.tensor_variance[name] = stats.tensor_variance.get(name, 0.0) + float(
                 w_var[sl].sum()
             )
-            stats.tensor_sumsq[seg.tensor] = stats.tensor_sumsq.get(seg.tensor, 0.0) + float(
-                x[:, sl].square().sum()
-            )
+            stats.tensor_sumsq[name] = stats.tensor_sumsq.get(name, 0.0) + float(w_sumsq[sl].sum())
             counts = np.bincount(modes[sl].numpy(), minlength=n_modes)
-            prev = stats.tensor_mode_size.get(seg.tensor)
-            stats.tensor_mode_size[seg.tensor] = counts if prev is None else prev + counts
+            prev = stats.tensor_mode_size.get(name)
+            stats.tensor_mode_size[name] = counts if prev is None else prev + counts
             col += seg.size
 
-        on_block(BlockResult(tuple(segments), a.numpy(), b.numpy(), modes.numpy()))
-        done += x.shape[1]
+        on_block(BlockResult(tuple(segments), fit.a.numpy(), fit.b.numpy(), modes.numpy()))
+        done += width
         if progress:
             progress("fit", done, n_weights)
-        del x, xc, resid_sq, x_var
+        del x, xc, fit, cols, proj
     return stats

@@ -47,7 +47,9 @@ def float_names(sd):
 
 LAYOUTS = {
     "torch": lambda root, sds: write_torch_run(root, sds, STEPS),
-    "torch-wrapped": lambda root, sds: write_torch_run(root, sds, STEPS, wrap_key="model_state_dict"),
+    "torch-wrapped": lambda root, sds: write_torch_run(
+        root, sds, STEPS, wrap_key="model_state_dict"
+    ),
     "lightning": lambda root, sds: write_lightning_run(root, sds, STEPS),
     "safetensors": lambda root, sds: write_safetensors_run(root, sds, STEPS),
     "hf": lambda root, sds: write_hf_run(root, sds, STEPS),
@@ -101,9 +103,10 @@ def test_hf_reconstruction_keeps_the_directory_layout(tmp_path):
     shards = sorted(p.name for p in original.glob("model-*.safetensors"))
     assert sorted(p.name for p in rebuilt.glob("model-*.safetensors")) == shards
     index = json.loads((rebuilt / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == json.loads(
-        (original / "model.safetensors.index.json").read_text()
-    )["weight_map"]
+    assert (
+        index["weight_map"]
+        == json.loads((original / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     with safe_open(str(rebuilt / shards[0]), framework="pt") as f:
         assert f.metadata()["format"] == "pt"  # what transformers checks
 
@@ -164,8 +167,10 @@ def test_planted_modes_recovered_through_the_cli(tmp_path):
     run.mkdir()
     for t in range(20):
         col = torch.from_numpy(p.W[:, t].astype(np.float32))
-        save_file({"l1.weight": col[:3000].reshape(60, 50).clone(), "l2.bias": col[3000:].clone()},
-                  str(run / f"step_{t}.safetensors"))
+        save_file(
+            {"l1.weight": col[:3000].reshape(60, 50).clone(), "l2.bias": col[3000:].clone()},
+            str(run / f"step_{t}.safetensors"),
+        )
     out = tmp_path / "out"
     result = cmd("fit", run, "-o", out, "-m", "4", "--max-memory", "1MiB", "--json", "-q")
     assert result.exit_code == 0, result.stderr
@@ -173,7 +178,10 @@ def test_planted_modes_recovered_through_the_cli(tmp_path):
     assert report["n_modes"] == 4 and report["explained_variance"] > 0.999
     with safe_open(str(out / "cmd.safetensors"), framework="pt") as f:
         modes = np.concatenate(
-            [f.get_tensor("mode/l1.weight").reshape(-1).numpy(), f.get_tensor("mode/l2.bias").numpy()]
+            [
+                f.get_tensor("mode/l1.weight").reshape(-1).numpy(),
+                f.get_tensor("mode/l2.bias").numpy(),
+            ]
         )
     assert adjusted_rand_score(p.labels, modes) >= 0.99
 
@@ -190,7 +198,10 @@ def test_reconstruct_from_the_model_alone(tmp_path):
     sds = tiny_state_dicts(len(STEPS), seed=7)
     write_torch_run(tmp_path / "run", sds, STEPS)
     out = tmp_path / "out"
-    assert cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "--reconstruct", "none", "-q").exit_code == 0
+    assert (
+        cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "--reconstruct", "none", "-q").exit_code
+        == 0
+    )
     assert not (out / "reconstructed").exists()
     shutil.rmtree(tmp_path / "run")  # integer buffers come from the model file
     result = cmd("reconstruct", out, "--step", "all", "--json", "-q")
@@ -205,7 +216,9 @@ def test_reconstruct_from_the_model_alone(tmp_path):
     again = cmd("reconstruct", out, "--step", "30", "-q")
     assert_input_error(again, "already exists; pass --overwrite")
     assert cmd("reconstruct", out, "--step", "30", "--overwrite", "-q").exit_code == 0
-    assert_input_error(cmd("reconstruct", out, "--step", "35", "-q"), "step 35 is not a fitted checkpoint")
+    assert_input_error(
+        cmd("reconstruct", out, "--step", "35", "-q"), "step 35 is not a fitted checkpoint"
+    )
 
 
 def test_steps_range_and_tensor_selection(tmp_path):
@@ -213,16 +226,34 @@ def test_steps_range_and_tensor_selection(tmp_path):
     write_safetensors_run(tmp_path / "run", sds, STEPS)
     out = tmp_path / "out"
     result = cmd(
-        "fit", tmp_path / "run", "-o", out, "--steps", "20:70", "--exclude", "bn.*",
-        "--reconstruct", "all", "-q",
+        "fit",
+        tmp_path / "run",
+        "-o",
+        out,
+        "--steps",
+        "20:70",
+        "--exclude",
+        "bn.*",
+        "--reconstruct",
+        "all",
+        "-q",
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert [c["step"] for c in report["checkpoints"]] == [20, 30, 40, 50, 60, 70]
-    assert {t["name"] for t in report["tensors"]} == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert {t["name"] for t in report["tensors"]} == {
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    }
     rebuilt = load_file(str(out / "reconstructed" / "step_40.safetensors"))
-    assert torch.equal(rebuilt["bn.running_mean"], sds[3]["bn.running_mean"])  # copied, not modelled
-    result = cmd("fit", tmp_path / "run", "-o", tmp_path / "o2", "--include", "fc2.*", "-m", "2", "-q")
+    assert torch.equal(
+        rebuilt["bn.running_mean"], sds[3]["bn.running_mean"]
+    )  # copied, not modelled
+    result = cmd(
+        "fit", tmp_path / "run", "-o", tmp_path / "o2", "--include", "fc2.*", "-m", "2", "-q"
+    )
     assert result.exit_code == 0
     report = json.loads((tmp_path / "o2" / "report.json").read_text())
     assert {t["name"] for t in report["tensors"]} == {"fc2.weight", "fc2.bias"}
@@ -271,13 +302,17 @@ def good_run(tmp_path):
 def test_missing_and_empty_directories(tmp_path):
     assert_input_error(cmd("fit", tmp_path / "nope", "-o", tmp_path / "out"), "nope")
     (tmp_path / "empty").mkdir()
-    assert_input_error(cmd("fit", tmp_path / "empty", "-o", tmp_path / "out"), "no checkpoints found")
+    assert_input_error(
+        cmd("fit", tmp_path / "empty", "-o", tmp_path / "out"), "no checkpoints found"
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_too_few_checkpoints(tmp_path):
     write_torch_run(tmp_path / "run", tiny_state_dicts(2), [1, 2])
-    assert_input_error(cmd("fit", tmp_path / "run", "-o", tmp_path / "out"), "need at least 3 checkpoints")
+    assert_input_error(
+        cmd("fit", tmp_path / "run", "-o", tmp_path / "out"), "need at least 3 checkpoints"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -301,8 +336,13 @@ class NotJustWeights:
 
 
 def test_pickle_that_needs_more_than_weights(tmp_path):
-    write_torch_run(tmp_path / "run", tiny_state_dicts(4), [1, 2, 3, 4], wrap_key="state_dict",
-                    extra={"hyper": NotJustWeights()})
+    write_torch_run(
+        tmp_path / "run",
+        tiny_state_dicts(4),
+        [1, 2, 3, 4],
+        wrap_key="state_dict",
+        extra={"hyper": NotJustWeights()},
+    )
     assert_input_error(cmd("fit", tmp_path / "run", "-o", tmp_path / "out"), "--trust-pickle")
     ok = cmd("fit", tmp_path / "run", "-o", tmp_path / "out", "--trust-pickle", "-m", "2", "-q")
     assert ok.exit_code == 0, ok.stderr
