@@ -103,6 +103,7 @@ class RunSource:
         trust_pickle: bool = False,
         unmodelled: dict[str, TensorSpec] | None = None,
         keep_unmodelled: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         self.checkpoints = list(checkpoints)
         self.specs = specs
@@ -110,6 +111,7 @@ class RunSource:
         self.unmodelled = dict(unmodelled or {})
         self.keep_unmodelled = keep_unmodelled
         self.unmodelled_values: dict[str, torch.Tensor] = {}
+        self.progress = progress
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -134,6 +136,8 @@ class RunSource:
                     for name, spec in self.unmodelled.items():
                         key = f"extra/{t}/{name}"
                         self.unmodelled_values[key] = reader.read(name).reshape(spec.shape)
+            if self.progress:
+                self.progress("sample", t + 1, self.n_checkpoints)
         return out
 
     def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
@@ -281,6 +285,7 @@ def fit_run(
         trust_pickle=opts.trust_pickle,
         unmodelled={n: run.specs[n] for n in copied},
         keep_unmodelled=extra_bytes <= MAX_STORED_EXTRAS,
+        progress=progress,
     )
     out = Path(out)
     with atomic_directory(out, overwrite=opts.overwrite) as tmp:
