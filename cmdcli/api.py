@@ -324,10 +324,12 @@ def fit_run(
             extra=source.unmodelled_values,
         )
         source.unmodelled_values = {}
-        # Rebuild from what was written, exactly as `cmd reconstruct` will later.
-        model = CMD.load(tmp / MODEL_FILE)
-        model.statistics_ = fitted.statistics_
+        # Rebuild from what was written, exactly as `cmd reconstruct` will later;
+        # the fitted arrays go first so that only one copy is ever held.
+        stats = fitted.statistics_
         del fitted
+        model = CMD.load(tmp / MODEL_FILE)
+        model.statistics_ = stats
         written = _write_reconstructions(model, tmp, rebuild, progress=progress)
         report = build_report(
             model,

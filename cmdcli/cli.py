@@ -140,41 +140,63 @@ def _fmt(x: float, digits: int = 4) -> str:
     )
 )
 def fit(
-    run_dir: Annotated[Path, typer.Argument(help="Directory of checkpoints of one training run.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="Directory of checkpoints of one training run.", metavar="RUN_DIR"),
+    ],
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output directory [default: ./<RUN_DIR name>-cmd]."),
+        typer.Option(
+            "--out", "-o", help="Output directory [default: ./<RUN_DIR name>-cmd].", metavar="OUT"
+        ),
     ] = None,
     modes: Annotated[
-        int, typer.Option("--modes", "-m", help="Maximum number of modes M.", min=1)
+        int, typer.Option("--modes", "-m", help="Maximum number of modes.", min=1, metavar="M")
     ] = 10,
     samples: Annotated[
-        int, typer.Option("--samples", "-k", help="Weights sampled to find the modes (K).", min=1)
+        int,
+        typer.Option(
+            "--samples", "-k", help="Weights sampled to find the modes.", min=1, metavar="K"
+        ),
     ] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the sampling.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.", min=0, metavar="S")] = 0,
     steps: Annotated[
         str | None,
-        typer.Option(help="Fit only steps START:END (inclusive; either end optional)."),
+        typer.Option(
+            help="Fit only steps START:END (inclusive; either end optional).", metavar="START:END"
+        ),
     ] = None,
     include: Annotated[
         list[str] | None,
-        typer.Option(help="Model only tensors matching this glob (repeatable)."),
+        typer.Option(help="Model only tensors matching this glob (repeatable).", metavar="GLOB"),
     ] = None,
     exclude: Annotated[
         list[str] | None,
-        typer.Option(help="Do not model tensors matching this glob; they are copied (repeatable)."),
+        typer.Option(
+            help="Do not model tensors matching this glob; they are copied (repeatable).",
+            metavar="GLOB",
+        ),
     ] = None,
     reconstruct: Annotated[
-        str, typer.Option(help="Checkpoints to rebuild: last, all, none, or steps like 100,200.")
+        str,
+        typer.Option(
+            help="Checkpoints to rebuild: last, all, none, or steps like 100,200.", metavar="WHICH"
+        ),
     ] = "last",
     max_memory: Annotated[
-        str, typer.Option(help="Work-memory budget of the streaming pass, e.g. 512MiB or 4GiB.")
+        str,
+        typer.Option(
+            help="Work-memory budget of the streaming pass, e.g. 512MiB or 4GiB.", metavar="SIZE"
+        ),
     ] = "512MiB",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
+    ] = False,
     trust_pickle: Annotated[
         bool,
         typer.Option(
-            help="Unpickle checkpoints that need more than tensors (only if you trust them)."
+            "--trust-pickle",
+            help="Unpickle checkpoints that need more than tensors (only if you trust them).",
         ),
     ] = False,
     as_json: Annotated[
@@ -250,12 +272,17 @@ def _print_fit_summary(report: dict) -> None:
     ),
 )
 def reconstruct_cmd(
-    out_dir: Annotated[Path, typer.Argument(help="Output directory of `cmd fit`.")],
-    step: Annotated[str, typer.Option(help="last, all, or training steps like 100,200.")] = "last",
+    out_dir: Annotated[Path, typer.Argument(help="Output directory of `cmd fit`.", metavar="OUT")],
+    step: Annotated[
+        str, typer.Option(help="last, all, or training steps like 100,200.", metavar="STEP")
+    ] = "last",
     dest: Annotated[
-        Path | None, typer.Option(help="Where to write [default: OUT/reconstructed].")
+        Path | None,
+        typer.Option(help="Where to write [default: OUT/reconstructed].", metavar="DIR"),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace reconstructions that exist.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace reconstructions that exist.")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was written as JSON.")
     ] = False,
@@ -283,11 +310,15 @@ def reconstruct_cmd(
     epilog="Examples:\n\n  cmd inspect sample_runs/digits_cnn\n\n  cmd inspect runs/bert --json"
 )
 def inspect(
-    run_dir: Annotated[Path, typer.Argument(help="Directory of checkpoints of one training run.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="Directory of checkpoints of one training run.", metavar="RUN_DIR"),
+    ],
     trust_pickle: Annotated[
         bool,
         typer.Option(
-            help="Unpickle checkpoints that need more than tensors (only if you trust them)."
+            "--trust-pickle",
+            help="Unpickle checkpoints that need more than tensors (only if you trust them).",
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
