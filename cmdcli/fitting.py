@@ -50,10 +50,6 @@ __all__ = [
 Progress = Callable[[str, int, int], None]
 """Callback ``progress(task, completed, total)``, called as work advances."""
 
-# Bytes of work memory per trajectory element in pass 2: the float64 block
-# (centred in place) plus the float32 pieces it is read from.
-_BYTES_PER_ELEMENT = 8 * 2
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -307,15 +303,23 @@ def _safe_ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else float("inf")
 
 
+def bytes_per_weight(n_checkpoints: int, n_modes: int) -> int:
+    """Work memory of pass 2 per weight of a block.
+
+    The float64 trajectory (T values, centred in place), the (M, B) covariances
+    and scores, the (B, M+2) product columns and about eight float64 vectors.
+    """
+    return 8 * n_checkpoints + 8 * (3 * n_modes + 10)
+
+
 def plan_blocks(
-    sizes: dict[str, int], n_checkpoints: int, max_memory: int
+    sizes: dict[str, int], n_checkpoints: int, max_memory: int, n_modes: int = 10
 ) -> Iterator[list[Segment]]:
     """Split the flat weights into blocks whose pass-2 work fits ``max_memory`` bytes.
 
     Small tensors share a block; a tensor larger than a block is cut into pieces.
     """
-    per_weight = _BYTES_PER_ELEMENT * max(n_checkpoints, 1)
-    capacity = max(int(max_memory) // per_weight, 1024)
+    capacity = max(int(max_memory) // bytes_per_weight(n_checkpoints, n_modes), 1024)
     block: list[Segment] = []
     room = capacity
     for name, size in sizes.items():
@@ -478,7 +482,7 @@ def stream_fit(
     done = 0
     if progress:
         progress("fit", 0, n_weights)
-    for segments in plan_blocks(sizes, n_ckpt, max_memory):
+    for segments in plan_blocks(sizes, n_ckpt, max_memory, n_modes):
         forced: dict[int, int] = {}
         col = 0
         for seg in segments:

@@ -131,9 +131,10 @@ class TestFitBlock:
 
 def test_plan_blocks_covers_every_element_once_within_budget():
     sizes = {"a": 5, "b": 5000, "c": 1, "d": 3000}
-    capacity = max(10_000 // (fitting._BYTES_PER_ELEMENT * 7), 1024)
+    capacity = max(500_000 // fitting.bytes_per_weight(7, 3), 1024)
+    assert capacity < 5000  # so the big tensor must be cut
     seen = {k: np.zeros(v, int) for k, v in sizes.items()}
-    for block in fitting.plan_blocks(sizes, 7, 10_000):
+    for block in fitting.plan_blocks(sizes, 7, 500_000, n_modes=3):
         assert sum(s.size for s in block) <= capacity
         for s in block:
             seen[s.tensor][s.start : s.stop] += 1
