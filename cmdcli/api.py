@@ -304,6 +304,7 @@ def fit_run(
             "include": list(opts.include),
             "exclude": list(opts.exclude),
             "max_memory": opts.max_memory,
+            "trust_pickle": opts.trust_pickle,
         }
         metadata = {
             "cmdcli_version": __version__,
@@ -426,7 +427,9 @@ def _write_one(
                 f"{ckpt.name}: unmodelled tensors must be copied from the original checkpoint, "
                 f"but {missing[0]} no longer exists"
             )
-        reader = ckpt.open(trust_pickle=True)
+        # Unpickle only as far as the user allowed when fitting.
+        trust = bool(model.metadata_.get("settings", {}).get("trust_pickle", False))  # type: ignore[union-attr]
+        reader = ckpt.open(trust_pickle=trust)
 
     meta = {"format": "pt", "cmd_step": str(ckpt.step), "cmd_source": ckpt.name}
     if ckpt.is_directory:

@@ -335,12 +335,20 @@ class CMD:
         shapes = shapes or {k: (v,) for k, v in self.tensor_sizes_.items()}
         steps = np.arange(self.n_checkpoints_) if steps is None else np.asarray(steps)
         mode_torch = torch.from_numpy(np.zeros(0, dtype=self.modes_.dtype)).dtype
-        k = self.samples_.shape[0]
+        names = list(self.tensor_sizes_)
+        owner = np.concatenate(
+            [
+                np.full(len(idx), names.index(n), dtype=np.int32)
+                for n, idx in self.sample_index_.items()
+            ]
+        )
         tensors: dict[str, torch.Tensor] = {
             "references": torch.from_numpy(self.references_),
             "steps": torch.from_numpy(steps.astype(np.int64)),
             "sample/values": torch.from_numpy(self.samples_),
             "sample/mode": torch.from_numpy(self.sample_modes_.astype(np.int64)),
+            "sample/tensor": torch.from_numpy(owner),
+            "sample/index": torch.from_numpy(np.concatenate(list(self.sample_index_.values()))),
         }
         entries = [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
         for name, shape in shapes.items():
@@ -357,13 +365,10 @@ class CMD:
             "references_kind": "sampled",
             "tensors": list(shapes),
             "reference_locations": [list(loc) for loc in self.reference_locations_],
-            "sample_index": {n: idx.tolist() for n, idx in self.sample_index_.items()},
             "fit": {"n_modes": self.n_modes, "n_samples": self.n_samples, "seed": self.seed},
         }
         header.update(metadata or {})
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
-        if sum(len(v) for v in meta.values()) > 50 * 2**20 or k > 10**6:
-            raise InputError("model metadata too large to store")
         with SafetensorsWriter(path, entries, meta) as w:
             for n, t in tensors.items():
                 w.write(n, t)
@@ -418,6 +423,8 @@ class CMD:
                 model.steps_ = f.get_tensor("steps").numpy()
                 model.samples_ = f.get_tensor("sample/values").numpy()
                 model.sample_modes_ = f.get_tensor("sample/mode").numpy()
+                owner = f.get_tensor("sample/tensor").numpy()
+                flat = f.get_tensor("sample/index").numpy()
                 model.extra_names_ = [k for k in f.keys() if k.startswith("extra/")]
         except SafetensorError as exc:
             raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
@@ -429,7 +436,7 @@ class CMD:
         model.modes_ = np.concatenate(modes) if modes else np.zeros(0, np.uint8)
         model.reference_locations_ = [tuple(x) for x in meta.get("reference_locations", [])]
         model.sample_index_ = {
-            k: np.asarray(v, dtype=np.int64) for k, v in meta.get("sample_index", {}).items()
+            name: flat[owner == i] for i, name in enumerate(names) if np.any(owner == i)
         }
         model.metadata_ = meta
         model.path_ = path

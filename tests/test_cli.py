@@ -391,3 +391,28 @@ def test_bad_options(good_run, tmp_path, args, match):
 
 def test_reconstruct_needs_a_fitted_directory(tmp_path):
     assert_input_error(cmd("reconstruct", tmp_path), "no cmd.safetensors here")
+
+
+def test_reconstruct_does_not_unpickle_beyond_what_the_fit_allowed(tmp_path, monkeypatch):
+    monkeypatch.setattr("cmdcli.api.MAX_STORED_EXTRAS", 0)  # keep no copies in the model
+    sds = tiny_state_dicts(4)
+    paths = write_torch_run(tmp_path / "run", sds, [1, 2, 3, 4])
+    out = tmp_path / "out"
+    fit = cmd(
+        "fit",
+        tmp_path / "run",
+        "-o",
+        out,
+        "--exclude",
+        "fc1.*",
+        "-m",
+        "2",
+        "--reconstruct",
+        "none",
+        "-q",
+    )
+    assert fit.exit_code == 0, fit.stderr
+    # fc1.* must now come from the original file, which was swapped for an unsafe pickle
+    torch.save({"state_dict": sds[-1], "hyper": NotJustWeights()}, paths[-1])
+    assert_input_error(cmd("reconstruct", out, "--step", "4", "-q"), "--trust-pickle")
+    assert not (out / "reconstructed" / "epoch_4.safetensors").exists()

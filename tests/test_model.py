@@ -132,6 +132,10 @@ def test_save_load_roundtrip_readable_by_safetensors_alone(tmp_path, planted):
     np.testing.assert_array_equal(loaded.reconstruct(), model.reconstruct())
     assert loaded.shapes_ == {"w": (40, 50), "v": (1000,)}
     assert loaded.reference_locations_ == model.reference_locations_
+    assert loaded.sample_index_.keys() == model.sample_index_.keys()
+    for name, idx in model.sample_index_.items():
+        np.testing.assert_array_equal(loaded.sample_index_[name], idx)
+    np.testing.assert_array_equal(loaded.samples_, model.samples_)
 
 
 def test_load_rejects_other_files(tmp_path):
