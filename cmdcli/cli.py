@@ -124,6 +124,18 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]
         yield update
 
 
+RunDir = Annotated[
+    Path, typer.Argument(help="Directory of checkpoints of one training run.", metavar="RUN_DIR")
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Unpickle checkpoints that need more than tensors (only if you trust them).",
+    ),
+]
+
+
 def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
@@ -140,10 +152,7 @@ def _fmt(x: float, digits: int = 4) -> str:
     )
 )
 def fit(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(help="Directory of checkpoints of one training run.", metavar="RUN_DIR"),
-    ],
+    run_dir: RunDir,
     out_dir: Annotated[
         Path | None,
         typer.Option(
@@ -192,13 +201,7 @@ def fit(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
     ] = False,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle",
-            help="Unpickle checkpoints that need more than tensors (only if you trust them).",
-        ),
-    ] = False,
+    trust_pickle: TrustPickle = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout.")
     ] = False,
@@ -310,17 +313,8 @@ def reconstruct_cmd(
     epilog="Examples:\n\n  cmd inspect sample_runs/digits_cnn\n\n  cmd inspect runs/bert --json"
 )
 def inspect(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(help="Directory of checkpoints of one training run.", metavar="RUN_DIR"),
-    ],
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle",
-            help="Unpickle checkpoints that need more than tensors (only if you trust them).",
-        ),
-    ] = False,
+    run_dir: RunDir,
+    trust_pickle: TrustPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List the checkpoints `cmd fit` would read in RUN_DIR, in training order."""

@@ -4,9 +4,8 @@ Provides a deterministic train/test split of scikit-learn's bundled digits
 data set (no network access needed), the two model classes used by the sample
 runs, and a small evaluation helper.
 
-This module is imported both by ``make_sample_runs.py`` and by the per-run
-``evaluate.py`` files (which add this directory to ``sys.path`` themselves,
-because the tool loads them by file path rather than as a package).
+This module is imported by ``make_sample_runs.py`` and loaded by file path by
+the per-run ``evaluate.py`` files (the tool loads those by path, not as a package).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ __all__ = [
     "DigitsCNN",
     "DigitsMLP",
     "accuracy_and_loss",
+    "evaluate_weights",
     "load_digits_split",
 ]
 
@@ -113,3 +113,28 @@ def accuracy_and_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dic
     finally:
         model.train(was_training)
     return {"accuracy": float(accuracy.item()), "loss": float(loss.item())}
+
+
+def _coerce(state_dict, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors with the model's dtypes (integer buffers are rounded)."""
+    out = {}
+    for key, value in state_dict.items():
+        t = torch.as_tensor(value).detach().to("cpu")
+        ref = reference.get(key)
+        if ref is not None and t.dtype != ref.dtype:
+            if t.is_floating_point() and not ref.is_floating_point():
+                t = torch.round(t)
+            t = t.to(ref.dtype)
+        out[key] = t
+    return out
+
+
+@torch.no_grad()
+def evaluate_weights(model_class: type[nn.Module], state_dict) -> dict[str, float]:
+    """Test-set accuracy and loss of ``model_class`` with ``state_dict`` (loaded strictly)."""
+    torch.manual_seed(0)
+    model = model_class()
+    model.load_state_dict(_coerce(state_dict, model.state_dict()), strict=True)
+    model.eval()
+    data = load_digits_split()
+    return accuracy_and_loss(model, data["X_test"], data["y_test"])
