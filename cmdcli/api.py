@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,9 @@ class RunSource:
         The tensors to model, in flat order.
     unmodelled : dict of str to TensorSpec, optional
         Tensors to copy, not model; read during pass 1 when ``keep_unmodelled``.
+    spool_dir : path, optional
+        Where pass 1 writes safetensors copies of checkpoints that cannot be
+        read lazily (legacy pickles), so that each is unpickled only once.
     """
 
     def __init__(
@@ -104,8 +107,13 @@ class RunSource:
         unmodelled: dict[str, TensorSpec] | None = None,
         keep_unmodelled: bool = False,
         progress: Progress | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
         self.checkpoints = list(checkpoints)
+        # What pass 2 reads: the checkpoints themselves, or for those that cannot
+        # be read in parts, the safetensors copies pass 1 makes in `spool_dir`.
+        self._block_checkpoints = list(checkpoints)
+        self.spool_dir = spool_dir
         self.specs = specs
         self.trust_pickle = trust_pickle
         self.unmodelled = dict(unmodelled or {})
@@ -136,14 +144,25 @@ class RunSource:
                     for name, spec in self.unmodelled.items():
                         key = f"extra/{t}/{name}"
                         self.unmodelled_values[key] = reader.read(name).reshape(spec.shape)
+                if not ckpt.lazy and self.spool_dir is not None:
+                    self._block_checkpoints[t] = self._spool(t, ckpt, reader)
             if self.progress:
                 self.progress("sample", t + 1, self.n_checkpoints)
         return out
 
+    def _spool(self, t: int, ckpt: Checkpoint, reader) -> Checkpoint:
+        path = self.spool_dir / f"{t}.safetensors"  # type: ignore[operator]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = [TensorEntry(n, s.dtype, s.shape) for n, s in self.specs.items()]
+        with SafetensorsWriter(path, entries) as w:
+            for name in self.specs:
+                w.write(name, reader.read(name))
+        return replace(ckpt, path=path, format="safetensors", weight_files=(path,), lazy=True)
+
     def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
         width = sum(s.size for s in segments)
         out = torch.empty((self.n_checkpoints, width), dtype=torch.float64)
-        for t, ckpt in enumerate(self.checkpoints):
+        for t, ckpt in enumerate(self._block_checkpoints):
             with ckpt.open(trust_pickle=self.trust_pickle) as reader:
                 col = 0
                 for seg in segments:
@@ -289,6 +308,7 @@ def fit_run(
     )
     out = Path(out)
     with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+        source.spool_dir = tmp / ".spool"
         fitted = CMD(
             n_modes=opts.n_modes,
             n_samples=opts.n_samples,
@@ -296,6 +316,7 @@ def fit_run(
             max_memory=opts.max_memory,
         ).fit(source, progress=progress)
         fit_seconds = time.perf_counter() - started
+        shutil.rmtree(source.spool_dir, ignore_errors=True)
         settings = {
             "n_modes": opts.n_modes,
             "n_samples": opts.n_samples,

@@ -193,6 +193,9 @@ class Checkpoint:
         ``"name"``.
     weight_files : tuple of pathlib.Path
         The files holding tensors: one file, or every shard.
+    lazy : bool
+        Whether parts of tensors can be read without loading the whole file
+        (False for legacy, non-zip torch pickles).
     """
 
     name: str
@@ -202,6 +205,7 @@ class Checkpoint:
     state_key: str | None
     step_source: str
     weight_files: tuple[Path, ...]
+    lazy: bool = True
 
     @property
     def is_directory(self) -> bool:
@@ -1278,6 +1282,7 @@ def _probe(
         state_key=state_key,
         step_source=source,
         weight_files=files,
+        lazy=not legacy,
     )
     return ckpt, specs, legacy
 
@@ -1394,6 +1399,6 @@ def _summary_notices(found: list[tuple[Checkpoint, dict[str, TensorSpec], bool]]
     if legacy:
         notices.append(
             f"{legacy} of {total} checkpoints are legacy (non-zip) torch files: each is "
-            f"read whole, once per pass"
+            f"read whole once, into a temporary safetensors copy for the fit"
         )
     return notices

@@ -1,0 +1,68 @@
+"""The job functions of cmdcli.api, beyond what the CLI tests cover."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmdcli.api import FitOptions, fit_run, parse_memory
+from cmdcli.errors import InputError
+from cmdcli.fitting import bytes_per_weight
+from cmdcli.model import CMD
+from tests.builders import write_torch_run
+from tests.planted import planted_modes
+
+
+def test_legacy_pickles_are_unpickled_once_and_fit_like_zip_files(tmp_path, monkeypatch):
+    p = planted_modes(n_weights=5000, n_checkpoints=6, n_modes=3, seed=1)
+    sds = [
+        {
+            "w": torch.from_numpy(p.W[:4000, t].astype(np.float32)).reshape(40, 100).clone(),
+            "v": torch.from_numpy(p.W[4000:, t].astype(np.float32)).clone(),
+        }
+        for t in range(6)
+    ]
+    steps = [1, 2, 3, 4, 5, 6]
+    write_torch_run(tmp_path / "zip", sds, steps)
+    write_torch_run(tmp_path / "legacy", sds, steps, legacy=True)
+    # a budget of about 1200 weights per block: pass 2 needs five blocks
+    opts = FitOptions(n_modes=3, max_memory=1200 * bytes_per_weight(6, 3))
+    fit_run(tmp_path / "zip", tmp_path / "out-zip", opts)
+
+    loads = []
+    real_load = torch.load
+
+    def counting_load(path, *args, **kwargs):
+        loads.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    report = fit_run(tmp_path / "legacy", tmp_path / "out-legacy", opts)
+    assert any("legacy" in n for n in report["notices"])
+    # discovery reads each file once and pass 1 once; pass 2 reads the spooled copies
+    assert len(loads) == 2 * len(steps)
+    assert not (tmp_path / "out-legacy" / ".spool").exists()
+    zipped = CMD.load(tmp_path / "out-zip" / "cmd.safetensors")
+    legacy = CMD.load(tmp_path / "out-legacy" / "cmd.safetensors")
+    np.testing.assert_array_equal(zipped.a_, legacy.a_)
+    np.testing.assert_array_equal(zipped.modes_, legacy.modes_)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("512MiB", 512 * 2**20),
+        ("2GiB", 2 * 2**30),
+        ("1.5G", int(1.5 * 2**30)),
+        ("4096k", 4 * 2**20),
+    ],
+)
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "12 parsecs", "100k"])
+def test_parse_memory_rejects(text):
+    with pytest.raises(InputError, match="--max-memory"):
+        parse_memory(text)
