@@ -283,9 +283,11 @@ def fit_run(
         raise InputError(f"{run.root}: need at least 3 checkpoints to fit, found {found}{within}")
     modelled, copied = _select_tensors(run.specs, opts.include, opts.exclude)
     if not modelled:
+        examples = ", ".join([repr(n) for n, s in run.specs.items() if s.is_float][:3])
         raise InputError(
             f"{run.root}: no floating-point tensor left to model "
-            f"(include={list(opts.include)}, exclude={list(opts.exclude)})"
+            f"(include={list(opts.include)}, exclude={list(opts.exclude)}); "
+            f"tensor names look like {examples}"
         )
     n_weights = sum(s.numel for s in modelled.values())
     if opts.n_modes > min(opts.n_samples, n_weights):
@@ -433,10 +435,20 @@ def _write_reconstructions(
     return written
 
 
+def _output_name(ckpt: Checkpoint) -> str:
+    """Name of a checkpoint's reconstruction under ``reconstructed/``."""
+    return ckpt.name if ckpt.is_directory else f"{_output_stem(ckpt.name)}.safetensors"
+
+
 def _write_one(
     model: CMD, t: int, ckpt: Checkpoint, specs: dict[str, TensorSpec], dest: Path
 ) -> dict:
-    """Rebuild checkpoint ``t`` in the layout of ``ckpt`` under ``dest``."""
+    """Rebuild checkpoint ``t`` in the layout of ``ckpt`` under ``dest``.
+
+    A file checkpoint becomes ``<stem>.safetensors``. A Hugging Face directory
+    becomes a directory of the same name and files (shards and their index,
+    ``.safetensors`` or ``pytorch_model*.bin``) with its config files copied.
+    """
     modelled = set(model.tensor_sizes_)
     copied = [n for n in specs if n not in modelled]
     stored = {n for n in copied if f"extra/{t}/{n}" in set(model.extra_names_)}
@@ -449,49 +461,67 @@ def _write_one(
                 f"but {missing[0]} no longer exists"
             )
         # Unpickle only as far as the user allowed when fitting.
-        trust = bool(model.metadata_.get("settings", {}).get("trust_pickle", False))  # type: ignore[union-attr]
-        reader = ckpt.open(trust_pickle=trust)
+        settings = model.metadata_.get("settings", {})  # type: ignore[union-attr]
+        reader = ckpt.open(trust_pickle=bool(settings.get("trust_pickle", False)))
 
-    meta = {"format": "pt", "cmd_step": str(ckpt.step), "cmd_source": ckpt.name}
-    if ckpt.is_directory:
-        target = dest / ckpt.name
-        target.mkdir(exist_ok=True)
-        groups = _shard_groups(ckpt, specs)
-        if len(groups) > 1:
-            index = {"metadata": {"total_size": 0}, "weight_map": {}}
-            for fname, names in groups.items():
-                index["weight_map"].update({n: fname for n in names})
-            total = sum(TensorEntry(n, specs[n].dtype, specs[n].shape).nbytes for n in specs)
-            index["metadata"]["total_size"] = total
-            (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _copy_side_files(ckpt, target)
-        files = [(target / fname, names) for fname, names in groups.items()]
-        result_path = target
-    else:
-        result_path = dest / f"{_output_stem(ckpt.name)}.safetensors"
-        files = [(result_path, list(specs))]
+    def pieces(name: str):
+        """(flat start, values) pieces of one tensor of the reconstruction."""
+        spec = specs[name]
+        if name in modelled:
+            yield from _rebuilt_pieces(model, t, name, spec.dtype)
+        elif name in stored:
+            yield 0, model.get_extra(f"extra/{t}/{name}")
+        else:
+            yield 0, reader.read(name)  # type: ignore[union-attr]
 
+    result_path = dest / _output_name(ckpt)
     try:
-        for path, names in files:
-            entries = [TensorEntry(n, specs[n].dtype, specs[n].shape) for n in names]
-            with SafetensorsWriter(path, entries, meta) as w:
-                for name in names:
-                    spec = specs[name]
-                    if name in modelled:
-                        _write_rebuilt(model, t, name, spec, w)
-                    elif name in stored:
-                        w.write(name, model.get_extra(f"extra/{t}/{name}"))
-                    else:
-                        w.write(name, reader.read(name).reshape(spec.shape))  # type: ignore[union-attr]
+        if not ckpt.is_directory:
+            _write_safetensors(result_path, list(specs), specs, pieces, ckpt)
+        else:
+            result_path.mkdir(exist_ok=True)
+            as_bin = ckpt.format == "hf-bin"
+            groups = _shard_groups(ckpt, specs, as_bin)
+            if len(groups) > 1:
+                index = {
+                    "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
+                    "weight_map": {n: f for f, names in groups.items() for n in names},
+                }
+                index_name = f"{'pytorch_model.bin' if as_bin else 'model.safetensors'}.index.json"
+                (result_path / index_name).write_text(json.dumps(index, indent=2) + "\n")
+            _copy_side_files(ckpt, result_path)
+            for fname, names in groups.items():
+                if as_bin:
+                    # torch.save needs the whole shard; the original was a whole pickle too.
+                    shard = {
+                        n: torch.cat([v.reshape(-1) for _, v in pieces(n)]).reshape(specs[n].shape)
+                        for n in names
+                    }
+                    torch.save(shard, result_path / fname)
+                    del shard
+                else:
+                    _write_safetensors(result_path / fname, names, specs, pieces, ckpt)
     finally:
         if reader is not None:
             reader.close()
     return {"name": ckpt.name, "step": ckpt.step, "path": str(result_path.relative_to(dest.parent))}
 
 
-def _write_rebuilt(
-    model: CMD, t: int, name: str, spec: TensorSpec, writer: SafetensorsWriter
-) -> None:
+def _nbytes(spec: TensorSpec) -> int:
+    return TensorEntry(spec.name, spec.dtype, spec.shape).nbytes
+
+
+def _write_safetensors(path: Path, names, specs, pieces, ckpt: Checkpoint) -> None:
+    meta = {"format": "pt", "cmd_step": str(ckpt.step), "cmd_source": ckpt.name}
+    entries = [TensorEntry(n, specs[n].dtype, specs[n].shape) for n in names]
+    with SafetensorsWriter(path, entries, meta) as w:
+        for name in names:
+            for start, values in pieces(name):
+                w.write(name, values, start=start)
+
+
+def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype):
+    """a·r_mode(t) + b for one tensor, in flat pieces of bounded size."""
     sl = model.tensor_slice(name)
     refs = torch.from_numpy(model.references_[:, [t]])
     for start in range(sl.start, sl.stop, _RECONSTRUCT_CHUNK):
@@ -502,19 +532,22 @@ def _write_rebuilt(
             torch.from_numpy(model.modes_[start:stop].astype(np.int64)),
             refs,
         )[0]
-        writer.write(name, values.to(spec.dtype), start=start - sl.start)
+        yield start - sl.start, values.to(dtype)
 
 
-def _shard_groups(ckpt: Checkpoint, specs: dict[str, TensorSpec]) -> dict[str, list[str]]:
+def _shard_groups(
+    ckpt: Checkpoint, specs: dict[str, TensorSpec], as_bin: bool
+) -> dict[str, list[str]]:
     """File name → tensors, following the original shard layout where there is one."""
-    index_file = ckpt.path / "model.safetensors.index.json"
-    if ckpt.format == "hf-sharded" and index_file.exists():
-        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
-        groups: dict[str, list[str]] = {}
-        for name in specs:
-            groups.setdefault(weight_map.get(name, "model.safetensors"), []).append(name)
-        return groups
-    return {"model.safetensors": list(specs)}
+    single = "pytorch_model.bin" if as_bin else "model.safetensors"
+    index_file = ckpt.path / f"{single}.index.json"
+    if not index_file.exists():
+        return {single: list(specs)}
+    weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+    groups: dict[str, list[str]] = {}
+    for name in specs:
+        groups.setdefault(weight_map.get(name, single), []).append(name)
+    return groups
 
 
 def _copy_side_files(ckpt: Checkpoint, target: Path) -> None:
@@ -560,21 +593,21 @@ def reconstruct_run(
     ckpts = [_checkpoint_from_record(r) for r in model.metadata_["checkpoints"]]  # type: ignore[index]
     positions = _parse_reconstruct(steps, ckpts)
     target = Path(dest) if dest else model_path.parent / RECONSTRUCTED_DIR
+    names = [_output_name(ckpts[t]) for t in positions]
+    exist = [target / n for n in names if (target / n).exists()]
+    if exist and not overwrite:
+        more = f" (and {len(exist) - 1} more)" if len(exist) > 1 else ""
+        raise InputError(f"{exist[0]}: already exists{more}; pass --overwrite to replace it")
     # Rebuild into a fresh directory and move the files over, so a failure leaves no part.
     staging = target.with_name(f".{target.name}.staging")
     with atomic_directory(staging, overwrite=True) as tmp:
         written = _write_reconstructions(model, tmp, positions, progress=progress)
     target.mkdir(parents=True, exist_ok=True)
-    src_root = staging / RECONSTRUCTED_DIR
-    for rec in written:
-        name = Path(rec["path"]).name  # relative: reconstructed/<name>
+    for rec, name in zip(written, names):
         final = target / name
         if final.exists():
-            if not overwrite:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise InputError(f"{final}: already exists; pass --overwrite to replace it")
             shutil.rmtree(final) if final.is_dir() else final.unlink()
-        (src_root / name).rename(final)
+        (staging / RECONSTRUCTED_DIR / name).rename(final)
         rec["path"] = str(final)
     shutil.rmtree(staging, ignore_errors=True)
     return written

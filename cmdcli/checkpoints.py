@@ -450,8 +450,9 @@ def discover(root: str | Path, *, trust_pickle: bool = False, validate: bool = T
     for (a, _, _), (b, _, _) in zip(found, found[1:], strict=False):
         if a.step == b.step:
             raise CheckpointError(
-                f"{a.name} and {b.name} both have step {a.step} (from {a.step_source} and "
-                f"{b.step_source}); keep only one of them in the run directory"
+                f"{a.name} and {b.name} both have step {a.step} "
+                f"({_describe_sources(a.step_source, b.step_source)}); "
+                f"keep only one of them in the run directory"
             )
 
     checkpoints = [c for c, _, _ in found]
@@ -1402,3 +1403,11 @@ def _summary_notices(found: list[tuple[Checkpoint, dict[str, TensorSpec], bool]]
             f"read whole once, into a temporary safetensors copy for the fit"
         )
     return notices
+
+
+def _describe_sources(first: str, second: str) -> str:
+    """Where two clashing steps came from, in words."""
+    words = {"checkpoint": "stored in the checkpoint", "name": "from the name"}
+    if first == second:
+        return f"both {words.get(first, 'from ' + first)}"
+    return f"{words.get(first, 'from ' + first)} and {words.get(second, 'from ' + second)}"

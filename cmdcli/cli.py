@@ -327,7 +327,13 @@ def inspect(
         return
     table = Table(title=f"{info['run_dir']}", title_justify="left")
     for col in ("step", "checkpoint", "format", "tensors", "weights", "dtype", "step from"):
-        table.add_column(col, justify="right" if col in ("step", "tensors", "weights") else "left")
+        table.add_column(
+            col,
+            justify="right" if col in ("step", "tensors", "weights") else "left",
+            # the name carries the step: fold it rather than cut it on narrow terminals
+            overflow="fold" if col == "checkpoint" else "ellipsis",
+            no_wrap=col != "checkpoint",
+        )
     for c in info["checkpoints"]:
         fmt = c["format"] + (f" [{c['state_key']}]" if c["state_key"] else "")
         table.add_row(

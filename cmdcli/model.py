@@ -411,7 +411,16 @@ class CMD:
                         meta[key] = value
                 fit = meta.get("fit", {})
                 model = cls(**{k: fit[k] for k in ("n_modes", "n_samples", "seed") if k in fit})
-                names = list(meta["tensors"])  # type: ignore[arg-type]
+                names = list(meta.get("tensors", []))  # type: ignore[arg-type]
+                stored = set(f.keys())
+                needed = (
+                    "references",
+                    "steps",
+                    *(f"{k}/{n}" for n in names for k in ("a", "b", "mode")),
+                )
+                for key in needed:
+                    if key not in stored:
+                        raise InputError(f"{path}: not a complete cmd model (no tensor {key!r})")
                 a, b, modes, shapes = [], [], [], {}
                 for name in names:
                     a_t = f.get_tensor(f"a/{name}")
@@ -421,10 +430,11 @@ class CMD:
                     modes.append(f.get_tensor(f"mode/{name}").reshape(-1).numpy())
                 model.references_ = f.get_tensor("references").numpy()
                 model.steps_ = f.get_tensor("steps").numpy()
-                model.samples_ = f.get_tensor("sample/values").numpy()
-                model.sample_modes_ = f.get_tensor("sample/mode").numpy()
-                owner = f.get_tensor("sample/tensor").numpy()
-                flat = f.get_tensor("sample/index").numpy()
+                # The sampled trajectories are only needed for plots.
+                sample = {
+                    k: f.get_tensor(f"sample/{k}").numpy() if f"sample/{k}" in stored else None
+                    for k in ("values", "mode", "tensor", "index")
+                }
                 model.extra_names_ = [k for k in f.keys() if k.startswith("extra/")]
         except SafetensorError as exc:
             raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
@@ -435,9 +445,15 @@ class CMD:
         model.b_ = np.concatenate(b) if b else np.zeros(0, np.float32)
         model.modes_ = np.concatenate(modes) if modes else np.zeros(0, np.uint8)
         model.reference_locations_ = [tuple(x) for x in meta.get("reference_locations", [])]
-        model.sample_index_ = {
-            name: flat[owner == i] for i, name in enumerate(names) if np.any(owner == i)
-        }
+        owner, flat = sample["tensor"], sample["index"]
+        if owner is not None and flat is not None:
+            model.sample_index_ = {
+                name: flat[owner == i] for i, name in enumerate(names) if np.any(owner == i)
+            }
+        else:
+            model.sample_index_ = {}
+        model.samples_ = sample["values"]
+        model.sample_modes_ = sample["mode"]
         model.metadata_ = meta
         model.path_ = path
         return model

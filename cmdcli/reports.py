@@ -113,6 +113,9 @@ def build_report(
             {
                 "mode": m,
                 "size": int(mode_sizes[m]),
+                "sampled_size": int((model.sample_modes_ == m).sum())
+                if model.sample_modes_ is not None
+                else None,
                 "share": _ratio(mode_sizes[m], n_params),
                 "reference": {
                     "tensor": model.reference_locations_[m][0],

@@ -66,6 +66,8 @@ def rebuilt_last(out: Path, layout: str) -> dict[str, torch.Tensor]:
         sd = {}
         for f in sorted(path.glob("*.safetensors")):
             sd.update(load_file(str(f)))
+        for f in sorted(path.glob("pytorch_model*.bin")):
+            sd.update(torch.load(f, weights_only=True))
         return sd
     return load_file(str(path))
 
@@ -109,6 +111,23 @@ def test_hf_reconstruction_keeps_the_directory_layout(tmp_path):
     )
     with safe_open(str(rebuilt / shards[0]), framework="pt") as f:
         assert f.metadata()["format"] == "pt"  # what transformers checks
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_bin_checkpoints_are_rebuilt_as_bin(tmp_path, sharded):
+    sds = tiny_state_dicts(len(STEPS), seed=2)
+    write_hf_run(tmp_path / "run", sds, STEPS, bin=True, sharded=sharded)
+    out = tmp_path / "out"
+    assert cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "-q").exit_code == 0
+    original = tmp_path / "run" / "checkpoint-80"
+    rebuilt = out / "reconstructed" / "checkpoint-80"
+    weights = sorted(p.name for p in original.glob("pytorch_model*"))
+    assert sorted(p.name for p in rebuilt.glob("pytorch_model*")) == weights
+    assert not list(rebuilt.glob("*.safetensors"))
+    sd = {}
+    for f in rebuilt.glob("pytorch_model*.bin"):
+        sd.update(torch.load(f, weights_only=True))
+    TinyNet().load_state_dict(sd, strict=True)
 
 
 def test_half_precision_dtypes_are_kept(tmp_path):
@@ -416,3 +435,35 @@ def test_reconstruct_does_not_unpickle_beyond_what_the_fit_allowed(tmp_path, mon
     torch.save({"state_dict": sds[-1], "hyper": NotJustWeights()}, paths[-1])
     assert_input_error(cmd("reconstruct", out, "--step", "4", "-q"), "--trust-pickle")
     assert not (out / "reconstructed" / "epoch_4.safetensors").exists()
+
+
+def test_reconstruct_clash_writes_nothing(tmp_path):
+    write_torch_run(tmp_path / "run", tiny_state_dicts(len(STEPS), seed=3), STEPS)
+    out = tmp_path / "out"
+    assert (
+        cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "-q").exit_code == 0
+    )  # writes the last
+    result = cmd("reconstruct", out, "--step", "all", "-q")
+    assert_input_error(result, "epoch_80.safetensors: already exists")
+    assert [p.name for p in (out / "reconstructed").iterdir()] == ["epoch_80.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cmd.safetensors",
+        "reconstructed",
+        "report.json",
+        "report.md",
+    ]
+
+
+def test_model_file_without_plot_data_still_rebuilds_but_not_without_coefficients(tmp_path):
+    write_torch_run(tmp_path / "run", tiny_state_dicts(len(STEPS), seed=4), STEPS)
+    out = tmp_path / "out"
+    assert cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "-q").exit_code == 0
+    with safe_open(str(out / "cmd.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("sample/")}
+    save_file(kept, str(out / "cmd.safetensors"), metadata=meta)
+    assert cmd("reconstruct", out, "--step", "10", "-q").exit_code == 0
+    del kept["b/fc1.bias"]
+    save_file(kept, str(out / "cmd.safetensors"), metadata=meta)
+    result = cmd("reconstruct", out, "--step", "20", "-q")
+    assert_input_error(result, "not a complete cmd model (no tensor 'b/fc1.bias')")
