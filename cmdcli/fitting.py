@@ -306,7 +306,7 @@ def _safe_ratio(num: float, den: float) -> float:
 def bytes_per_weight(n_checkpoints: int, n_modes: int) -> int:
     """Work memory of pass 2 per weight of a block.
 
-    The float64 trajectory (T values, centred in place), the (M, B) covariances
+    The float64 trajectory (T values, centred in place), the (B, M) covariances
     and scores, the (B, M+2) product columns and about eight float64 vectors.
     """
     return 8 * n_checkpoints + 8 * (3 * n_modes + 10)
@@ -403,28 +403,28 @@ def _fit_centred(
     x_mean = x.mean(dim=0)  # (B,)
     xc = x.sub_(x_mean)
     x_sq = torch.einsum("tb,tb->b", xc, xc)
-    cov = rc @ xc  # (M, B): Σ_t rc_m(t) xc_i(t)
+    cov = xc.T @ rc.T  # (B, M): Σ_t xc_i(t) rc_m(t); weight-major, so the argmax is contiguous
     # |ρ_im| = |cov_im| / (‖rc_m‖·‖xc_i‖); the weight's own norm does not change
     # which mode wins, so only the references' norms are divided out. A constant
     # reference correlates with nothing (its column scale is 0).
     r_norm = torch.sqrt(r_sq)
     inv_r_norm = torch.where(r_norm > 0, 1.0 / torch.where(r_norm > 0, r_norm, 1.0), 0.0)
-    score = cov.abs().mul_(inv_r_norm[:, None])
+    score = cov.abs().mul_(inv_r_norm)
     # A constant weight correlates with nothing either; rounding in its mean
     # leaves a residue of ~1e-16·|mean|, which must not pick a mode.
     constant = x_sq <= (x.shape[0] * (1e-12 * x_mean.abs()) ** 2)
-    score[:, constant] = 0.0
-    modes = torch.argmax(score, dim=0)  # first maximum → lowest mode id on ties
+    score[constant] = 0.0
+    modes = torch.argmax(score, dim=1)  # first maximum → lowest mode id on ties
     del score
 
-    cov_m = cov.gather(0, modes[None, :])[0]
+    cov_m = cov.gather(1, modes[:, None])[:, 0]
     r_sq_m = r_sq[modes]
     a = torch.where(r_sq_m > 0, cov_m / torch.where(r_sq_m > 0, r_sq_m, 1.0), 0.0)
     b = x_mean - a * r_mean[modes, 0]
     if forced:
         cols = torch.tensor(list(forced), dtype=torch.long)
         modes[cols] = torch.tensor(list(forced.values()), dtype=torch.long)
-        cov_m[cols] = cov[modes[cols], cols]
+        cov_m[cols] = cov[cols, modes[cols]]
         a[cols] = 1.0
         b[cols] = 0.0
     return _BlockFit(a.to(torch.float32), b.to(torch.float32), modes, xc, x_mean, x_sq, cov_m)
