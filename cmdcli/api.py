@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,6 @@ class FitOptions:
     overwrite: bool = False
     trust_pickle: bool = False
     max_memory: int = DEFAULT_MAX_MEMORY
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class RunSource:
@@ -296,21 +295,18 @@ def fit_run(
             f"weights; use fewer modes or more --samples"
         )
     rebuild = _parse_reconstruct(opts.reconstruct, ckpts)
-    extra_bytes = len(ckpts) * sum(
-        run.specs[n].numel * torch.empty((), dtype=run.specs[n].dtype).element_size()
-        for n in copied
-    )
-    source = RunSource(
-        ckpts,
-        modelled,
-        trust_pickle=opts.trust_pickle,
-        unmodelled={n: run.specs[n] for n in copied},
-        keep_unmodelled=extra_bytes <= MAX_STORED_EXTRAS,
-        progress=progress,
-    )
+    extra_bytes = len(ckpts) * sum(_nbytes(run.specs[n]) for n in copied)
     out = Path(out)
     with atomic_directory(out, overwrite=opts.overwrite) as tmp:
-        source.spool_dir = tmp / ".spool"
+        source = RunSource(
+            ckpts,
+            modelled,
+            trust_pickle=opts.trust_pickle,
+            unmodelled={n: run.specs[n] for n in copied},
+            keep_unmodelled=extra_bytes <= MAX_STORED_EXTRAS,
+            progress=progress,
+            spool_dir=tmp / ".spool",
+        )
         fitted = CMD(
             n_modes=opts.n_modes,
             n_samples=opts.n_samples,
@@ -332,7 +328,7 @@ def fit_run(
         metadata = {
             "cmdcli_version": __version__,
             "run_dir": str(run.root.resolve()),
-            "checkpoints": [_checkpoint_record(c, run.root) for c in ckpts],
+            "checkpoints": [_checkpoint_record(c) for c in ckpts],
             "tensor_specs": [
                 [n, DTYPE_CODES[s.dtype], list(s.shape), n in modelled]
                 for n, s in run.specs.items()
@@ -373,7 +369,7 @@ def fit_run(
     return report
 
 
-def _checkpoint_record(c: Checkpoint, root: Path) -> dict:
+def _checkpoint_record(c: Checkpoint) -> dict:
     return {
         "name": c.name,
         "step": c.step,
