@@ -274,7 +274,7 @@ def fit_run(
     """
     opts = options or FitOptions()
     started = time.perf_counter()
-    run = discover(run_dir, trust_pickle=opts.trust_pickle)
+    run = discover(run_dir, trust_pickle=opts.trust_pickle, progress=progress)
     ckpts = _parse_steps(opts.steps, run)
     if len(ckpts) < 3:
         found = f"{len(ckpts)} checkpoint" + ("s" if len(ckpts) != 1 else "")

@@ -31,7 +31,7 @@ import re
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -362,7 +362,13 @@ class Run:
 # --------------------------------------------------------------------------- public functions
 
 
-def discover(root: str | Path, *, trust_pickle: bool = False, validate: bool = True) -> Run:
+def discover(
+    root: str | Path,
+    *,
+    trust_pickle: bool = False,
+    validate: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Run:
     """Find, order and check the checkpoints of a run directory.
 
     Parameters
@@ -375,6 +381,8 @@ def discover(root: str | Path, *, trust_pickle: bool = False, validate: bool = T
     trust_pickle : bool, default False
         Unpickle torch files with ``weights_only=False`` (arbitrary code execution:
         only for trusted files).
+    progress : callable, optional
+        ``progress("discover", done, total)`` as each candidate is probed.
     validate : bool, default True
         Compare the tensor names, shapes and dtypes of every checkpoint with the
         first one's. Reading them reads no tensor data.
@@ -433,12 +441,14 @@ def discover(root: str | Path, *, trust_pickle: bool = False, validate: bool = T
     candidates = _drop_links(candidates, skipped)
 
     found: list[tuple[Checkpoint, dict[str, TensorSpec], bool]] = []
-    for cand in candidates:
+    for i, cand in enumerate(candidates):
         probed = _probe(cand, trust_pickle=trust_pickle, notices=notices)
         if isinstance(probed, str):
             skipped.append((cand.name, probed))
         else:
             found.append(probed)
+        if progress:
+            progress("discover", i + 1, len(candidates))
 
     if not found:
         raise CheckpointError(

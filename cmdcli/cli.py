@@ -48,6 +48,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 _TASK_LABELS = {
+    "discover": "Reading checkpoint headers",
     "sample": "Pass 1: reading sampled weights",
     "fit": "Pass 2: fitting every weight",
     "reconstruct": "Writing reconstructions",

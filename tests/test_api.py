@@ -66,3 +66,25 @@ def test_parse_memory(text, expected):
 def test_parse_memory_rejects(text):
     with pytest.raises(InputError, match="--max-memory"):
         parse_memory(text)
+
+
+def test_progress_reports_every_stage_to_its_end(tmp_path):
+    write_torch_run(
+        tmp_path / "run",
+        [{"w": torch.randn(30, generator=torch.Generator().manual_seed(t))} for t in range(5)],
+        [1, 2, 3, 4, 5],
+    )
+    calls = []
+    fit_run(
+        tmp_path / "run",
+        tmp_path / "out",
+        FitOptions(n_modes=2),
+        progress=lambda task, done, total: calls.append((task, done, total)),
+    )
+    order = list(dict.fromkeys(task for task, _, _ in calls))
+    assert order == ["discover", "sample", "fit", "reconstruct"]
+    for task in order:
+        done = [d for t, d, _ in calls if t == task]
+        total = {n for t, _, n in calls if t == task}
+        assert len(total) == 1 and done[-1] == total.pop()
+        assert done == sorted(done)
