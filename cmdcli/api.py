@@ -21,11 +21,12 @@ import torch
 
 from . import __version__, fitting
 from .checkpoints import Checkpoint, Run, TensorSpec, discover
+from .dtypes import CODE_DTYPES, DTYPE_CODES
 from .errors import CheckpointError, InputError
 from .fitting import Progress, Segment
 from .model import CMD, DEFAULT_MAX_MEMORY
 from .reports import build_report, render_markdown
-from .writers import DTYPE_CODES, SafetensorsWriter, TensorEntry, atomic_directory
+from .writers import SafetensorsWriter, TensorEntry, atomic_directory
 
 __all__ = ["FitOptions", "RunSource", "fit_run", "inspect_run", "reconstruct_run", "parse_memory"]
 
@@ -39,7 +40,6 @@ MAX_STORED_EXTRAS = 64 * 2**20
 _RECONSTRUCT_CHUNK = 4 * 2**20
 # Files of a Hugging Face checkpoint directory that are training state, not model.
 _TRAINING_STATE = ("optimizer.*", "scheduler.*", "rng_state*", "scaler.*", "training_args.bin")
-_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def parse_memory(text: str | int) -> int:
@@ -394,7 +394,7 @@ def _output_stem(name: str) -> str:
 def _specs_from_metadata(model: CMD) -> dict[str, TensorSpec]:
     specs = {}
     for name, code, shape, _ in model.metadata_["tensor_specs"]:  # type: ignore[index]
-        specs[name] = TensorSpec(name=name, shape=tuple(shape), dtype=_CODE_DTYPES[code])
+        specs[name] = TensorSpec(name=name, shape=tuple(shape), dtype=CODE_DTYPES[code])
     return specs
 
 

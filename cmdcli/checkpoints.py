@@ -40,6 +40,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from cmdcli.dtypes import CODE_DTYPES
+from cmdcli.dtypes import itemsize as dtype_itemsize
 from cmdcli.errors import CheckpointError
 
 __all__ = [
@@ -63,26 +65,6 @@ FLOAT_DTYPES: frozenset[torch.dtype] = frozenset(
     }
 )
 """The dtypes whose tensors are modelled; every other tensor is copied as is."""
-
-# Safetensors dtype codes. Unsigned types wider than a byte exist only in newer torch
-# releases, so they are added when present.
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _code, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if isinstance(getattr(torch, _attr, None), torch.dtype):
-        _ST_DTYPES[_code] = getattr(torch, _attr)
 
 # Longest first, so that "x.pth.tar" is not taken for a ".tar" or ".pth" file.
 _SUFFIXES = (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin")
@@ -633,8 +615,8 @@ def _parse_safetensors_header(
     entries = []
     for name, info in header.items():
         dtype, shape, begin, end = _check_entry(display, name, info)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        expected = math.prod(shape) * itemsize
+        item = dtype_itemsize(dtype)
+        expected = math.prod(shape) * item
         if end - begin != expected:
             raise CheckpointError(
                 f"{display}: corrupt safetensors header: tensor {name!r} of shape "
@@ -646,7 +628,7 @@ def _parse_safetensors_header(
                 f"{display}: file is truncated: tensor {name!r} ends at byte "
                 f"{data_start + end}, but the file has only {size} bytes"
             )
-        entries.append((name, dtype, shape, data_start + begin, itemsize))
+        entries.append((name, dtype, shape, data_start + begin, item))
     # File order is offset order; sort() is stable, so empty tensors keep header order.
     entries.sort(key=lambda e: e[3])
     return entries, metadata
@@ -662,11 +644,11 @@ def _check_entry(
     code = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if code not in _ST_DTYPES:
+    if code not in CODE_DTYPES:
         if isinstance(code, str):
             raise CheckpointError(
                 f"{display}: tensor {name!r} has dtype {code}, which cmd cannot read "
-                f"(supported: {', '.join(_ST_DTYPES)})"
+                f"(supported: {', '.join(CODE_DTYPES)})"
             )
         raise CheckpointError(f"{bad} (no dtype)")
     if not (
@@ -681,7 +663,7 @@ def _check_entry(
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(f"{bad} (data_offsets {offsets!r})")
-    return _ST_DTYPES[code], tuple(shape), offsets[0], offsets[1]
+    return CODE_DTYPES[code], tuple(shape), offsets[0], offsets[1]
 
 
 class _SafetensorsReader(CheckpointReader):

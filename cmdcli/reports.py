@@ -6,9 +6,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from . import __version__
+from .dtypes import itemsize
 
 __all__ = ["build_report", "render_markdown"]
 
@@ -17,10 +17,6 @@ def _ratio(num: float, den: float) -> float:
     if den > 0:
         return float(num / den)
     return 0.0 if num == 0 else math.inf
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def build_report(
@@ -51,7 +47,7 @@ def build_report(
     n_ckpt = len(checkpoints)
     n_params = int(sum(s.numel for s in specs.values()))
     n_modes = int(model.n_modes_)
-    original_bytes = n_ckpt * sum(s.numel * _itemsize(s.dtype) for s in specs.values())
+    original_bytes = n_ckpt * sum(s.numel * itemsize(s.dtype) for s in specs.values())
     model_bytes = model.references_.nbytes + model.a_.nbytes + model.b_.nbytes + model.modes_.nbytes
     pca = stats.pca_explained_variance(max(n_modes, 2))
     mode_sizes = stats.mode_size

@@ -21,28 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dtypes import DTYPE_CODES, itemsize
 from .errors import InputError
 
-__all__ = ["SafetensorsWriter", "TensorEntry", "atomic_directory", "DTYPE_CODES", "tensor_bytes"]
-
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        DTYPE_CODES[getattr(torch, _name)] = _code
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        DTYPE_CODES[getattr(torch, _name)] = _code
+__all__ = ["SafetensorsWriter", "TensorEntry", "atomic_directory", "tensor_bytes"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +37,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return (
-            int(np.prod(self.shape, dtype=np.int64))
-            * torch.empty((), dtype=self.dtype).element_size()
-        )
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize(self.dtype)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
@@ -98,8 +77,7 @@ class SafetensorsWriter:
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in a safetensors file")
-        size = {e: torch.empty((), dtype=e.dtype).element_size() for e in entries}
-        ordered = sorted(entries, key=lambda e: (-size[e], e.name))
+        ordered = sorted(entries, key=lambda e: (-itemsize(e.dtype), e.name))
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
