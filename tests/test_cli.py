@@ -130,20 +130,30 @@ def test_hf_bin_checkpoints_are_rebuilt_as_bin(tmp_path, sharded):
     TinyNet().load_state_dict(sd, strict=True)
 
 
-def test_half_precision_dtypes_are_kept(tmp_path):
-    sds = tiny_state_dicts(len(STEPS), seed=3, dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "dtype, min_ev, tol",
+    [
+        (torch.bfloat16, 0.98, 0.1),
+        (torch.float16, 0.9999, 0.005),
+        # 3 mantissa bits: the rounding of the reference weight dominates
+        (torch.float8_e4m3fn, 0.95, 0.2),
+    ],
+)
+def test_low_precision_dtypes_are_read_and_kept(tmp_path, dtype, min_ev, tol):
+    sds = tiny_state_dicts(len(STEPS), seed=3, dtype=dtype)
     write_safetensors_run(tmp_path / "run", sds, STEPS)
     out = tmp_path / "out"
-    assert cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "-q").exit_code == 0
+    result = cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "-q")
+    assert result.exit_code == 0, result.stderr
     rebuilt = load_file(str(out / "reconstructed" / "step_80.safetensors"))
     report = json.loads((out / "report.json").read_text())
-    assert report["explained_variance"] > 0.98
+    assert report["explained_variance"] > min_ev
     for name in float_names(sds[-1]):
-        assert rebuilt[name].dtype == torch.bfloat16
-        # bf16 rounding (2^-8) of the single reference weight is amplified by |a|,
-        # so the bound is looser than for float32 runs.
+        assert rebuilt[name].dtype == dtype
+        # rounding of the single reference weight is amplified by |a|, so the
+        # bound is looser than for float32 runs
         diff = (rebuilt[name].double() - sds[-1][name].double()).norm()
-        assert diff <= 0.1 * sds[-1][name].double().norm()
+        assert diff <= tol * sds[-1][name].double().norm()
 
 
 def test_model_file_contract(tmp_path):
