@@ -219,7 +219,9 @@ def _select_tensors(
     return modelled, copied
 
 
-def _parse_reconstruct(text: str, ckpts: Sequence[Checkpoint]) -> list[int]:
+def _parse_reconstruct(
+    text: str, ckpts: Sequence[Checkpoint], option: str = "--reconstruct"
+) -> list[int]:
     """Positions of the checkpoints to rebuild."""
     text = (text or "last").strip().lower()
     if text == "none":
@@ -235,11 +237,11 @@ def _parse_reconstruct(text: str, ckpts: Sequence[Checkpoint]) -> list[int]:
             step = int(part)
         except ValueError:
             raise InputError(
-                f"--reconstruct: expected last, all, none or steps like 100,200, got {text!r}"
+                f"{option}: expected last, all, none or steps like 100,200, got {text!r}"
             ) from None
         if step not in by_step:
             raise InputError(
-                f"--reconstruct: step {step} is not a fitted checkpoint "
+                f"{option}: step {step} is not a fitted checkpoint "
                 f"(fitted steps: {_describe_steps([c.step for c in ckpts])})"
             )
         out.append(by_step[step])
@@ -297,7 +299,9 @@ def fit_run(
     rebuild = _parse_reconstruct(opts.reconstruct, ckpts)
     extra_bytes = len(ckpts) * sum(_nbytes(run.specs[n]) for n in copied)
     out = Path(out)
-    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+    with atomic_directory(
+        out, overwrite=opts.overwrite, marker=MODEL_FILE, protect=[run_dir, run.root]
+    ) as tmp:
         source = RunSource(
             ckpts,
             modelled,
@@ -418,28 +422,38 @@ def _write_reconstructions(
         return []
     dest = out / RECONSTRUCTED_DIR
     dest.mkdir(exist_ok=True)
-    records = model.metadata_["checkpoints"]  # type: ignore[index]
+    ckpts = [_checkpoint_from_record(r) for r in model.metadata_["checkpoints"]]  # type: ignore[index]
+    names = _output_names(ckpts)
     specs = _specs_from_metadata(model)
     written = []
     for i, t in enumerate(positions):
         if progress:
             progress("reconstruct", i, len(positions))
-        ckpt = _checkpoint_from_record(records[t])
-        written.append(_write_one(model, t, ckpt, specs, dest))
+        written.append(_write_one(model, t, ckpts[t], specs, dest / names[t]))
     if progress:
         progress("reconstruct", len(positions), len(positions))
     return written
 
 
-def _output_name(ckpt: Checkpoint) -> str:
-    """Name of a checkpoint's reconstruction under ``reconstructed/``."""
-    return ckpt.name if ckpt.is_directory else f"{_output_stem(ckpt.name)}.safetensors"
+def _output_names(ckpts: Sequence[Checkpoint]) -> list[str]:
+    """Name of each checkpoint's reconstruction under ``reconstructed/``.
+
+    ``<stem>.safetensors`` for a file, the same name for a directory; where two
+    files share a stem (``model.pt`` and ``model.bin``) the whole original name is
+    kept (``model.pt.safetensors``) so that no reconstruction overwrites another.
+    """
+    stems = [c.name if c.is_directory else _output_stem(c.name) for c in ckpts]
+    clash = {x for x in stems if stems.count(x) > 1}
+    return [
+        c.name if c.is_directory else f"{c.name if stem in clash else stem}.safetensors"
+        for c, stem in zip(ckpts, stems)
+    ]
 
 
 def _write_one(
-    model: CMD, t: int, ckpt: Checkpoint, specs: dict[str, TensorSpec], dest: Path
+    model: CMD, t: int, ckpt: Checkpoint, specs: dict[str, TensorSpec], result_path: Path
 ) -> dict:
-    """Rebuild checkpoint ``t`` in the layout of ``ckpt`` under ``dest``.
+    """Rebuild checkpoint ``t`` in the layout of ``ckpt`` at ``result_path``.
 
     A file checkpoint becomes ``<stem>.safetensors``. A Hugging Face directory
     becomes a directory of the same name and files (shards and their index,
@@ -470,7 +484,6 @@ def _write_one(
         else:
             yield 0, reader.read(name)  # type: ignore[union-attr]
 
-    result_path = dest / _output_name(ckpt)
     try:
         if not ckpt.is_directory:
             _write_safetensors(result_path, list(specs), specs, pieces, ckpt)
@@ -500,7 +513,8 @@ def _write_one(
     finally:
         if reader is not None:
             reader.close()
-    return {"name": ckpt.name, "step": ckpt.step, "path": str(result_path.relative_to(dest.parent))}
+    rel = result_path.relative_to(result_path.parent.parent)
+    return {"name": ckpt.name, "step": ckpt.step, "path": str(rel)}
 
 
 def _nbytes(spec: TensorSpec) -> int:
@@ -587,9 +601,18 @@ def reconstruct_run(
         raise InputError(f"{out}: no {MODEL_FILE} here; run `cmd fit` first")
     model = CMD.load(model_path)
     ckpts = [_checkpoint_from_record(r) for r in model.metadata_["checkpoints"]]  # type: ignore[index]
-    positions = _parse_reconstruct(steps, ckpts)
-    target = Path(dest) if dest else model_path.parent / RECONSTRUCTED_DIR
-    names = [_output_name(ckpts[t]) for t in positions]
+    positions = _parse_reconstruct(steps, ckpts, option="--step")
+    target = (Path(dest) if dest else model_path.parent / RECONSTRUCTED_DIR).resolve()
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: exists and is not a directory")
+    for c in ckpts:
+        if target == c.path.resolve().parent or target == c.path.resolve():
+            raise InputError(
+                f"{target}: is the run directory; reconstructions go beside the originals "
+                f"there, choose another --dest"
+            )
+    all_names = _output_names(ckpts)
+    names = [all_names[t] for t in positions]
     exist = [target / n for n in names if (target / n).exists()]
     if exist and not overwrite:
         more = f" (and {len(exist) - 1} more)" if len(exist) > 1 else ""
@@ -598,14 +621,16 @@ def reconstruct_run(
     staging = target.with_name(f".{target.name}.staging")
     with atomic_directory(staging, overwrite=True) as tmp:
         written = _write_reconstructions(model, tmp, positions, progress=progress)
-    target.mkdir(parents=True, exist_ok=True)
-    for rec, name in zip(written, names):
-        final = target / name
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        (staging / RECONSTRUCTED_DIR / name).rename(final)
-        rec["path"] = str(final)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for rec, name in zip(written, names):
+            final = target / name
+            if final.exists():
+                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            (staging / RECONSTRUCTED_DIR / name).rename(final)
+            rec["path"] = str(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return written
 
 

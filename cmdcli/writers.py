@@ -133,34 +133,74 @@ class SafetensorsWriter:
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+def atomic_directory(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool,
+    marker: str | None = None,
+    protect: Sequence[str | os.PathLike] = (),
+) -> Iterator[Path]:
     """Build a directory under a temporary sibling name and rename it into place.
 
-    Nothing is left behind if the body raises. An existing ``target`` is an
-    :class:`~cmdcli.errors.InputError` unless ``overwrite`` is true, in which case
-    it is replaced only once the new one is complete.
+    Nothing is left behind if the body raises, not even parent directories this
+    call created.
+
+    Parameters
+    ----------
+    target : path-like
+        The directory to create (a symlink is followed: its target is replaced).
+    overwrite : bool
+        Replace an existing ``target`` once the new one is complete. Without it an
+        existing ``target`` is an :class:`~cmdcli.errors.InputError`.
+    marker : str, optional
+        With ``overwrite``, a non-empty existing ``target`` is replaced only if it
+        holds this file — an earlier output of the same kind — so that a wrong
+        path never deletes somebody's data.
+    protect : sequence of path-like
+        Paths that ``target`` must neither be nor contain (the inputs).
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise InputError(
-            f"{target}: output directory already exists; pass --overwrite to replace it"
-        )
-    if target.exists() and not target.is_dir():
-        raise InputError(f"{target}: exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(target).resolve()
+    for p in protect:
+        kept = Path(p).resolve()
+        if target == kept or target in kept.parents:
+            raise InputError(
+                f"{target}: the output directory would replace {kept}, which holds the "
+                f"input; choose another output directory"
+            )
+    if target.exists():
+        if not target.is_dir():
+            raise InputError(f"{target}: exists and is not a directory")
+        if not overwrite:
+            raise InputError(
+                f"{target}: output directory already exists; pass --overwrite to replace it"
+            )
+        if marker and any(target.iterdir()) and not (target / marker).exists():
+            raise InputError(
+                f"{target}: exists and is not an output of cmd (no {marker}); refusing to "
+                f"replace it, choose another output directory"
+            )
+    created = next((p for p in reversed(target.parents) if not p.exists()), None)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise InputError(
+            f"{target}: cannot create the output directory ({exc.strerror or exc})"
+        ) from None
     try:
         yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)

@@ -393,13 +393,46 @@ def test_more_modes_than_samples(good_run, tmp_path):
     assert_input_error(result, "--modes 50 is more than the 10 sampled weights")
 
 
-def test_existing_output_needs_overwrite(good_run, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
-    assert_input_error(cmd("fit", good_run, "-o", tmp_path / "out"), "--overwrite")
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert cmd("fit", good_run, "-o", tmp_path / "out", "--overwrite", "-q").exit_code == 0
-    assert not (tmp_path / "out" / "keep.txt").exists()
+def test_existing_output_needs_overwrite_and_must_be_a_cmd_output(good_run, tmp_path):
+    out = tmp_path / "out"
+    assert cmd("fit", good_run, "-o", out, "-q").exit_code == 0
+    (out / "stale.txt").write_text("from an earlier fit")
+    assert_input_error(cmd("fit", good_run, "-o", out), "--overwrite")
+    assert cmd("fit", good_run, "-o", out, "--overwrite", "-q").exit_code == 0
+    assert not (out / "stale.txt").exists()  # an earlier cmd output is replaced
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    result = cmd("fit", good_run, "-o", mine, "--overwrite")
+    assert_input_error(result, "is not an output of cmd")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("where", ["run", "parent"])
+def test_overwrite_never_replaces_the_run(tmp_path, where):
+    run = tmp_path / "parent" / "run"
+    write_torch_run(run, tiny_state_dicts(4), [1, 2, 3, 4])
+    before = sorted(p.name for p in run.iterdir())
+    out = run if where == "run" else tmp_path / "parent"
+    result = cmd("fit", run, "-o", out, "--overwrite")
+    assert_input_error(result, "holds the input")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_output_parent_that_is_a_file_is_an_input_error(good_run, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert_input_error(cmd("fit", good_run, "-o", tmp_path / "afile" / "sub"), "cannot create")
+    assert_input_error(cmd("fit", good_run, "-o", tmp_path / "afile"), "not a directory")
+
+
+def test_failed_fit_removes_the_parents_it_created(tmp_path):
+    sds = tiny_state_dicts(4)
+    sds[2]["fc1.weight"][:] = float("inf")
+    write_torch_run(tmp_path / "run", sds, [1, 2, 3, 4])
+    assert_input_error(
+        cmd("fit", tmp_path / "run", "-o", tmp_path / "a" / "b" / "out"), "NaN or Inf"
+    )
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize(
@@ -477,3 +510,40 @@ def test_model_file_without_plot_data_still_rebuilds_but_not_without_coefficient
     save_file(kept, str(out / "cmd.safetensors"), metadata=meta)
     result = cmd("reconstruct", out, "--step", "20", "-q")
     assert_input_error(result, "not a complete cmd model (no tensor 'b/fc1.bias')")
+
+
+def test_reconstruct_never_writes_into_the_run(tmp_path):
+    write_hf_run(tmp_path / "run", tiny_state_dicts(4), [10, 20, 30, 40])
+    out = tmp_path / "out"
+    assert cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "-q").exit_code == 0
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoint-40").iterdir())
+    result = cmd("reconstruct", out, "--step", "last", "--dest", tmp_path / "run", "--overwrite")
+    assert_input_error(result, "is the run directory")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-40").iterdir()) == before
+    (tmp_path / "afile").write_text("x")
+    result = cmd("reconstruct", out, "--step", "last", "--dest", tmp_path / "afile")
+    assert_input_error(result, "not a directory")
+    assert not list(tmp_path.glob(".*staging*"))
+    assert_input_error(cmd("reconstruct", out, "--step", "15"), "--step: step 15 is not a fitted")
+
+
+def test_checkpoints_sharing_a_stem_get_distinct_reconstructions(tmp_path):
+    sds = tiny_state_dicts(4, seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    for sd, (step, name) in zip(
+        sds, enumerate(["model.pt", "model.pth", "model.bin", "model.pth.tar"], 1)
+    ):
+        torch.save({"state_dict": sd, "global_step": step}, run / name)
+    out = tmp_path / "out"
+    assert cmd("fit", run, "-o", out, "-m", "2", "--reconstruct", "all", "-q").exit_code == 0
+    names = sorted(p.name for p in (out / "reconstructed").iterdir())
+    assert names == sorted(
+        f"{n}.safetensors" for n in ["model.pt", "model.pth", "model.bin", "model.pth.tar"]
+    )
+    for sd, name in zip(sds, ["model.pt", "model.pth", "model.bin", "model.pth.tar"]):
+        rebuilt = load_file(str(out / "reconstructed" / f"{name}.safetensors"))
+        assert torch.equal(rebuilt["bn.num_batches_tracked"], sd["bn.num_batches_tracked"])
+    result = cmd("reconstruct", out, "--step", "all", "--dest", tmp_path / "again", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == names
