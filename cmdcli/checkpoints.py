@@ -1147,15 +1147,26 @@ def _drop_links(candidates: list[_Candidate], skipped: list[tuple[str, str]]) ->
     return kept
 
 
+# A number tagged by one of these words, most specific first: "epoch=3-step=100"
+# is step 100, "ckpt_step100_v2" step 100, "epoch_1-val_loss_0.90" epoch 1.
+_TAGGED_STEP = [
+    re.compile(rf"(?<![a-z]){word}[=_\-]?(\d+)(?![\d.])", re.IGNORECASE)
+    for word in (r"(?:global_)?step", r"iter(?:ation)?", r"epoch", r"(?:checkpoint|ckpt)")
+]
+# Otherwise the last integer that is not part of a decimal number like 0.90.
+_BARE_INTEGER = re.compile(r"(?<![\d.])\d+(?!\d|\.\d)")
+
+
 def _name_step(name: str) -> int | None:
-    """Step from a name: ``step=N``, else ``checkpoint-N``, else the last integer."""
+    """Step from a name: a number tagged step, iter, epoch or checkpoint, else the
+    last integer that is not part of a decimal; None when there is none."""
     stem = _stem(name)
-    for pattern in (r"step=(\d+)", r"checkpoint-(\d+)"):
-        match = re.search(pattern, stem)
+    for pattern in _TAGGED_STEP:
+        match = pattern.search(stem)
         if match:
             return int(match.group(1))
-    numbers_found = re.findall(r"\d+", stem)
-    return int(numbers_found[-1]) if numbers_found else None
+    bare = _BARE_INTEGER.findall(stem)
+    return int(bare[-1]) if bare else None
 
 
 def _trainer_state_step(directory: Path, name: str, notices: list[str]) -> int | None:

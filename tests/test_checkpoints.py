@@ -1051,3 +1051,34 @@ def test_hf_weight_file_beside_a_run_is_skipped(tmp_path: Path) -> None:
     run = discover(tmp_path)
     assert [c.name for c in run.checkpoints] == ["step_1.safetensors", "step_2.safetensors"]
     assert [n for n, _ in run.skipped] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "name, step",
+    [
+        ("epoch=3-step=100.ckpt", 100),
+        ("ckpt_step100_v2.pt", 100),
+        ("epoch_1-val_loss_0.90.pt", 1),
+        ("model_epoch10_step1500.pt", 1500),
+        ("iter_2000.pth", 2000),
+        ("resnet50_epoch3.pth.tar", 3),
+        ("model_0001000.pth", 1000),
+        ("val_loss_0.90.pt", None),
+        ("final.pt", None),
+    ],
+)
+def test_step_from_name_prefers_tagged_numbers_and_ignores_decimals(name, step):
+    from cmdcli.checkpoints import _name_step
+
+    assert _name_step(name) == step
+
+
+def test_metric_in_the_name_does_not_reorder_the_run(tmp_path):
+    sds = tiny_state_dicts(5)
+    losses = ["0.90", "0.61", "0.45", "0.38", "0.31"]
+    names = [f"epoch_{e}-val_loss_{loss}.pt" for e, loss in zip(range(1, 6), losses)]
+    for sd, name in zip(sds, names):
+        torch.save(sd, tmp_path / name)
+    run = discover(tmp_path)
+    assert [c.name for c in run.checkpoints] == names
+    assert [c.step for c in run.checkpoints] == [1, 2, 3, 4, 5]
