@@ -198,6 +198,8 @@ def _parse_steps(text: str | None, run: Run) -> list[Checkpoint]:
         raise InputError(
             f"--steps: expected START:END (integers, either optional), got {text!r}"
         ) from None
+    if lo is not None and hi is not None and lo > hi:
+        raise InputError(f"--steps: START must not exceed END, got {text!r}")
     chosen = [c for c in ckpts if (lo is None or c.step >= lo) and (hi is None or c.step <= hi)]
     return chosen
 
@@ -248,6 +250,10 @@ def _parse_reconstruct(
     return sorted(set(out))
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _describe_steps(steps: Sequence[int]) -> str:
     if len(steps) <= 8:
         return ", ".join(map(str, steps))
@@ -279,9 +285,17 @@ def fit_run(
     run = discover(run_dir, trust_pickle=opts.trust_pickle, progress=progress)
     ckpts = _parse_steps(opts.steps, run)
     if len(ckpts) < 3:
-        found = f"{len(ckpts)} checkpoint" + ("s" if len(ckpts) != 1 else "")
+        found = _plural(len(ckpts), "checkpoint")
         within = f" with steps in {opts.steps}" if opts.steps else ""
-        raise InputError(f"{run.root}: need at least 3 checkpoints to fit, found {found}{within}")
+        hint = ""
+        if (
+            len(run.checkpoints) == 1
+            and run.checkpoints[0].path.resolve() == Path(run_dir).resolve()
+        ):
+            hint = "; this is one checkpoint directory, pass the directory that holds them all"
+        raise InputError(
+            f"{run_dir}: need at least 3 checkpoints to fit, found {found}{within}{hint}"
+        )
     modelled, copied = _select_tensors(run.specs, opts.include, opts.exclude)
     if not modelled:
         examples = ", ".join([repr(n) for n, s in run.specs.items() if s.is_float][:3])
@@ -292,9 +306,14 @@ def fit_run(
         )
     n_weights = sum(s.numel for s in modelled.values())
     if opts.n_modes > min(opts.n_samples, n_weights):
+        fix = (
+            f"the run has only {n_weights} weights to model"
+            if opts.n_samples >= n_weights
+            else "use fewer modes or more --samples"
+        )
         raise InputError(
             f"--modes {opts.n_modes} is more than the {min(opts.n_samples, n_weights)} sampled "
-            f"weights; use fewer modes or more --samples"
+            f"weights; {fix}"
         )
     rebuild = _parse_reconstruct(opts.reconstruct, ckpts)
     extra_bytes = len(ckpts) * sum(_nbytes(run.specs[n]) for n in copied)

@@ -532,6 +532,18 @@ _HAVE_PREAD = hasattr(os, "pread")
 _SEEK_LOCK = threading.Lock()
 
 
+def _load_failure(exc: BaseException) -> str:
+    """What went wrong in torch.load, without torch's generic weights_only preamble."""
+    text = _ANSI.sub("", str(exc))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = next(
+            (ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()), ""
+        )
+        return f"unpickling failed: {detail}" if detail else "unpickling failed"
+    return f"{type(exc).__name__}: {_one_line(exc)}"
+
+
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, without terminal colour codes."""
     text = _ANSI.sub("", str(exc)).strip().splitlines()
@@ -840,7 +852,8 @@ def _load_torch_file(path: Path, display: str, *, trust_pickle: bool) -> _TorchF
                 f"pass --trust-pickle if you trust its source"
             ) from exc
         raise CheckpointError(
-            f"{display}: not a readable torch checkpoint ({_one_line(exc)})"
+            f"{display}: not a readable torch checkpoint ({_load_failure(exc)}); "
+            f"is the file complete?"
         ) from exc
 
     tensors, state_key = _select_state_dict(obj, display)

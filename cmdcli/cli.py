@@ -101,7 +101,8 @@ def _errors() -> Iterator[None]:
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    if not enabled:
+    # Bars only for a person at a terminal: in logs and pipes they are noise.
+    if not enabled or not err.is_terminal:
         yield None
         return
     bar = Progress(

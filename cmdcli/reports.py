@@ -68,6 +68,9 @@ def build_report(
         "storage": {
             "original_bytes": int(original_bytes),
             "model_bytes": int(model_bytes),
+            "model_file_bytes": int(model.path_.stat().st_size)
+            if hasattr(model, "path_")
+            else None,
             "numbers_per_weight": 2,
         },
         "baselines": {
@@ -165,8 +168,16 @@ def render_markdown(report: dict, *, max_rows: int = 40) -> str:
         f"| explained variance | {_fmt(report['explained_variance'])} |",
         f"| relative error ‖W−Ŵ‖/‖W‖ | {_fmt(report['relative_error'], 6)} |",
         f"| compression | {_fmt(report['compression_ratio'], 1)}× "
-        f"({_bytes(report['storage']['original_bytes'])} → "
-        f"{_bytes(report['storage']['model_bytes'])}) |",
+        f"({_bytes(report['storage']['original_bytes'])} of checkpoints → "
+        f"{_bytes(report['storage']['model_bytes'])} of references, a, b and modes) |",
+    ]
+    if report["storage"].get("model_file_bytes"):
+        lines.append(
+            f"| cmd.safetensors | {_bytes(report['storage']['model_file_bytes'])} "
+            f"(the model, plus the sampled trajectories kept for plots and any stored "
+            f"integer tensors) |"
+        )
+    lines += [
         "",
         "## Against PCA of the trajectory",
         "",
@@ -175,7 +186,8 @@ def render_markdown(report: dict, *, max_rows: int = 40) -> str:
         "",
         "| model | numbers per weight | explained variance |",
         "|---|---|---|",
-        f"| CMD, {report['n_modes']} modes | 2 | {_fmt(report['explained_variance'])} |",
+        f"| CMD, {report['n_modes']} mode{'s' if report['n_modes'] != 1 else ''} | 2 "
+        f"| {_fmt(report['explained_variance'])} |",
     ]
     for row in report["baselines"]["pca"]:
         lines.append(

@@ -439,6 +439,7 @@ def test_failed_fit_removes_the_parents_it_created(tmp_path):
     "args, match",
     [
         (["--steps", "a:b"], "--steps: expected START:END"),
+        (["--steps", "50:20"], "--steps: START must not exceed END"),
         (["--steps", "1000:"], "need at least 3 checkpoints"),
         (["--reconstruct", "15"], "step 15 is not a fitted checkpoint"),
         (["--reconstruct", "first"], "--reconstruct: expected last, all, none"),
@@ -547,3 +548,21 @@ def test_checkpoints_sharing_a_stem_get_distinct_reconstructions(tmp_path):
     result = cmd("reconstruct", out, "--step", "all", "--dest", tmp_path / "again", "-q")
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == names
+
+
+def test_messages_that_point_at_the_fix(tmp_path):
+    write_hf_run(tmp_path / "run", tiny_state_dicts(4), [10, 20, 30, 40])
+    one = cmd("fit", tmp_path / "run" / "checkpoint-20", "-o", tmp_path / "out")
+    assert_input_error(
+        one, "this is one checkpoint directory, pass the directory that holds them all"
+    )
+    assert "found 1 checkpoint;" in one.stderr
+    many = cmd("fit", tmp_path / "run", "-o", tmp_path / "out", "--modes", "500")
+    assert_input_error(many, "the run has only 73 weights to model")
+    (tmp_path / "bad").mkdir()
+    for step in (1, 2, 3):
+        torch.save(tiny_state_dicts(1)[0], tmp_path / "bad" / f"epoch_{step}.pt")
+    (tmp_path / "bad" / "epoch_4.pt").write_bytes(b"not a checkpoint at all")
+    garbage = cmd("fit", tmp_path / "bad", "-o", tmp_path / "out")
+    assert_input_error(garbage, "epoch_4.pt: not a readable torch checkpoint (")
+    assert "unpickling failed: Unsupported operand" in garbage.stderr  # not a bare number
