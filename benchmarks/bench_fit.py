@@ -33,13 +33,18 @@ import torch
 from safetensors.torch import save_file
 
 
-def generate(root: Path, n_weights: int, n_ckpt: int, n_tensors: int, n_modes: int, seed: int) -> None:
+def generate(
+    root: Path, n_weights: int, n_ckpt: int, n_tensors: int, n_modes: int, seed: int
+) -> None:
     """Write step_<t>.safetensors files of planted-mode trajectories."""
     rng = np.random.default_rng(seed)
     sizes = np.full(n_tensors, n_weights // n_tensors)
     sizes[0] += n_weights - sizes.sum()
     t = np.linspace(0, 1, n_ckpt)
-    shapes = [1 - np.exp(-(k + 2) * t) if k % 2 else np.sin((k + 1) * np.pi * t) * (1 - t) for k in range(n_modes)]
+    shapes = [
+        1 - np.exp(-(k + 2) * t) if k % 2 else np.sin((k + 1) * np.pi * t) * (1 - t)
+        for k in range(n_modes)
+    ]
     refs = np.stack(shapes).astype(np.float32)
     labels = rng.integers(0, n_modes, n_weights).astype(np.int8)
     a = rng.uniform(-2, 2, n_weights).astype(np.float32)
@@ -53,7 +58,9 @@ def generate(root: Path, n_weights: int, n_ckpt: int, n_tensors: int, n_modes: i
             sl = slice(bounds[i], bounds[i + 1])
             v = a[sl] * refs[labels[sl], step] + b[sl]
             v += noise.normal(0, 1e-3, v.shape[0]).astype(np.float32)
-            tensors[f"layer{i}.weight"] = torch.from_numpy(v.reshape(-1, 100) if v.size % 100 == 0 else v)
+            tensors[f"layer{i}.weight"] = torch.from_numpy(
+                v.reshape(-1, 100) if v.size % 100 == 0 else v
+            )
         save_file(tensors, str(root / f"step_{step + 1}.safetensors"))
         del tensors
 
@@ -87,8 +94,10 @@ import sys, numpy as np, glob, re
 from safetensors.numpy import load_file
 from scipy.cluster.hierarchy import linkage, fcluster
 from scipy.spatial.distance import pdist
-files = sorted(glob.glob(sys.argv[1] + "/*.safetensors"), key=lambda p: int(re.findall(r"\d+", p)[-1]))
-W = np.stack([np.concatenate([v.ravel() for v in load_file(f).values()]) for f in files], axis=1).astype(np.float64)
+step = lambda p: int(re.findall(r"\d+", p)[-1])
+files = sorted(glob.glob(sys.argv[1] + "/*.safetensors"), key=step)
+cols = [np.concatenate([v.ravel() for v in load_file(f).values()]) for f in files]
+W = np.stack(cols, axis=1).astype(np.float64)
 rng = np.random.default_rng(0)
 idx = rng.choice(W.shape[0], 1000, replace=False)
 c = np.abs(np.nan_to_num(np.corrcoef(W[idx])))
@@ -96,7 +105,8 @@ lab = fcluster(linkage(pdist(c), "complete"), 10, "maxclust")
 refs = [idx[lab == m][np.argmax(c[np.ix_(lab == m, lab == m)].mean(0))] for m in np.unique(lab)]
 R = W[refs]
 Wc = W - W.mean(1, keepdims=True); Rc = R - R.mean(1, keepdims=True)
-corr = np.abs(Wc @ Rc.T) / (np.linalg.norm(Wc, axis=1)[:, None] * np.linalg.norm(Rc, axis=1)[None] + 1e-300)
+norms = np.linalg.norm(Wc, axis=1)[:, None] * np.linalg.norm(Rc, axis=1)[None]
+corr = np.abs(Wc @ Rc.T) / (norms + 1e-300)
 mode = corr.argmax(1)
 a = (Wc * Rc[mode]).sum(1) / (Rc[mode] ** 2).sum(1)
 b = W.mean(1) - a * R[mode].mean(1)
@@ -106,14 +116,20 @@ print(1 - (E ** 2).sum() / (Wc ** 2).sum())
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--weights", type=float, default=20e6)
     p.add_argument("--checkpoints", type=int, default=50)
     p.add_argument("--tensors", type=int, default=20)
     p.add_argument("--modes", type=int, default=10)
-    p.add_argument("--dir", type=Path, default=None, help="where to put the run (default: a temp dir)")
+    p.add_argument(
+        "--dir", type=Path, default=None, help="where to put the run (default: a temp dir)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the generated run")
-    p.add_argument("--dense", action="store_true", help="also time a dense in-memory implementation")
+    p.add_argument(
+        "--dense", action="store_true", help="also time a dense in-memory implementation"
+    )
     p.add_argument("--cmd-args", default="", help="extra arguments for cmd fit")
     args = p.parse_args()
 
@@ -128,7 +144,18 @@ def main() -> None:
     size = sum(f.stat().st_size for f in run.glob("*.safetensors"))
     plain_read(run)  # warm the page cache so both timings see the same cache
     floor = plain_read(run)
-    cmd = [sys.executable, "-m", "cmdcli.cli", "fit", str(run), "--out", str(out), "--overwrite", "--quiet", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmdcli.cli",
+        "fit",
+        str(run),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--quiet",
+        "--json",
+    ]
     cmd += args.cmd_args.split()
     wall, rss, stdout = run_child(cmd)
     report = json.loads(stdout)
