@@ -480,9 +480,10 @@ def _write_one(
     """
     modelled = set(model.tensor_sizes_)
     copied = [n for n in specs if n not in modelled]
-    stored = {n for n in copied if f"extra/{t}/{n}" in set(model.extra_names_)}
+    available = set(model.extra_names_)
+    stored = model.get_extras([f"extra/{t}/{n}" for n in copied if f"extra/{t}/{n}" in available])
     reader = None
-    if any(n not in stored for n in copied):
+    if any(f"extra/{t}/{n}" not in stored for n in copied):
         missing = [str(p) for p in ckpt.weight_files if not p.exists()]
         if missing:
             raise InputError(
@@ -498,8 +499,8 @@ def _write_one(
         spec = specs[name]
         if name in modelled:
             yield from _rebuilt_pieces(model, t, name, spec.dtype)
-        elif name in stored:
-            yield 0, model.get_extra(f"extra/{t}/{name}")
+        elif f"extra/{t}/{name}" in stored:
+            yield 0, stored[f"extra/{t}/{name}"]
         else:
             yield 0, reader.read(name)  # type: ignore[union-attr]
 

@@ -458,11 +458,13 @@ class CMD:
         model.path_ = path
         return model
 
-    def get_extra(self, name: str) -> torch.Tensor:
-        """A tensor stored beside the model (``extra/…``), read from the loaded file."""
+    def get_extras(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors stored beside the model (``extra/…``), read from the loaded file at once."""
         from safetensors import safe_open
 
         if not hasattr(self, "path_"):
-            raise NotFittedError("get_extra needs a model read with CMD.load()")
+            raise NotFittedError("get_extras needs a model read with CMD.load()")
+        if not names:
+            return {}
         with safe_open(str(self.path_), framework="pt") as f:
-            return f.get_tensor(name)
+            return {name: f.get_tensor(name) for name in names}
