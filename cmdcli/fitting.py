@@ -24,6 +24,7 @@ paper's reference implementation (``../shared/DESIGN.md`` §2):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -468,6 +469,11 @@ class _Context:
     alt_bounds: list[int]
     alt_names: list[str]
     located: dict[tuple[str, int], int]
+    # Tables of the CPU kernel (numpy, whose BLAS is the faster one on the CPU):
+    unit: np.ndarray  # float32 (M + ΣM', T): every reference, centred, scaled to norm 1
+    inv_norm: np.ndarray  # float64 (M,): 1 / ‖rc_m‖, 0 for a constant reference
+    rc_t: np.ndarray  # float32 (T, M): the centred references as columns
+    r_mean_np: np.ndarray  # float64 (M,)
 
     @classmethod
     def build(
@@ -481,10 +487,15 @@ class _Context:
         names = list(alternatives or {})
         alt_rc = None
         bounds = [0]
+        every = rc
         if names:
             alt = np.concatenate([np.asarray(alternatives[n], np.float64) for n in names])  # type: ignore[index]
-            alt_rc = torch.from_numpy((alt - alt.mean(axis=1, keepdims=True)).astype(np.float32))
+            alt_c = alt - alt.mean(axis=1, keepdims=True)
+            alt_rc = torch.from_numpy(alt_c.astype(np.float32))
             bounds = np.cumsum([0, *(len(alternatives[n]) for n in names)]).tolist()  # type: ignore[index]
+            every = np.concatenate([rc, alt_c])
+        norm = np.sqrt((every * every).sum(axis=1))
+        inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
         return cls(
             rc=torch.from_numpy(rc.astype(np.float32)),
             r_mean=torch.from_numpy(refs.mean(axis=1)),
@@ -493,6 +504,10 @@ class _Context:
             alt_bounds=bounds,
             alt_names=names,
             located={tuple(loc): m for m, loc in enumerate(reference_locations)},  # type: ignore[misc]
+            unit=(every * inv[:, None]).astype(np.float32),
+            inv_norm=inv[: len(rc)],
+            rc_t=np.ascontiguousarray(rc.T, dtype=np.float32),
+            r_mean_np=refs.mean(axis=1),
         )
 
     def forced(self, segments: Sequence[Segment]) -> dict[int, int]:
@@ -542,23 +557,40 @@ def _column_sums(x: torch.Tensor, *, with_sum: bool = False) -> tuple[torch.Tens
     return sq.to(torch.float64), total.to(torch.float64)
 
 
-# Columns processed together inside a block: (T, CHUNK) float32 stays in the CPU's
-# caches through the dozen passes below, instead of streaming the whole block from
-# memory each time (1.6–2× faster on the 2-core development machine).
-CHUNK = 65_536
+# Columns processed together inside a block of the CPU kernel: a (T, columns)
+# float32 piece of about this many bytes stays in the core's caches through the
+# dozen passes over it, instead of streaming the whole block from memory each time.
+CHUNK_BYTES = 2**21
+
+BACKENDS = ("numpy", "torch")
+
+
+def cpu_chunk(n_checkpoints: int) -> int:
+    """Columns per piece of the CPU kernel for T = ``n_checkpoints``."""
+    return max(1024, CHUNK_BYTES // (4 * max(int(n_checkpoints), 1)))
 
 
 def process_block(
-    x: torch.Tensor, segments: Sequence[Segment], ctx: _Context, *, chunk: int | None = None
+    x: torch.Tensor | np.ndarray,
+    segments: Sequence[Segment],
+    ctx: _Context,
+    *,
+    chunk: int | None = None,
+    backend: str | None = None,
 ) -> tuple[BlockResult, FitStatistics]:
     """Assign, fit and score one block; the unit of parallel work of pass 2.
 
-    ``x`` (float32, shape (T, B), on any device) is overwritten: it is centred
-    in place and then turned into the residual, so the block is never copied.
-    Products run in float32; every sum that leaves the block is float64. The
-    errors come from the residual itself (no cancellation), the PCA baseline from
-    the T×T Gram matrix of the centred block. On the CPU the columns are taken
-    ``chunk`` at a time so that each piece stays in cache.
+    ``x`` (float32, shape (T, B)) is overwritten: it is centred in place and then
+    turned into the residual, so the block is never copied. Products run in
+    float32; every sum that leaves the block is float64. The errors come from the
+    residual itself (no cancellation), the PCA baseline from the T×T Gram matrix
+    of the centred block.
+
+    Two kernels compute the same thing: ``backend="numpy"`` (the default for
+    arrays on the CPU) takes the columns ``chunk`` at a time so that each piece
+    stays in cache, with numpy's BLAS; ``backend="torch"`` (the default for a
+    tensor on a GPU) takes the whole block on the tensor's device. They agree to
+    float32 rounding.
 
     Returns
     -------
@@ -569,30 +601,39 @@ def process_block(
     """
     n_ckpt, width = x.shape
     n_modes = ctx.rc.shape[0]
-    dev = x.device
-    acc = _Accumulators.empty(ctx, n_ckpt, width, dev)
+    on_cpu = isinstance(x, np.ndarray) or x.device.type == "cpu"
+    backend = backend or ("numpy" if on_cpu else "torch")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     forced = ctx.forced(segments)
-    step = width if dev.type != "cpu" else (chunk or CHUNK)
+    if backend == "numpy":
+        values = x if isinstance(x, np.ndarray) else x.numpy()
+        acc = _Accumulators.empty(ctx, n_ckpt, width, None)
+        step = chunk or cpu_chunk(n_ckpt)
+        kernel = _columns_numpy
+    else:
+        values = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+        acc = _Accumulators.empty(ctx, n_ckpt, width, values.device)
+        step = chunk or (cpu_chunk(n_ckpt) if on_cpu else width)
+        kernel = _process_columns
     for c0 in range(0, width, step):
         c1 = min(width, c0 + step)
         local = {c - c0: m for c, m in forced.items() if c0 <= c < c1}
-        _process_columns(x[:, c0:c1], c0, local, ctx, acc)
+        kernel(values[:, c0:c1], c0, local, ctx, acc)
 
+    h = {k: _host(v) for k, v in vars(acc).items()}
     part = FitStatistics(n_checkpoints=n_ckpt, n_modes=n_modes)
     for i, name in enumerate(ctx.alt_names):
-        part.alternative_gain[name] = float(acc.alt_gain[i])
-    part.gram += acc.gram.cpu().numpy()
-    part.sse_per_checkpoint += acc.sse_t.clamp_(min=0).cpu().numpy()
-    x_mean = acc.x_mean
-    part.sumsq_per_checkpoint += (
-        (torch.diagonal(acc.gram) + 2 * acc.cross_t + (x_mean**2).sum()).cpu().numpy()
-    )
-    m_np = acc.modes.cpu().numpy()
-    w_sse_np, w_var_np = acc.w_sse.cpu().numpy(), acc.x_sq.cpu().numpy()
+        part.alternative_gain[name] = float(h["alt_gain"][i])
+    part.gram += h["gram"]
+    part.sse_per_checkpoint += np.clip(h["sse_t"], 0.0, None)
+    x_mean = h["x_mean"]
+    part.sumsq_per_checkpoint += np.diagonal(h["gram"]) + 2 * h["cross_t"] + (x_mean**2).sum()
+    m_np, w_sse_np, w_var_np = h["modes"], h["w_sse"], h["x_sq"]
     part.mode_size += np.bincount(m_np, minlength=n_modes)
     part.mode_sse += np.bincount(m_np, weights=w_sse_np, minlength=n_modes)
     part.mode_variance += np.bincount(m_np, weights=w_var_np, minlength=n_modes)
-    w_sumsq = w_var_np + n_ckpt * x_mean.cpu().numpy() ** 2
+    w_sumsq = w_var_np + n_ckpt * x_mean**2
     col = 0
     for seg in segments:
         sl = slice(col, col + seg.size)
@@ -604,40 +645,142 @@ def process_block(
         prev = part.tensor_mode_size.get(name)
         part.tensor_mode_size[name] = counts if prev is None else prev + counts
         col += seg.size
-    result = BlockResult(tuple(segments), acc.a.cpu().numpy(), acc.b.cpu().numpy(), m_np)
+    result = BlockResult(tuple(segments), h["a"], h["b"], m_np)
     return result, part
+
+
+def _host(v: torch.Tensor | np.ndarray) -> np.ndarray:
+    return v if isinstance(v, np.ndarray) else v.cpu().numpy()
 
 
 @dataclass
 class _Accumulators:
-    """Per-weight results of a block and its running float64 sums."""
+    """Per-weight results of a block and its running float64 sums.
 
-    a: torch.Tensor  # float32 (B,)
-    b: torch.Tensor  # float32 (B,)
-    modes: torch.Tensor  # int64 (B,)
-    x_mean: torch.Tensor  # float64 (B,)
-    x_sq: torch.Tensor  # float64 (B,): Σ_t xc²
-    w_sse: torch.Tensor  # float64 (B,): Σ_t (w − ŵ)²
-    gram: torch.Tensor  # float64 (T, T)
-    sse_t: torch.Tensor  # float64 (T,)
-    cross_t: torch.Tensor  # float64 (T,): Σ_i xc_it · mean_i
-    alt_gain: torch.Tensor  # float64 (number of alternative sets,)
+    numpy arrays for the numpy kernel, tensors on the block's device for torch's.
+    """
+
+    a: torch.Tensor | np.ndarray  # float32 (B,)
+    b: torch.Tensor | np.ndarray  # float32 (B,)
+    modes: torch.Tensor | np.ndarray  # int64 (B,)
+    x_mean: torch.Tensor | np.ndarray  # float64 (B,)
+    x_sq: torch.Tensor | np.ndarray  # float64 (B,): Σ_t xc²
+    w_sse: torch.Tensor | np.ndarray  # float64 (B,): Σ_t (w − ŵ)²
+    gram: torch.Tensor | np.ndarray  # float64 (T, T)
+    sse_t: torch.Tensor | np.ndarray  # float64 (T,)
+    cross_t: torch.Tensor | np.ndarray  # float64 (T,): Σ_i xc_it · mean_i
+    alt_gain: torch.Tensor | np.ndarray  # float64 (number of alternative sets,)
 
     @classmethod
-    def empty(cls, ctx: _Context, n_ckpt: int, width: int, dev: torch.device) -> _Accumulators:
-        f32, f64 = torch.float32, torch.float64
+    def empty(
+        cls, ctx: _Context, n_ckpt: int, width: int, dev: torch.device | None
+    ) -> _Accumulators:
+        """Accumulators on ``dev``; numpy arrays when ``dev`` is None."""
+        if dev is None:
+            f32, f64, i64 = np.float32, np.float64, np.int64
+
+            def new(shape, dtype, zero=False):
+                return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+        else:
+            f32, f64, i64 = torch.float32, torch.float64, torch.long
+
+            def new(shape, dtype, zero=False):
+                make = torch.zeros if zero else torch.empty
+                return make(shape, dtype=dtype, device=dev)
+
         return cls(
-            a=torch.empty(width, dtype=f32, device=dev),
-            b=torch.empty(width, dtype=f32, device=dev),
-            modes=torch.empty(width, dtype=torch.long, device=dev),
-            x_mean=torch.empty(width, dtype=f64, device=dev),
-            x_sq=torch.empty(width, dtype=f64, device=dev),
-            w_sse=torch.empty(width, dtype=f64, device=dev),
-            gram=torch.zeros((n_ckpt, n_ckpt), dtype=f64, device=dev),
-            sse_t=torch.zeros(n_ckpt, dtype=f64, device=dev),
-            cross_t=torch.zeros(n_ckpt, dtype=f64, device=dev),
-            alt_gain=torch.zeros(len(ctx.alt_names), dtype=f64, device=dev),
+            a=new(width, f32),
+            b=new(width, f32),
+            modes=new(width, i64),
+            x_mean=new(width, f64),
+            x_sq=new(width, f64),
+            w_sse=new(width, f64),
+            gram=new((n_ckpt, n_ckpt), f64, True),
+            sse_t=new(n_ckpt, f64, True),
+            cross_t=new(n_ckpt, f64, True),
+            alt_gain=new(len(ctx.alt_names), f64, True),
         )
+
+
+def _columns_numpy(
+    x: np.ndarray, c0: int, forced: dict[int, int], ctx: _Context, acc: _Accumulators
+) -> None:
+    """The numpy kernel of :func:`process_block` on columns ``c0 …`` of the block (a view).
+
+    Same quantities as :func:`_process_columns`, arranged for the CPU: the
+    references are scaled to unit norm so that one product gives every score,
+    the best mode is found by a running maximum over the M rows (numpy's argmax
+    along the short axis is slow), and the residual subtracts a product with the
+    one-hot coefficient matrix (a BLAS call instead of a gather).
+    """
+    n_ckpt, width = x.shape
+    n_modes = ctx.rc.shape[0]
+    f32, f64 = np.float32, np.float64
+    out = slice(c0, c0 + width)
+
+    # Centred once: the float32 mean that is subtracted is the mean that is kept,
+    # so w = xc + mean exactly as far as the errors below are concerned.
+    mean = np.full(n_ckpt, 1.0 / n_ckpt, f32) @ x
+    x -= mean
+    x_mean = mean.astype(f64)
+    x_sq = np.einsum("tb,tb->b", x, x).astype(f64)
+    acc.gram += x @ x.T  # numpy sees x·xᵀ and does half the work (syrk)
+
+    c = ctx.unit @ x  # (M + ΣM', width): Σ_t xc·rc / ‖rc‖ for every reference
+    modes = _abs_argmax(c[:n_modes])
+    # A constant weight correlates with nothing; float32 centring leaves a residue
+    # of ~1e-7·|mean| that must not pick a mode.
+    constant = x_sq <= n_ckpt * (1e-6 * x_mean) ** 2
+    modes[constant] = 0
+    cols = np.arange(width)
+    a64 = c[modes, cols].astype(f64) * ctx.inv_norm[modes]  # cov / ‖rc‖²
+    a64[constant] = 0.0
+    r_mean = ctx.r_mean_np
+    b64 = x_mean - a64 * r_mean[modes]
+    if forced:
+        fcols = np.fromiter(forced, dtype=np.int64, count=len(forced))
+        modes[fcols] = np.fromiter(forced.values(), dtype=np.int64, count=len(forced))
+        a64[fcols] = 1.0
+        b64[fcols] = 0.0
+    a, b = a64.astype(f32), b64.astype(f32)
+
+    for i in range(len(ctx.alt_names)):
+        lo, hi = n_modes + ctx.alt_bounds[i], n_modes + ctx.alt_bounds[i + 1]
+        best = np.abs(c[lo:hi]).max(axis=0).astype(f64)
+        acc.alt_gain[i] += np.minimum(best * best, x_sq).sum()
+
+    # For Σ_i w_it² = Σ_i (xc_it + mean_i)²
+    acc.cross_t += x @ mean
+
+    # The residual, in place: x ← xc − a·rc_mode; w − ŵ = that + δ per weight,
+    # with δ = x̄ − a·r̄ − b from storing b (and a) in float32.
+    coef = np.zeros((n_modes, width), f32)
+    coef[modes, cols] = a
+    x -= ctx.rc_t @ coef
+    delta = x_mean - a.astype(f64) * r_mean[modes] - b.astype(f64)
+    sq = np.square(x)
+    ones = np.ones(n_ckpt, f32)
+    col_sq, col_sum = (ones @ sq).astype(f64), (ones @ x).astype(f64)
+    row_sq = (sq @ np.ones(width, f32)).astype(f64)
+    acc.sse_t += row_sq + 2 * (x @ delta.astype(f32)) + (delta * delta).sum()
+
+    acc.a[out], acc.b[out], acc.modes[out] = a, b, modes
+    acc.x_mean[out], acc.x_sq[out] = x_mean, x_sq
+    acc.w_sse[out] = col_sq + 2 * delta * col_sum + n_ckpt * delta * delta
+
+
+def _abs_argmax(c: np.ndarray) -> np.ndarray:
+    """Row of the largest |c| in every column (the first on ties)."""
+    best = np.abs(c[0])
+    index = np.zeros(c.shape[1], dtype=np.int64)
+    value = np.empty_like(best)
+    better = np.empty(c.shape[1], dtype=bool)
+    for m in range(1, c.shape[0]):
+        np.abs(c[m], out=value)
+        np.greater(value, best, out=better)
+        np.maximum(best, value, out=best)
+        np.putmask(index, better, m)
+    return index
 
 
 def _process_columns(
@@ -746,6 +889,17 @@ def run_block(
             release(raw)
 
 
+@contextmanager
+def _single_threaded_blas(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def stream_fit(
     source: TrajectorySource,
     references: np.ndarray,
@@ -812,7 +966,13 @@ def stream_fit(
     done = 0
     if progress:
         progress("fit", 0, n_weights)
-    with ThreadPoolExecutor(max_workers=max(int(workers), 1)) as local:
+    # Parallelism comes from the blocks in flight: BLAS threads inside each block
+    # would only fight over the same cores.
+    limit = workers > 1 and executor is None and dev.type == "cpu"
+    with (
+        _single_threaded_blas(limit),
+        ThreadPoolExecutor(max_workers=max(int(workers), 1)) as local,
+    ):
         pool = executor if executor is not None else local
         pending = []
         nxt = 0

@@ -66,7 +66,11 @@ def test_same_seed_same_result_and_block_size_does_not_matter(planted, reference
     two = CMD(n_modes=4, n_samples=300, seed=7, max_memory=50_000, references=references).fit(
         planted.W
     )
-    np.testing.assert_array_equal(one.a_, two.a_)
+    again = CMD(n_modes=4, n_samples=300, seed=7, references=references).fit(planted.W)
+    np.testing.assert_array_equal(one.a_, again.a_)
+    np.testing.assert_array_equal(one.b_, again.b_)
+    # another block width may change how the BLAS orders a column's float32 sums
+    np.testing.assert_allclose(one.a_, two.a_, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(one.modes_, two.modes_)
     np.testing.assert_array_equal(one.references_, two.references_)
 
