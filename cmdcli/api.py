@@ -436,22 +436,6 @@ def fit_run(
             progress=progress,
             spool_dir=tmp / ".spool",
         )
-        if opts.online:
-            fitted = _fit_online(ckpts, modelled, source, opts, progress)
-        else:
-            fitted = CMD(
-                n_modes=opts.n_modes,
-                n_samples=opts.n_samples,
-                seed=opts.seed,
-                max_memory=opts.max_memory,
-                references=opts.references,
-                target_variance=opts.target_variance,
-                workers=workers,
-                device=opts.device,
-                executor=executor,
-            ).fit(source, progress=progress)
-        fit_seconds = time.perf_counter() - started
-        shutil.rmtree(source.spool_dir, ignore_errors=True)
         settings = {
             "online": {"warmup": opts.warmup} if opts.online else None,
             "n_modes": opts.n_modes,
@@ -476,16 +460,33 @@ def fit_run(
             "settings": settings,
             "extras_stored": source.keep_unmodelled,
         }
-        fitted.save(
-            tmp / MODEL_FILE,
-            shapes={n: s.shape for n, s in modelled.items()},
-            steps=[c.step for c in ckpts],
-            metadata=metadata,
-            extra=source.unmodelled_values,
-        )
+        layout = {
+            "shapes": {n: s.shape for n, s in modelled.items()},
+            "steps": [c.step for c in ckpts],
+            "metadata": metadata,
+            # filled while pass 1 reads the checkpoints, written when pass 2 starts
+            "extra": source.unmodelled_values,
+        }
+        if opts.online:
+            fitted = _fit_online(ckpts, modelled, source, opts, progress)
+            fitted.save(tmp / MODEL_FILE, **layout)
+        else:
+            # The coefficients go to the model file block by block as pass 2 makes them.
+            fitted = CMD(
+                n_modes=opts.n_modes,
+                n_samples=opts.n_samples,
+                seed=opts.seed,
+                max_memory=opts.max_memory,
+                references=opts.references,
+                target_variance=opts.target_variance,
+                workers=workers,
+                device=opts.device,
+                executor=executor,
+            ).fit(source, progress=progress, out=tmp / MODEL_FILE, **layout)
+        fit_seconds = time.perf_counter() - started
+        shutil.rmtree(source.spool_dir, ignore_errors=True)
         source.unmodelled_values = {}
-        # Rebuild from what was written, exactly as `cmd reconstruct` will later;
-        # the fitted arrays go first so that only one copy is ever held.
+        # Rebuild from what was written, exactly as `cmd reconstruct` will later.
         stats = fitted.statistics_
         del fitted
         model = CMD.load(tmp / MODEL_FILE)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from . import fitting
 from . import references as refs_mod
-from .errors import InputError, NotFittedError
+from .errors import CMDError, InputError, NotFittedError
 from .fitting import BlockResult, Progress, Segment, TrajectorySource
 from .writers import SafetensorsWriter, TensorEntry
 
@@ -112,6 +113,38 @@ def _rows(merged: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> np.ndar
 
 def _mode_dtype(n_modes: int) -> np.dtype:
     return np.dtype(np.uint8) if n_modes <= 256 else np.dtype(np.int32)
+
+
+_NUMPY_CODES = {"F32": np.float32, "U8": np.uint8, "I32": np.int32, "I16": np.int16}
+
+
+def _map_coefficients(
+    path: Path, names: Sequence[str], n_weights: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``a_``, ``b_``, ``modes_`` of a model file, memory-mapped (copy-on-write).
+
+    Possible when each kind's tensors lie back to back in the model's tensor order,
+    as :meth:`CMD.save` lays them out; None otherwise (files of earlier versions).
+    """
+    if n_weights == 0:
+        return None
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    mapped = []
+    for kind in ("a", "b", "mode"):
+        entries = [header.get(f"{kind}/{n}") for n in names]
+        if any(e is None for e in entries) or len({e["dtype"] for e in entries}) != 1:
+            return None
+        dtype = _NUMPY_CODES.get(entries[0]["dtype"])
+        spans = [e["data_offsets"] for e in entries]
+        if dtype is None or any(p[1] != q[0] for p, q in zip(spans, spans[1:])):
+            return None
+        if spans[-1][1] - spans[0][0] != n_weights * np.dtype(dtype).itemsize:
+            return None
+        offset = 8 + length + spans[0][0]
+        mapped.append(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=(n_weights,)))
+    return mapped[0], mapped[1], mapped[2]
 
 
 class CMD:
@@ -253,6 +286,11 @@ class CMD:
         X: np.ndarray | dict[str, np.ndarray] | TrajectorySource,
         *,
         progress: Progress | None = None,
+        out: str | os.PathLike | None = None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+        steps: Sequence[int] | None = None,
+        metadata: dict[str, object] | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> CMD:
         """Fit the model.
 
@@ -262,11 +300,22 @@ class CMD:
             checkpoints, or TrajectorySource
         progress : callable, optional
             ``progress(task, completed, total)`` for long fits.
+        out : path-like, optional
+            Write the model to this file while fitting (the file :meth:`save`
+            writes): each block's coefficients go to disk as soon as they are
+            computed instead of being held, and ``a_``, ``b_``, ``modes_`` are
+            then mapped from the file. For runs whose coefficients (9 bytes per
+            weight) would not fit in memory.
+        shapes, steps, metadata, extra
+            As for :meth:`save`, with ``out``. ``extra`` is read when pass 2
+            starts, so a source may fill it during pass 1.
 
         Returns
         -------
         self
         """
+        if out is None and (shapes, steps, metadata, extra) != (None, None, None, None):
+            raise ValueError("shapes, steps, metadata and extra are for fit(..., out=path)")
         self._validate_params()
         source = X if hasattr(X, "read_block") else ArraySource(X)  # type: ignore[arg-type]
         sizes = dict(source.sizes)
@@ -363,43 +412,63 @@ class CMD:
             # Stored references are float32, so fit against exactly those values.
             references = samples[ref_rows].astype(np.float32)
 
-        # Pass 2: every weight, block by block.
-        offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist()))
         n_modes = len(references)
-        a = np.empty(n_weights, dtype=np.float32)
-        b = np.empty(n_weights, dtype=np.float32)
-        modes = np.empty(n_weights, dtype=_mode_dtype(n_modes))
-
-        def keep(block: BlockResult) -> None:
-            col = 0
-            for seg in block.segments:
-                dst = slice(offsets[seg.tensor] + seg.start, offsets[seg.tensor] + seg.stop)
-                src = slice(col, col + seg.size)
-                a[dst], b[dst], modes[dst] = block.a[src], block.b[src], block.modes[src]
-                col += seg.size
-
-        stats = fitting.stream_fit(
-            source,
-            references.astype(np.float64),
-            locations,
-            max_memory=int(self.max_memory),
-            on_block=keep,
-            progress=progress,
-            alternatives=alternatives,
-            workers=int(self.workers),
-            device=str(self.device),
-            executor=self.executor,
-        )
-
         self.n_modes_ = n_modes
         self.references_ = references
         self.references_kind_ = str(self.references)
         self.reference_locations_ = locations
-        self.a_, self.b_, self.modes_ = a, b, modes
         self.sample_index_ = index
         self.samples_ = samples.astype(np.float32)
         self.sample_modes_ = sample_modes
         self.tensor_sizes_ = sizes
+
+        # Pass 2: every weight, block by block, into memory or straight to the file.
+        offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist()))
+        mode_dtype = _mode_dtype(n_modes)
+        if out is None:
+            writer = None
+            a = np.empty(n_weights, dtype=np.float32)
+            b = np.empty(n_weights, dtype=np.float32)
+            modes = np.empty(n_weights, dtype=mode_dtype)
+        else:
+            writer = self._open_writer(out, shapes, steps, metadata, extra)
+
+        def keep(block: BlockResult) -> None:
+            col = 0
+            for seg in block.segments:
+                src = slice(col, col + seg.size)
+                col += seg.size
+                values = (block.a[src], block.b[src], block.modes[src].astype(mode_dtype))
+                if writer is not None:
+                    for kind, v in zip(("a", "b", "mode"), values):
+                        writer.write(f"{kind}/{seg.tensor}", torch.from_numpy(v), seg.start)
+                    continue
+                dst = slice(offsets[seg.tensor] + seg.start, offsets[seg.tensor] + seg.stop)
+                a[dst], b[dst], modes[dst] = values
+
+        try:
+            stats = fitting.stream_fit(
+                source,
+                references.astype(np.float64),
+                locations,
+                max_memory=int(self.max_memory),
+                on_block=keep,
+                progress=progress,
+                alternatives=alternatives,
+                workers=int(self.workers),
+                device=str(self.device),
+                executor=self.executor,
+            )
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            self.a_, self.b_, self.modes_ = a, b, modes
+        else:
+            mapped = _map_coefficients(Path(out), list(sizes), n_weights)
+            if mapped is None:  # only when there are no weights at all
+                raise CMDError(f"{out}: the model file just written could not be mapped")
+            self.a_, self.b_, self.modes_ = mapped
         self.statistics_ = stats
         self.explained_variance_ = stats.explained_variance
         self.relative_error_ = stats.relative_error
@@ -491,9 +560,31 @@ class CMD:
             Further tensors to store as they are (e.g. copies of unmodelled ones).
         """
         self._check_fitted()
+        mode_dtype = _mode_dtype(self.n_modes_)
+        with self._open_writer(path, shapes, steps, metadata, extra) as w:
+            for name in shapes or self.tensor_sizes_:
+                sl = self.tensor_slice(name)
+                w.write(f"a/{name}", torch.from_numpy(self.a_[sl]))
+                w.write(f"b/{name}", torch.from_numpy(self.b_[sl]))
+                w.write(f"mode/{name}", torch.from_numpy(self.modes_[sl].astype(mode_dtype)))
+
+    def _open_writer(
+        self,
+        path: str | os.PathLike,
+        shapes: dict[str, tuple[int, ...]] | None,
+        steps: Sequence[int] | None,
+        metadata: dict[str, object] | None,
+        extra: dict[str, torch.Tensor] | None,
+    ) -> SafetensorsWriter:
+        """Open the model file and write all but the coefficients.
+
+        The coefficients are laid out kind by kind (every ``a/NAME``, then every
+        ``b/NAME``, then every ``mode/NAME``) in the model's tensor order, so that
+        each kind is one contiguous array in the file, which :meth:`load` maps.
+        """
         shapes = shapes or {k: (v,) for k, v in self.tensor_sizes_.items()}
         steps = np.arange(self.n_checkpoints_) if steps is None else np.asarray(steps)
-        mode_torch = torch.from_numpy(np.zeros(0, dtype=self.modes_.dtype)).dtype
+        mode_torch = torch.from_numpy(np.zeros(0, dtype=_mode_dtype(self.n_modes_))).dtype
         names = list(self.tensor_sizes_)
         owner = np.concatenate(
             [
@@ -510,12 +601,8 @@ class CMD:
             "sample/index": torch.from_numpy(np.concatenate(list(self.sample_index_.values()))),
         }
         entries = [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-        for name, shape in shapes.items():
-            entries += [
-                TensorEntry(f"a/{name}", torch.float32, tuple(shape)),
-                TensorEntry(f"b/{name}", torch.float32, tuple(shape)),
-                TensorEntry(f"mode/{name}", mode_torch, tuple(shape)),
-            ]
+        for kind, dtype in (("a", torch.float32), ("b", torch.float32), ("mode", mode_torch)):
+            entries += [TensorEntry(f"{kind}/{n}", dtype, tuple(sh)) for n, sh in shapes.items()]
         for name, t in (extra or {}).items():
             entries.append(TensorEntry(name, t.dtype, tuple(t.shape)))
         header = {
@@ -537,16 +624,16 @@ class CMD:
         }
         header.update(metadata or {})
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
-        with SafetensorsWriter(path, entries, meta) as w:
+        w = SafetensorsWriter(path, entries, meta, keep_order=True)
+        try:
             for n, t in tensors.items():
                 w.write(n, t)
-            for name in shapes:
-                sl = self.tensor_slice(name)
-                w.write(f"a/{name}", torch.from_numpy(self.a_[sl]))
-                w.write(f"b/{name}", torch.from_numpy(self.b_[sl]))
-                w.write(f"mode/{name}", torch.from_numpy(self.modes_[sl]))
             for name, t in (extra or {}).items():
                 w.write(name, t)
+        except BaseException:
+            w.close()
+            raise
+        return w
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CMD:
@@ -598,13 +685,16 @@ class CMD:
                 for key in needed:
                     if key not in stored:
                         raise InputError(f"{path}: not a complete cmd model (no tensor {key!r})")
-                a, b, modes, shapes = [], [], [], {}
-                for name in names:
-                    a_t = f.get_tensor(f"a/{name}")
-                    shapes[name] = tuple(a_t.shape)
-                    a.append(a_t.reshape(-1).numpy())
-                    b.append(f.get_tensor(f"b/{name}").reshape(-1).numpy())
-                    modes.append(f.get_tensor(f"mode/{name}").reshape(-1).numpy())
+                shapes = {name: tuple(f.get_slice(f"a/{name}").get_shape()) for name in names}
+                n_weights = sum(int(np.prod(v, dtype=np.int64)) for v in shapes.values())
+                # Mapped, not read: a model may be larger than memory.
+                mapped = _map_coefficients(path, names, n_weights)
+                a, b, modes = [], [], []
+                if mapped is None:  # an earlier layout, or no weights: read them
+                    for name in names:
+                        a.append(f.get_tensor(f"a/{name}").reshape(-1).numpy())
+                        b.append(f.get_tensor(f"b/{name}").reshape(-1).numpy())
+                        modes.append(f.get_tensor(f"mode/{name}").reshape(-1).numpy())
                 model.references_ = f.get_tensor("references").numpy()
                 model.steps_ = f.get_tensor("steps").numpy()
                 # The sampled trajectories are only needed for plots.
@@ -618,9 +708,12 @@ class CMD:
         model.n_modes_ = int(model.references_.shape[0])
         model.tensor_sizes_ = {n: int(np.prod(s, dtype=np.int64)) for n, s in shapes.items()}
         model.shapes_ = shapes
-        model.a_ = np.concatenate(a) if a else np.zeros(0, np.float32)
-        model.b_ = np.concatenate(b) if b else np.zeros(0, np.float32)
-        model.modes_ = np.concatenate(modes) if modes else np.zeros(0, np.uint8)
+        if mapped is not None:
+            model.a_, model.b_, model.modes_ = mapped
+        else:
+            model.a_ = np.concatenate(a) if a else np.zeros(0, np.float32)
+            model.b_ = np.concatenate(b) if b else np.zeros(0, np.float32)
+            model.modes_ = np.concatenate(modes) if modes else np.zeros(0, np.uint8)
         model.reference_locations_ = [tuple(x) for x in meta.get("reference_locations", [])]
         model.references_kind_ = str(meta.get("references_kind", "sampled"))
         model.refinement_ = meta.get("refinement")

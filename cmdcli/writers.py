@@ -60,6 +60,10 @@ class SafetensorsWriter:
         decreasing element size, then name, so that every tensor stays aligned.
     metadata : dict of str to str, optional
         The header's ``__metadata__``.
+    keep_order : bool
+        Lay out tensors of the same element size in the order given rather than
+        by name (so that, e.g., consecutive pieces of one array stay adjacent in
+        the file and can be memory-mapped as one).
 
     Examples
     --------
@@ -72,12 +76,18 @@ class SafetensorsWriter:
         path: str | os.PathLike,
         entries: Sequence[TensorEntry],
         metadata: dict[str, str] | None = None,
+        *,
+        keep_order: bool = False,
     ) -> None:
         self.path = Path(path)
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in a safetensors file")
-        ordered = sorted(entries, key=lambda e: (-itemsize(e.dtype), e.name))
+        position = {e.name: i for i, e in enumerate(entries)}
+        ordered = sorted(
+            entries,
+            key=lambda e: (-itemsize(e.dtype), position[e.name] if keep_order else e.name),
+        )
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

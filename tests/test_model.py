@@ -154,6 +154,47 @@ def test_save_load_roundtrip_readable_by_safetensors_alone(tmp_path, planted):
     np.testing.assert_array_equal(loaded.samples_, model.samples_)
 
 
+def test_fit_straight_to_a_file_writes_what_save_writes(tmp_path, planted):
+    # Names out of alphabetical order: the coefficients are laid out in model order.
+    X = {"zeta": planted.W[:1200].T.reshape(-1, 30, 40), "alpha": planted.W[1200:].T}
+    layout = {"shapes": {"zeta": (30, 40), "alpha": (1800,)}, "steps": range(25)}
+    held = CMD(n_modes=4, seed=3, max_memory=40_000).fit(X)
+    held.save(tmp_path / "saved.safetensors", **layout)
+    streamed = CMD(n_modes=4, seed=3, max_memory=40_000).fit(
+        X, out=tmp_path / "streamed.safetensors", **layout
+    )
+    saved = (tmp_path / "saved.safetensors").read_bytes()
+    assert (tmp_path / "streamed.safetensors").read_bytes() == saved
+    # the streamed fit keeps its coefficients on disk, mapped, not in memory
+    assert isinstance(streamed.a_, np.memmap) and isinstance(streamed.modes_, np.memmap)
+    np.testing.assert_array_equal(streamed.a_, held.a_)
+    np.testing.assert_array_equal(streamed.modes_, held.modes_)
+    loaded = CMD.load(tmp_path / "saved.safetensors")
+    assert isinstance(loaded.b_, np.memmap)
+    np.testing.assert_array_equal(loaded.b_, held.b_)
+    np.testing.assert_array_equal(loaded.reconstruct(), held.reconstruct())
+    with pytest.raises(ValueError, match="out=path"):
+        CMD(n_modes=4).fit(X, steps=range(25))
+
+
+def test_load_reads_files_whose_coefficients_are_not_adjacent(tmp_path, planted):
+    # Files of earlier versions laid tensors out by name: a/v, a/w, b/v, … with the
+    # model's order w, v. They cannot be mapped as one array and are read instead.
+    from safetensors.torch import save_file
+
+    model = CMD(n_modes=4, seed=0).fit({"w": planted.W[:2000].T, "v": planted.W[2000:].T})
+    path = tmp_path / "cmd.safetensors"
+    model.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    save_file(tensors, str(path), metadata=meta)  # safetensors' own layout: by name
+    loaded = CMD.load(path)
+    assert not isinstance(loaded.a_, np.memmap)
+    np.testing.assert_array_equal(loaded.a_, model.a_)
+    np.testing.assert_array_equal(loaded.modes_, model.modes_)
+
+
 def test_load_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
