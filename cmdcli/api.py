@@ -37,6 +37,7 @@ __all__ = [
     "fit_run",
     "inspect_run",
     "parse_memory",
+    "parse_size",
     "plan_fit",
     "reconstruct_run",
 ]
@@ -55,21 +56,37 @@ _TRAINING_STATE = ("optimizer.*", "scheduler.*", "rng_state*", "scaler.*", "trai
 
 def parse_memory(text: str | int) -> int:
     """Bytes from ``"512MiB"``, ``"2GB"``, ``"1.5G"`` or a plain number of bytes."""
+    return parse_size(text, option="--max-memory", minimum=2**20)
+
+
+def parse_size(text: str | int, *, option: str, minimum: int = 1) -> int:
+    """Bytes from a size like ``"512MiB"`` or ``"2GB"`` given to ``option``.
+
+    K, M, G, T are powers of 1024, with or without ``B``/``iB``.
+    """
     if isinstance(text, int):
-        return text
-    units = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    s = str(text).strip().lower().replace("ib", "").replace("b", "")
-    num = s.rstrip("kmgt")
-    unit = s[len(num) :]
-    try:
-        value = float(num) * units[unit]
-    except (ValueError, KeyError):
-        raise InputError(
-            f"--max-memory: expected a size like 512MiB or 2GiB, got {text!r}"
-        ) from None
-    if value < 2**20:
-        raise InputError(f"--max-memory: at least 1MiB is needed, got {text!r}")
+        value: float = text
+    else:
+        units = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+        s = str(text).strip().lower().replace("ib", "").replace("b", "")
+        num = s.rstrip("kmgt")
+        unit = s[len(num) :]
+        try:
+            value = float(num) * units[unit]
+        except (ValueError, KeyError):
+            raise InputError(
+                f"{option}: expected a size like 512MiB or 2GiB, got {text!r}"
+            ) from None
+    if not value >= minimum:
+        raise InputError(f"{option}: at least {_format_bytes(minimum)} is needed, got {text!r}")
     return int(value)
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n} bytes"
 
 
 @dataclass
@@ -93,6 +110,7 @@ class FitOptions:
     scheduler: str | None = None  # Dask scheduler address or file: pass 2 runs there
     online: bool = False  # one pass: modes chosen after `warmup` checkpoints, then RLS
     warmup: int = 10
+    shard_size: int | None = None  # bytes: reconstructions as directories of shards
 
 
 class RunSource:
@@ -491,7 +509,9 @@ def fit_run(
         del fitted
         model = CMD.load(tmp / MODEL_FILE)
         model.statistics_ = stats
-        written = _write_reconstructions(model, tmp, rebuild, progress=progress)
+        written = _write_reconstructions(
+            model, tmp, rebuild, progress=progress, shard_size=opts.shard_size
+        )
         report = build_report(
             model,
             run=run,
@@ -712,7 +732,12 @@ def _checkpoint_from_record(rec: dict) -> Checkpoint:
 
 
 def _write_reconstructions(
-    model: CMD, out: Path, positions: Sequence[int], *, progress: Progress | None = None
+    model: CMD,
+    out: Path,
+    positions: Sequence[int],
+    *,
+    progress: Progress | None = None,
+    shard_size: int | None = None,
 ) -> list[dict]:
     """Rebuild the checkpoints at ``positions`` into ``out/reconstructed/``."""
     if not positions:
@@ -720,49 +745,62 @@ def _write_reconstructions(
     dest = out / RECONSTRUCTED_DIR
     dest.mkdir(exist_ok=True)
     ckpts = [_checkpoint_from_record(r) for r in model.metadata_["checkpoints"]]  # type: ignore[index]
-    names = _output_names(ckpts)
+    names = _output_names(ckpts, sharded=shard_size is not None)
     specs = _specs_from_metadata(model)
     written = []
     for i, t in enumerate(positions):
         if progress:
             progress("reconstruct", i, len(positions))
-        written.append(_write_one(model, t, ckpts[t], specs, dest / names[t]))
+        written.append(_write_one(model, t, ckpts[t], specs, dest / names[t], shard_size))
     if progress:
         progress("reconstruct", len(positions), len(positions))
     return written
 
 
-def _output_names(ckpts: Sequence[Checkpoint]) -> list[str]:
+def _output_names(ckpts: Sequence[Checkpoint], *, sharded: bool = False) -> list[str]:
     """Name of each checkpoint's reconstruction under ``reconstructed/``.
 
-    ``<stem>.safetensors`` for a file, the same name for a directory; where two
-    files share a stem (``model.pt`` and ``model.bin``) the whole original name is
-    kept (``model.pt.safetensors``) so that no reconstruction overwrites another.
+    ``<stem>.safetensors`` for a file (a ``<stem>`` directory when ``sharded``),
+    the same name for a directory; where two files share a stem (``model.pt`` and
+    ``model.bin``) the whole original name is kept (``model.pt.safetensors``) so
+    that no reconstruction overwrites another.
     """
     stems = [c.name if c.is_directory else _output_stem(c.name) for c in ckpts]
     clash = {x for x in stems if stems.count(x) > 1}
+    suffix = "" if sharded else ".safetensors"
     return [
-        c.name if c.is_directory else f"{c.name if stem in clash else stem}.safetensors"
+        c.name if c.is_directory else f"{c.name if stem in clash else stem}{suffix}"
         for c, stem in zip(ckpts, stems)
     ]
 
 
 def _write_one(
-    model: CMD, t: int, ckpt: Checkpoint, specs: dict[str, TensorSpec], result_path: Path
+    model: CMD,
+    t: int,
+    ckpt: Checkpoint,
+    specs: dict[str, TensorSpec],
+    result_path: Path,
+    shard_size: int | None = None,
 ) -> dict:
     """Rebuild checkpoint ``t`` in the layout of ``ckpt`` at ``result_path``.
 
     A file checkpoint becomes ``<stem>.safetensors``. A Hugging Face directory
     becomes a directory of the same name and files (shards and their index,
     ``.safetensors`` or ``pytorch_model*.bin``) with its config files copied.
+    With ``shard_size`` (bytes) a file checkpoint becomes a Hugging Face-style
+    directory too, and every checkpoint is cut into shards of at most that size
+    (one tensor larger than that is a shard of its own) with their index.
     """
     with _checkpoint_pieces(model, t, ckpt, specs) as pieces:
-        if not ckpt.is_directory:
+        if not ckpt.is_directory and shard_size is None:
             _write_safetensors(result_path, list(specs), specs, pieces, ckpt)
         else:
             result_path.mkdir(exist_ok=True)
             as_bin = ckpt.format == "hf-bin"
-            groups = _shard_groups(ckpt, specs, as_bin)
+            if shard_size is None:
+                groups = _shard_groups(ckpt, specs, as_bin)
+            else:
+                groups = _sized_groups(specs, shard_size, as_bin)
             if len(groups) > 1:
                 index = {
                     "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
@@ -867,6 +905,30 @@ def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype):
         yield start - sl.start, values.to(dtype)
 
 
+def _sized_groups(
+    specs: dict[str, TensorSpec], shard_size: int, as_bin: bool
+) -> dict[str, list[str]]:
+    """File name → tensors: consecutive tensors in shards of at most ``shard_size`` bytes.
+
+    Named as Hugging Face names them: ``model.safetensors`` when one shard holds
+    everything, else ``model-00001-of-00003.safetensors``, … (``pytorch_model…bin``).
+    """
+    shards: list[list[str]] = [[]]
+    room = shard_size
+    for name, spec in specs.items():
+        size = _nbytes(spec)
+        if shards[-1] and size > room:
+            shards.append([])
+            room = shard_size
+        shards[-1].append(name)
+        room -= size
+    stem, ext = ("pytorch_model", "bin") if as_bin else ("model", "safetensors")
+    if len(shards) == 1:
+        return {f"{stem}.{ext}": shards[0]}
+    n = len(shards)
+    return {f"{stem}-{k + 1:05d}-of-{n:05d}.{ext}": names for k, names in enumerate(shards)}
+
+
 def _shard_groups(
     ckpt: Checkpoint, specs: dict[str, TensorSpec], as_bin: bool
 ) -> dict[str, list[str]]:
@@ -905,6 +967,7 @@ def reconstruct_run(
     dest: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    shard_size: int | None = None,
 ) -> list[dict]:
     """Rebuild checkpoints from a fitted model (``cmd reconstruct``).
 
@@ -916,6 +979,9 @@ def reconstruct_run(
         ``"last"``, ``"all"`` or comma-separated training steps.
     dest : path, optional
         Where to write; ``out/reconstructed`` by default.
+    shard_size : int, optional
+        Write every checkpoint as a Hugging Face-style directory of shards of at
+        most this many bytes with their index (see ``cmd fit --shard-size``).
     """
     out = Path(out)
     model_path = out if out.is_file() else out / MODEL_FILE
@@ -933,7 +999,7 @@ def reconstruct_run(
                 f"{target}: is the run directory; reconstructions go beside the originals "
                 f"there, choose another --dest"
             )
-    all_names = _output_names(ckpts)
+    all_names = _output_names(ckpts, sharded=shard_size is not None)
     names = [all_names[t] for t in positions]
     exist = [target / n for n in names if (target / n).exists()]
     if exist and not overwrite:
@@ -942,7 +1008,9 @@ def reconstruct_run(
     # Rebuild into a fresh directory and move the files over, so a failure leaves no part.
     staging = target.with_name(f".{target.name}.staging")
     with atomic_directory(staging, overwrite=True) as tmp:
-        written = _write_reconstructions(model, tmp, positions, progress=progress)
+        written = _write_reconstructions(
+            model, tmp, positions, progress=progress, shard_size=shard_size
+        )
     try:
         target.mkdir(parents=True, exist_ok=True)
         for rec, name in zip(written, names):

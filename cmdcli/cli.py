@@ -238,6 +238,14 @@ def fit(
             metavar="SIZE",
         ),
     ] = "512MiB",
+    shard_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Write each reconstructed checkpoint as a Hugging Face-style directory "
+            "of safetensors shards of at most SIZE (e.g. 5GB) with their index.",
+            metavar="SIZE",
+        ),
+    ] = None,
     online: Annotated[
         bool,
         typer.Option(
@@ -316,6 +324,7 @@ def fit(
             scheduler=scheduler,
             online=online,
             warmup=warmup,
+            shard_size=_shard_size(shard_size),
         )
         target = out_dir or Path(f"{run_dir.resolve().name}-cmd")
         if dry_run:
@@ -333,6 +342,12 @@ def fit(
         print(json.dumps(report, indent=2))
     elif not quiet:
         _print_fit_summary(report)
+
+
+def _shard_size(text: str | None) -> int | None:
+    from .api import parse_size
+
+    return None if text is None else parse_size(text, option="--shard-size")
 
 
 def _size(n: float) -> str:
@@ -461,6 +476,14 @@ def reconstruct_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace reconstructions that exist.")
     ] = False,
+    shard_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Write each checkpoint as a Hugging Face-style directory of safetensors "
+            "shards of at most SIZE (e.g. 5GB) with their index.",
+            metavar="SIZE",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was written as JSON.")
     ] = False,
@@ -470,9 +493,10 @@ def reconstruct_cmd(
     with _errors():
         from .api import reconstruct_run
 
+        size = _shard_size(shard_size)
         with _progress(not quiet) as progress:
             written = reconstruct_run(
-                out_dir, step, dest=dest, overwrite=overwrite, progress=progress
+                out_dir, step, dest=dest, overwrite=overwrite, progress=progress, shard_size=size
             )
     if as_json:
         print(json.dumps(written, indent=2))
