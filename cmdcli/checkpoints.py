@@ -784,28 +784,46 @@ class _SafetensorsReader(CheckpointReader):
         idx = _check_index(entry.spec, index)
         if idx.size == 0:
             return torch.empty(0, dtype=entry.spec.dtype)
-        uniq, inverse = np.unique(idx, return_inverse=True)
         isz = entry.itemsize
-        pos = uniq * isz  # byte offsets within the tensor, sorted
-        # Cut into runs read by one pread each: at a wide gap, and at every
-        # _MAX_SPAN boundary so that no run buffer grows large.
-        cut = ((pos[1:] - pos[:-1]) > _COALESCE_GAP) | (
-            pos[1:] // _MAX_SPAN != pos[:-1] // _MAX_SPAN
-        )
-        bounds = np.concatenate(([0], np.flatnonzero(cut) + 1, [uniq.size]))
-        out = bytearray(uniq.size * isz)
-        out_rows = np.frombuffer(out, dtype=np.uint8).reshape(uniq.size, isz)
-        cols = np.arange(isz, dtype=np.int64)
-        for g0, g1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            lo = int(pos[g0])
-            span = bytearray(int(pos[g1 - 1]) + isz - lo)
-            self._read_bytes(entry, span, entry.offset + lo)
-            raw = np.frombuffer(span, dtype=np.uint8)
-            out_rows[g0:g1] = raw[(pos[g0:g1] - lo)[:, None] + cols]
-        values = torch.frombuffer(out, dtype=entry.spec.dtype)
-        if uniq.size == idx.size and np.array_equal(uniq, idx):
-            return values  # already sorted and unique: no reordering copy needed
-        return values[torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False))]
+        plan = _gather_plan(idx, isz)
+        elem = _ELEMENT_TYPES.get(isz) or np.dtype((np.void, isz))
+        out = bytearray(idx.size * isz)
+        out_elems = np.frombuffer(out, dtype=elem)
+        scratch = None
+        for chunk in plan:
+            if chunk.src is None:  # the chunk's bytes are the result, in order
+                buf = out
+            else:
+                if scratch is None:
+                    scratch = np.empty(max(c.nbytes for c in plan), dtype=np.uint8)
+                buf = scratch[: chunk.nbytes]
+            self._read_runs(entry, memoryview(buf), chunk.runs)
+            if chunk.src is None:
+                continue
+            values = buf.view(elem)
+            if chunk.dest is None:
+                np.take(values, chunk.src, out=out_elems, mode="clip")
+            else:
+                out_elems[chunk.dest] = values[chunk.src]
+        return torch.frombuffer(out, dtype=entry.spec.dtype)
+
+    def _read_runs(
+        self, entry: _STEntry, view: memoryview, runs: list[tuple[int, int, int]]
+    ) -> None:
+        """Read each ``(tensor byte, buffer byte, length)`` run of one tensor into ``view``."""
+        # _read_bytes per run, inlined (pass 1 reads hundreds of runs per checkpoint);
+        # after a short read it runs again, to finish the read or report the truncation.
+        fd = self._fd(entry.file)
+        offset = entry.offset
+        try:
+            for tensor_byte, buf_byte, length in runs:
+                part = view[buf_byte : buf_byte + length]
+                if _pread_into(fd, part, offset + tensor_byte) != length:
+                    self._read_bytes(entry, part, offset + tensor_byte)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self._displays[entry.file]}: cannot read ({exc.strerror or exc})"
+            ) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -814,6 +832,113 @@ class _SafetensorsReader(CheckpointReader):
         for fd in fds:
             if fd is not None:
                 os.close(fd)
+
+
+# gather() reads the same positions from every checkpoint of a run (pass 1 of a
+# fit), so its read plan is computed once per (positions, itemsize) and kept here,
+# least recently used first, up to _GATHER_PLAN_ELEMENTS positions in all.
+_ELEMENT_TYPES = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+_ELEMENT_TYPES[8] = np.dtype(np.uint64)
+_GATHER_PLAN_ELEMENTS = 1 << 22
+_gather_plans: dict[tuple[int, bytes], tuple[_GatherChunk, ...]] = {}
+_gather_plans_size = 0
+_gather_plans_lock = threading.Lock()
+
+
+class _GatherChunk(NamedTuple):
+    """Runs read into one buffer, then the elements picked out of it.
+
+    A chunk's runs start within one _MAX_SPAN window of the runs back to back,
+    so its buffer stays below 2 * _MAX_SPAN bytes, unless the runs back to back
+    are the result itself (sorted, unique, gap-free positions), read straight into it.
+    """
+
+    nbytes: int  # buffer size: the runs back to back
+    runs: list[tuple[int, int, int]]  # (byte offset in the tensor, in the buffer, length)
+    src: np.ndarray | None  # element positions in the buffer; None: the buffer is the result
+    dest: np.ndarray | None  # their positions in the result; None: all of it, in order
+
+
+def _gather_plan(idx: np.ndarray, itemsize: int) -> tuple[_GatherChunk, ...]:
+    """The read plan of :meth:`_SafetensorsReader.gather`, cached by content."""
+    global _gather_plans_size
+    key = (itemsize, idx.tobytes())
+    with _gather_plans_lock:
+        plan = _gather_plans.pop(key, None)
+        if plan is not None:
+            _gather_plans[key] = plan  # now the most recently used
+            return plan
+    plan = _make_gather_plan(idx, itemsize)
+    with _gather_plans_lock:
+        if key not in _gather_plans:
+            _gather_plans[key] = plan
+            _gather_plans_size += idx.size
+        while _gather_plans_size > _GATHER_PLAN_ELEMENTS and len(_gather_plans) > 1:
+            oldest = next(iter(_gather_plans))
+            del _gather_plans[oldest]
+            _gather_plans_size -= len(oldest[1]) // 8  # int64 positions
+    return plan
+
+
+def _make_gather_plan(idx: np.ndarray, itemsize: int) -> tuple[_GatherChunk, ...]:
+    """Runs of sorted unique positions, each read by one pread, and where each element lands.
+
+    Parameters
+    ----------
+    idx : ndarray of shape (n,) of int64
+        Flat positions in any order, repeats allowed; n > 0.
+    itemsize : int
+        Bytes per element.
+    """
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    pos = uniq * itemsize  # byte offsets within the tensor, sorted
+    # Cut into runs: at a wide gap, and at every _MAX_SPAN boundary of the tensor.
+    cut = ((pos[1:] - pos[:-1]) > _COALESCE_GAP) | (pos[1:] // _MAX_SPAN != pos[:-1] // _MAX_SPAN)
+    first = np.concatenate(([0], np.flatnonzero(cut) + 1))  # first unique position of each run
+    members = np.diff(np.append(first, uniq.size))
+    lo = uniq[first]  # first element of each run
+    count = uniq[first + members - 1] - lo + 1  # elements each run reads
+    base = np.cumsum(count) - count  # first element of each run in the runs back to back
+    run_of = np.repeat(np.arange(first.size), members)
+    slot = base[run_of] + (uniq - lo[run_of])  # each unique position in the runs back to back
+    src = slot[inverse]  # each result element in the runs back to back
+    if src.size == int(count.sum()) and np.array_equal(src, np.arange(src.size)):
+        # The runs back to back are the result: read them straight into it.
+        return (_gather_chunk(lo, base, count, itemsize, None, None),)
+    # One chunk per _MAX_SPAN window of the runs back to back.
+    window = base * itemsize // _MAX_SPAN
+    edges = np.flatnonzero(np.diff(window)) + 1
+    if edges.size == 0:
+        return (_gather_chunk(lo, base, count, itemsize, src, None),)
+    chunk_of = np.searchsorted(edges, run_of, side="right")[inverse]
+    order = np.argsort(chunk_of, kind="stable")  # the result's elements, by chunk
+    dests = np.split(order, np.cumsum(np.bincount(chunk_of, minlength=edges.size + 1))[:-1])
+    bounds = [0, *edges.tolist(), first.size]
+    chunks = []
+    for r0, r1, dest in zip(bounds[:-1], bounds[1:], dests, strict=True):
+        part = slice(r0, r1)
+        chunk_src = src[dest] - base[r0]
+        chunks.append(_gather_chunk(lo[part], base[part], count[part], itemsize, chunk_src, dest))
+    return tuple(chunks)
+
+
+def _gather_chunk(
+    lo: np.ndarray,
+    base: np.ndarray,
+    count: np.ndarray,
+    itemsize: int,
+    src: np.ndarray | None,
+    dest: np.ndarray | None,
+) -> _GatherChunk:
+    """A chunk of consecutive runs: first element, place in the runs back to back, length."""
+    b0 = int(base[0])
+    runs = [
+        (a * itemsize, (b - b0) * itemsize, n * itemsize)
+        for a, b, n in zip(lo.tolist(), base.tolist(), count.tolist(), strict=True)
+    ]
+    nbytes = (int(base[-1] + count[-1]) - b0) * itemsize
+    return _GatherChunk(nbytes, runs, src, dest)
 
 
 def _check_range(spec: TensorSpec, start: int, stop: int | None) -> tuple[int, int]:

@@ -182,13 +182,43 @@ def abs_correlation(trajectories: np.ndarray) -> np.ndarray:
 
 
 def cluster_tree(abs_corr: np.ndarray) -> np.ndarray | None:
-    """Complete-linkage tree over the rows of |C| (None for a single sample)."""
-    from scipy.cluster.hierarchy import linkage  # scipy only when a fit clusters
-    from scipy.spatial.distance import pdist
+    """Complete-linkage tree over the rows of |C| (None for a single sample).
 
-    if abs_corr.shape[0] == 1:
+    The Euclidean distances between rows come from one matrix product,
+    d² = ‖u‖² + ‖v‖² − 2 u·v, several times faster than ``pdist``. That form
+    loses precision to cancellation where d² is tiny next to ‖u‖² + ‖v‖²: rows
+    with such a near neighbour (duplicates, near-duplicates) get their mutual
+    distances from ``pdist``; the others agree with ``pdist`` to about 1e-7
+    relative at worst, far closer on most data.
+    """
+    from scipy.cluster.hierarchy import linkage  # scipy only when a fit clusters
+    from scipy.spatial.distance import pdist, squareform
+
+    x = np.asarray(abs_corr, dtype=np.float64)
+    k = x.shape[0]
+    if k == 1:
         return None
-    return linkage(pdist(abs_corr), method="complete")
+    near_rel = 1e-8  # below this d² / (‖u‖² + ‖v‖²), recompute the pair directly
+    d2 = x @ x.T
+    sq = np.diagonal(d2).copy()
+    d2 *= -2.0
+    d2 += sq[:, None]
+    d2 += sq
+    np.fill_diagonal(d2, np.inf)
+    near = np.zeros(k, dtype=bool)
+    for lo in range(0, k, 512):  # row blocks: no second k×k temporary
+        close = d2[lo : lo + 512] < near_rel * (sq[lo : lo + 512, None] + sq)
+        near[lo : lo + 512] |= close.any(axis=1)
+        near |= close.any(axis=0)
+    rows = np.flatnonzero(near)
+    if 2 * rows.size**2 > k**2:  # mostly near-duplicates: pdist throughout is cheaper
+        return linkage(pdist(x), method="complete")
+    np.fill_diagonal(d2, 0.0)
+    np.maximum(d2, 0.0, out=d2)
+    np.sqrt(d2, out=d2)
+    if rows.size:
+        d2[np.ix_(rows, rows)] = squareform(pdist(x[rows]))
+    return linkage(squareform(d2, checks=False), method="complete")
 
 
 def cluster_modes(
