@@ -26,10 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .writers import CoefficientSink
 
 __all__ = [
     "BlockResult",
@@ -275,9 +278,10 @@ class BlockResult:
     """Per-weight results for one block of consecutive weights."""
 
     segments: tuple[Segment, ...]
-    a: np.ndarray  # float32 (B,)
-    b: np.ndarray  # float32 (B,)
-    modes: np.ndarray  # int64 (B,)
+    # None once written to a sink where the block was fitted (see ``stream_fit``)
+    a: np.ndarray | None  # float32 (B,)
+    b: np.ndarray | None  # float32 (B,)
+    modes: np.ndarray | None  # int64 (B,)
 
 
 @dataclass
@@ -906,17 +910,29 @@ def block_budget(max_memory: int, workers: int, *, distributed: bool = False) ->
 
 
 def run_block(
-    source: TrajectorySource, segments: list[Segment], ctx: _Context, device: str = "cpu"
+    source: TrajectorySource,
+    segments: list[Segment],
+    ctx: _Context,
+    device: str = "cpu",
+    sink: CoefficientSink | None = None,
 ) -> tuple[BlockResult, FitStatistics]:
-    """Read one block and process it (a task of pass 2, local or remote)."""
+    """Read one block and process it (a task of pass 2, local or remote).
+
+    With a ``sink`` the coefficients are written where the block was fitted and
+    the returned :class:`BlockResult` carries none.
+    """
     raw = source.read_block(segments)
     x = raw if raw.dtype == torch.float32 else raw.to(torch.float32)
     try:
-        return process_block(x.to(torch.device(device)), segments, ctx)
+        result, part = process_block(x.to(torch.device(device)), segments, ctx)
     finally:
         release = getattr(source, "release", None)
         if release is not None:  # the source may reuse the buffer for a later block
             release(raw)
+    if sink is not None:
+        sink.write(result.segments, result.a, result.b, result.modes)  # type: ignore[arg-type]
+        result = BlockResult(result.segments, None, None, None)
+    return result, part
 
 
 @contextmanager
@@ -936,12 +952,13 @@ def stream_fit(
     reference_locations: Sequence[tuple[str, int]],
     *,
     max_memory: int,
-    on_block: Callable[[BlockResult], None],
+    on_block: Callable[[BlockResult], None] | None = None,
     progress: Progress | None = None,
     alternatives: dict[str, np.ndarray] | None = None,
     workers: int = 1,
     device: str = "cpu",
     executor=None,
+    sink: CoefficientSink | None = None,
 ) -> FitStatistics:
     """Pass 2: assign, fit and score every weight, one block at a time.
 
@@ -958,7 +975,7 @@ def stream_fit(
         Where reference weight m lives; it is fitted exactly (a = 1, b = 0).
     max_memory : int
         Work-memory budget in bytes (see :func:`block_budget`).
-    on_block : callable
+    on_block : callable, optional
         Receives each :class:`BlockResult` (in block order).
     progress : callable, optional
         ``progress("fit", weights_done, n_weights)``.
@@ -974,6 +991,10 @@ def stream_fit(
         as a ``dask.distributed.Client``: blocks are sent to it instead of local
         threads, ``workers`` at a time. The source is pickled with each task, so
         it must be picklable and readable where the tasks run.
+    sink : CoefficientSink, optional
+        Write each block's coefficients into a model file where the block is
+        fitted (on a cluster: on the worker, so only the sums come back); the
+        results passed to ``on_block`` then carry none.
 
     Returns
     -------
@@ -1008,11 +1029,12 @@ def stream_fit(
         nxt = 0
         while nxt < len(blocks) or pending:
             while nxt < len(blocks) and len(pending) < max(int(workers), 1):
-                pending.append(pool.submit(run_block, source, blocks[nxt], ctx, str(dev)))
+                pending.append(pool.submit(run_block, source, blocks[nxt], ctx, str(dev), sink))
                 nxt += 1
             result, part = pending.pop(0).result()
             _merge_into(stats, part)
-            on_block(result)
+            if on_block is not None:
+                on_block(result)
             done += sum(s.size for s in result.segments)
             if progress:
                 progress("fit", done, n_weights)

@@ -27,7 +27,7 @@ from . import fitting
 from . import references as refs_mod
 from .errors import CMDError, InputError, NotFittedError
 from .fitting import BlockResult, Progress, Segment, TrajectorySource
-from .writers import SafetensorsWriter, TensorEntry
+from .writers import CoefficientSink, SafetensorsWriter, TensorEntry
 
 __all__ = ["CMD", "ArraySource", "FORMAT_NAME", "FORMAT_VERSION", "REFERENCE_KINDS"]
 
@@ -425,44 +425,39 @@ class CMD:
         # Pass 2: every weight, block by block, into memory or straight to the file.
         offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist()))
         mode_dtype = _mode_dtype(n_modes)
+        sink = None
         if out is None:
-            writer = None
             a = np.empty(n_weights, dtype=np.float32)
             b = np.empty(n_weights, dtype=np.float32)
             modes = np.empty(n_weights, dtype=mode_dtype)
         else:
-            writer = self._open_writer(out, shapes, steps, metadata, extra)
+            # Laid out and sized now; each block's coefficients are written where
+            # the block is fitted (a thread here, or a Dask worker).
+            with self._open_writer(out, shapes, steps, metadata, extra) as writer:
+                sink = CoefficientSink.of(writer, list(sizes), mode_dtype)
 
         def keep(block: BlockResult) -> None:
             col = 0
             for seg in block.segments:
                 src = slice(col, col + seg.size)
-                col += seg.size
-                values = (block.a[src], block.b[src], block.modes[src].astype(mode_dtype))
-                if writer is not None:
-                    for kind, v in zip(("a", "b", "mode"), values):
-                        writer.write(f"{kind}/{seg.tensor}", torch.from_numpy(v), seg.start)
-                    continue
                 dst = slice(offsets[seg.tensor] + seg.start, offsets[seg.tensor] + seg.stop)
-                a[dst], b[dst], modes[dst] = values
+                a[dst], b[dst], modes[dst] = block.a[src], block.b[src], block.modes[src]  # type: ignore[index]
+                col += seg.size
 
-        try:
-            stats = fitting.stream_fit(
-                source,
-                references.astype(np.float64),
-                locations,
-                max_memory=int(self.max_memory),
-                on_block=keep,
-                progress=progress,
-                alternatives=alternatives,
-                workers=int(self.workers),
-                device=str(self.device),
-                executor=self.executor,
-            )
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
+        stats = fitting.stream_fit(
+            source,
+            references.astype(np.float64),
+            locations,
+            max_memory=int(self.max_memory),
+            on_block=keep if sink is None else None,
+            progress=progress,
+            alternatives=alternatives,
+            workers=int(self.workers),
+            device=str(self.device),
+            executor=self.executor,
+            sink=sink,
+        )
+        if sink is None:
             self.a_, self.b_, self.modes_ = a, b, modes
         else:
             mapped = _map_coefficients(Path(out), list(sizes), n_weights)

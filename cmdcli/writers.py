@@ -24,7 +24,13 @@ import torch
 from .dtypes import DTYPE_CODES, itemsize
 from .errors import InputError
 
-__all__ = ["SafetensorsWriter", "TensorEntry", "atomic_directory", "tensor_bytes"]
+__all__ = [
+    "CoefficientSink",
+    "SafetensorsWriter",
+    "TensorEntry",
+    "atomic_directory",
+    "tensor_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -123,12 +129,13 @@ class SafetensorsWriter:
         pos = begin + start * item
         if pos + len(data) > end:
             raise ValueError(f"tensor {name!r}: write past its end")
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, self._data_start + pos)
-            view, pos = view[n:], pos + n
+        _pwrite_all(self._fd, data, self._data_start + pos)
         if start == 0 and len(data) == end - begin:
             self._written.add(name)
+
+    def offset(self, name: str) -> int:
+        """Byte position in the file of tensor ``name``'s first element."""
+        return self._data_start + self._spans[name][0]
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -140,6 +147,56 @@ class SafetensorsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class CoefficientSink:
+    """Where each weight's ``a``, ``b`` and mode go in a model file being written.
+
+    Small and picklable: a Dask worker that fitted a block writes its
+    coefficients into the shared model file itself, so that only the block's sums
+    travel back to the client.
+
+    Attributes
+    ----------
+    path : str
+        The model file, already laid out (see :class:`SafetensorsWriter`).
+    places : dict of str to (int, int, int)
+        Byte position of ``a/NAME``, ``b/NAME`` and ``mode/NAME`` for each tensor.
+    mode_dtype : str
+        numpy dtype of the modes in the file.
+    """
+
+    path: str
+    places: dict[str, tuple[int, int, int]]
+    mode_dtype: str
+
+    @classmethod
+    def of(cls, writer: SafetensorsWriter, names: Sequence[str], mode_dtype: np.dtype):
+        places = {n: tuple(writer.offset(f"{k}/{n}") for k in ("a", "b", "mode")) for n in names}
+        return cls(str(writer.path), places, np.dtype(mode_dtype).str)  # type: ignore[arg-type]
+
+    def write(self, segments: Sequence, a: np.ndarray, b: np.ndarray, modes: np.ndarray) -> None:
+        """Write one block's coefficients (``segments`` as in ``fitting.BlockResult``)."""
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            col = 0
+            for seg in segments:
+                src = slice(col, col + seg.size)
+                col += seg.size
+                values = (a[src], b[src], modes[src].astype(self.mode_dtype))
+                for place, v in zip(self.places[seg.tensor], values):
+                    _pwrite_all(fd, np.ascontiguousarray(v), place + seg.start * v.itemsize)
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data, pos: int) -> None:
+    """Write all of ``data`` (an array or buffer) at byte ``pos`` of ``fd``."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -310,3 +310,37 @@ def test_blocks_in_flight_default_to_the_clusters_threads(runs, tmp_path, monkey
     # an explicit --workers wins (and the block size does not depend on it)
     explicit = plan_fit(runs / "safetensors", FitOptions(**{**vars(opts), "workers": 2}))
     assert (explicit["workers"], explicit["block_weights"], explicit["n_blocks"]) == (2, 1500, 4)
+
+
+def test_workers_write_their_own_coefficients(runs, scheduler, tmp_path):
+    # With a sink, the blocks' coefficients are written on the workers into the
+    # shared model file; only the sums come back to the client.
+    from cmdcli import CMD, fitting
+    from cmdcli.distributed import cluster
+
+    run = discover(runs / "safetensors")
+    specs = {n: s for n, s in run.specs.items() if s.is_float}
+    seen = []
+    original = fitting.stream_fit
+
+    def spy(*args, **kwargs):
+        on_block = kwargs.get("on_block")
+        kwargs["on_block"] = lambda r: (seen.append(r), on_block and on_block(r))
+        return original(*args, **kwargs)
+
+    with cluster(scheduler) as executor:
+        fitting.stream_fit = spy
+        try:
+            remote = CMD(n_modes=3, max_memory=MAX_MEMORY, executor=executor, workers=2).fit(
+                RunSource(run.checkpoints, specs), out=tmp_path / "remote.safetensors"
+            )
+        finally:
+            fitting.stream_fit = original
+    local = CMD(n_modes=3, max_memory=MAX_MEMORY, workers=1).fit(RunSource(run.checkpoints, specs))
+    assert len(seen) >= 3 and all(r.a is None and r.modes is None for r in seen)
+    np.testing.assert_array_equal(remote.modes_, local.modes_)
+    np.testing.assert_allclose(remote.a_, local.a_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(remote.b_, local.b_, rtol=1e-5, atol=1e-5)
+    written = model_tensors(tmp_path / "remote.safetensors")
+    sl = remote.tensor_slice("layer.weight")
+    np.testing.assert_array_equal(written["a/layer.weight"].numpy().ravel(), remote.a_[sl])
