@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__, fitting
-from .checkpoints import Checkpoint, Run, TensorSpec, discover
+from .checkpoints import Checkpoint, CheckpointReader, Run, TensorSpec, discover
 from .distributed import cluster
 from .dtypes import CODE_DTYPES, DTYPE_CODES
 from .errors import CheckpointError, InputError
@@ -113,6 +113,12 @@ class FitOptions:
     shard_size: int | None = None  # bytes: reconstructions as directories of shards
 
 
+# Formats whose readers use pread (no mapping): pass 2 may keep them open.
+_PREAD_FORMATS = frozenset({"safetensors", "hf-safetensors", "hf-sharded"})
+# Beyond this many weight files in a run, pass 2 opens them block by block.
+_MAX_OPEN_FILES = 512
+
+
 class RunSource:
     """A :class:`~cmdcli.fitting.TrajectorySource` reading checkpoints lazily.
 
@@ -160,6 +166,9 @@ class RunSource:
         # allocation costs ~40 ms of page faults every time.
         self._free: list[torch.Tensor] = []
         self._free_lock = threading.Lock()
+        # Pass 2 keeps safetensors readers open from block to block (their headers
+        # parsed once); they read with pread, so nothing stays mapped.
+        self._readers: dict[int, CheckpointReader] = {}
 
     def __getstate__(self) -> dict:
         """What a worker needs for :meth:`read_block`, when the source is pickled.
@@ -171,13 +180,13 @@ class RunSource:
         """
         state = dict(self.__dict__)
         state.update(progress=None, unmodelled={}, unmodelled_values={}, keep_unmodelled=False)
-        state.pop("_free", None)
-        state.pop("_free_lock", None)
+        for key in ("_free", "_free_lock", "_readers"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._free, self._free_lock = [], threading.Lock()
+        self._free, self._free_lock, self._readers = [], threading.Lock(), {}
 
     def release(self, block: torch.Tensor) -> None:
         """Take back a block returned by :meth:`read_block` once it is no longer used."""
@@ -187,9 +196,32 @@ class RunSource:
                 self._free.append(base)
 
     def drop_buffers(self) -> None:
-        """Free the block buffers kept for reuse (pass 2 is over)."""
+        """Free the block buffers and close the readers kept for reuse (pass 2 is over)."""
         with self._free_lock:
             self._free.clear()
+            readers, self._readers = list(self._readers.values()), {}
+        for reader in readers:
+            reader.close()
+
+    @contextmanager
+    def _block_reader(self, t: int) -> Iterator[CheckpointReader]:
+        """A reader of pass 2's checkpoint ``t``: kept open if it reads with pread."""
+        ckpt = self._block_checkpoints[t]
+        files = sum(len(c.weight_files) for c in self._block_checkpoints)
+        if ckpt.format not in _PREAD_FORMATS or files > _MAX_OPEN_FILES:
+            with ckpt.open(trust_pickle=self.trust_pickle) as reader:
+                yield reader
+            return
+        with self._free_lock:
+            reader = self._readers.get(t)
+        if reader is None:
+            reader = ckpt.open(trust_pickle=self.trust_pickle)
+            with self._free_lock:
+                kept = self._readers.setdefault(t, reader)
+            if kept is not reader:  # another thread opened it first
+                reader.close()
+                reader = kept
+        yield reader
 
     def _buffer(self, width: int) -> torch.Tensor:
         with self._free_lock:
@@ -239,8 +271,8 @@ class RunSource:
     def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
         width = sum(s.size for s in segments)
         out = self._buffer(width)
-        for t, ckpt in enumerate(self._block_checkpoints):
-            with ckpt.open(trust_pickle=self.trust_pickle) as reader:
+        for t in range(len(self._block_checkpoints)):
+            with self._block_reader(t) as reader:
                 col = 0
                 for seg in segments:
                     reader.read_into(seg.tensor, seg.start, seg.stop, out[t, col : col + seg.size])

@@ -270,3 +270,9 @@ def test_abs_argmax_takes_the_first_of_equal_magnitudes():
     np.testing.assert_array_equal(fitting._abs_argmax(c), [0, 0, 0])
     c[2, 2] = -1e-30
     np.testing.assert_array_equal(fitting._abs_argmax(c), [0, 0, 2])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 10, 300])
+def test_abs_argmax_equals_numpy(rows):
+    c = np.random.default_rng(rows).normal(size=(rows, 5000)).astype(np.float32)
+    np.testing.assert_array_equal(fitting._abs_argmax(c), np.abs(c).argmax(axis=0))

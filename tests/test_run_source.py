@@ -1,0 +1,78 @@
+"""RunSource, pass 2's view of a run: block reads equal the files, readers reused and closed."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from cmdcli import checkpoints
+from cmdcli.api import RunSource
+from cmdcli.checkpoints import discover
+from cmdcli.fitting import Segment
+from tests.builders import tiny_state_dicts, write_safetensors_run, write_torch_run
+
+STEPS = [1, 2, 3, 4, 5]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_blocks_equal_the_files_and_each_checkpoint_is_opened_once(tmp_path, monkeypatch):
+    sds = tiny_state_dicts(len(STEPS), seed=1)
+    write_safetensors_run(tmp_path / "run", sds, STEPS)
+    run = discover(tmp_path / "run")
+    specs = {n: s for n, s in run.specs.items() if s.is_float}
+    opened = []
+    real_open = checkpoints.Checkpoint.open
+
+    def counting_open(self, **kwargs):
+        opened.append(self.name)
+        return real_open(self, **kwargs)
+
+    monkeypatch.setattr(checkpoints.Checkpoint, "open", counting_open)
+    source = RunSource(run.checkpoints, specs)
+    before = open_fds()
+    blocks = [
+        [Segment("fc1.weight", 0, 17)],
+        [Segment("fc1.weight", 17, 30), Segment("fc2.bias", 0, 3)],
+        [Segment("bn.running_var", 1, 4)],
+    ]
+    for segments in blocks:
+        x = source.read_block(segments)
+        expected = torch.stack(
+            [
+                torch.cat([sd[s.tensor].reshape(-1)[s.start : s.stop] for s in segments])
+                for sd in sds
+            ]
+        )
+        assert torch.equal(x, expected)
+        source.release(x)
+    assert sorted(opened) == sorted(c.name for c in run.checkpoints)  # once each
+    assert open_fds() > before  # kept open between blocks ...
+    source.drop_buffers()
+    assert open_fds() == before  # ... and closed when pass 2 is over
+
+
+def test_mapped_torch_files_are_not_kept_open(tmp_path, monkeypatch):
+    # zip-format torch files are memory-mapped: kept open, every page read would
+    # stay in the process until the end of pass 2.
+    write_torch_run(tmp_path / "run", tiny_state_dicts(len(STEPS), seed=1), STEPS)
+    run = discover(tmp_path / "run")
+    source = RunSource(run.checkpoints, {n: s for n, s in run.specs.items() if s.is_float})
+    opened = []
+    real_open = checkpoints.Checkpoint.open
+    monkeypatch.setattr(
+        checkpoints.Checkpoint,
+        "open",
+        lambda self, **kw: opened.append(self.name) or real_open(self, **kw),
+    )
+    for _ in range(2):
+        source.release(source.read_block([Segment("fc1.weight", 0, 30)]))
+    assert len(opened) == 2 * len(STEPS)
+    assert not source._readers
+    np.testing.assert_array_equal(
+        source.read_block([Segment("fc2.bias", 0, 3)]).shape, (len(STEPS), 3)
+    )
