@@ -277,15 +277,24 @@ class RunSource:
                 for seg in segments:
                     reader.read_into(seg.tensor, seg.start, seg.stop, out[t, col : col + seg.size])
                     col += seg.size
-        # One reduction per checkpoint finds NaN/Inf; only then look for where.
-        bad = ~torch.isfinite(out.sum(dim=1))
-        if bool(bad.any()):
-            t = int(torch.nonzero(bad)[0])
-            col = 0
-            for seg in segments:
-                _check_finite(out[t, col : col + seg.size], self.checkpoints[t], seg.tensor)
-                col += seg.size
-        return out
+        return out  # NaN and Inf are found by pass 2 itself (see locate_nonfinite)
+
+    def locate_nonfinite(self, block: torch.Tensor, segments: Sequence[Segment], column: int):
+        """Raise an error naming the checkpoint and tensor of column ``column``'s NaN/Inf."""
+        col = 0
+        for seg in segments:
+            if col <= column < col + seg.size:
+                bad = torch.nonzero(~torch.isfinite(block[:, column]))
+                if len(bad):
+                    _check_finite(
+                        block[int(bad[0]), column], self.checkpoints[int(bad[0])], seg.tensor
+                    )
+                raise InputError(
+                    f"tensor {seg.tensor!r}: values too large for float32 sums at element "
+                    f"{seg.start + column - col}"
+                )
+            col += seg.size
+        raise InputError(f"NaN or Inf values in column {column} of a block")
 
 
 def _check_finite(values: torch.Tensor, ckpt: Checkpoint, name: str) -> None:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
+from .errors import InputError
+
 if TYPE_CHECKING:
     from .writers import CoefficientSink
 
@@ -94,7 +96,9 @@ class TrajectorySource(Protocol):
     def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
         """Float32 tensor of shape (T, sum of segment sizes): the block's values at
         every checkpoint, segments side by side in the given order. A fresh
-        tensor: pass 2 overwrites it."""
+        tensor: pass 2 overwrites it. NaN and Inf need not be checked here: pass 2
+        finds them, and calls ``locate_nonfinite(block, segments, column)`` where
+        the source has it, to raise an error that says where they are."""
         ...
 
 
@@ -271,6 +275,19 @@ def choose_references(abs_corr: np.ndarray, modes: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- pass 2
+
+
+class NonFiniteColumn(InputError):
+    """Column ``column`` of a block of pass 2 holds NaN or Inf.
+
+    Found by the kernels from the column means, at no extra pass over the data;
+    the block's column is left as it was read so that the source can say which
+    checkpoint and tensor hold the value (see :func:`run_block`).
+    """
+
+    def __init__(self, column: int) -> None:
+        super().__init__(f"column {column} of a block holds NaN or Inf values")
+        self.column = column
 
 
 @dataclass
@@ -757,6 +774,8 @@ def _columns_numpy(
     # Centred once: the float32 mean that is subtracted is the mean that is kept,
     # so w = xc + mean exactly as far as the errors below are concerned.
     mean = np.full(n_ckpt, 1.0 / n_ckpt, f32) @ x
+    if not np.isfinite(mean).all():  # NaN and Inf reach the mean; the piece is untouched
+        raise NonFiniteColumn(c0 + int(np.flatnonzero(~np.isfinite(mean))[0]))
     x -= mean
     x_mean = mean.astype(f64)
     x_sq = np.einsum("tb,tb->b", x, x).astype(f64)
@@ -843,6 +862,9 @@ def _process_columns(
 
     # Centre twice: the second pass removes the float32 rounding of the first mean.
     mean = x.mean(dim=0)
+    bad = ~torch.isfinite(mean)
+    if bool(bad.any()):  # NaN and Inf reach the mean; the piece is untouched
+        raise NonFiniteColumn(c0 + int(torch.nonzero(bad)[0]))
     x.sub_(mean)
     fix = x.mean(dim=0)
     x.sub_(fix)
@@ -937,6 +959,11 @@ def run_block(
     x = raw if raw.dtype == torch.float32 else raw.to(torch.float32)
     try:
         result, part = process_block(x.to(torch.device(device)), segments, ctx)
+    except NonFiniteColumn as exc:
+        locate = getattr(source, "locate_nonfinite", None)
+        if locate is not None:  # raises an error that names the checkpoint and tensor
+            locate(raw, segments, exc.column)
+        raise
     finally:
         release = getattr(source, "release", None)
         if release is not None:  # the source may reuse the buffer for a later block

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from cmdcli import checkpoints
@@ -76,3 +77,37 @@ def test_mapped_torch_files_are_not_kept_open(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         source.read_block([Segment("fc2.bias", 0, 3)]).shape, (len(STEPS), 3)
     )
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_nan_found_by_pass_2_names_checkpoint_and_tensor(tmp_path, monkeypatch, backend):
+    # One NaN deep inside a large tensor, never sampled by pass 1 (K = 1): the
+    # kernel finds it from the column means, the source says where it is.
+    from cmdcli import CMD, fitting
+    from cmdcli.errors import InputError
+
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(len(STEPS), 30_000)).cumsum(axis=0).astype(np.float32)
+    big[3, 25_123] = np.nan
+    sds = [{"small": torch.ones(7) * t, "big": torch.from_numpy(big[t].copy())} for t in range(5)]
+    from tests.builders import write_safetensors_run as write
+
+    write(tmp_path / "run", sds, STEPS)
+    run = discover(tmp_path / "run")
+    source = RunSource(run.checkpoints, {n: s for n, s in run.specs.items() if s.is_float})
+    real = fitting.process_block
+    monkeypatch.setattr(
+        fitting, "process_block", lambda *a, **k: real(*a, **k, backend=backend, chunk=4096)
+    )
+    located = []
+    real_locate = RunSource.locate_nonfinite
+    monkeypatch.setattr(
+        RunSource,
+        "locate_nonfinite",
+        lambda self, block, segments, column: (
+            located.append(column) or real_locate(self, block, segments, column)
+        ),
+    )
+    with pytest.raises(InputError, match=r"step_4.*'big'.*NaN or Inf"):
+        CMD(n_modes=1, n_samples=1, references="sampled", max_memory=2**20).fit(source)
+    assert len(located) == 1  # found in pass 2, not by pass 1's sample
