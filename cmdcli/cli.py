@@ -260,8 +260,8 @@ def fit(
     workers: Annotated[
         int | None,
         typer.Option(
-            help="Blocks processed at once (one is read while another is computed) "
-            "[default: 2, or the cluster's threads with --scheduler].",
+            help="Blocks processed at once, by as many worker processes on Linux (threads "
+            "elsewhere) [default: 2, or the cluster's threads with --scheduler].",
             min=1,
             metavar="N",
             show_default=False,

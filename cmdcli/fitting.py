@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import CMDError, InputError
 
 if TYPE_CHECKING:
     from .writers import CoefficientSink
@@ -974,6 +974,59 @@ def run_block(
     return result, part
 
 
+# What the forked worker processes of pass 2 share with their parent: set before
+# the fork, inherited, never pickled (see _forked_pool).
+_FORKED: tuple | None = None
+
+
+def _forked_init(shared: tuple) -> None:
+    global _FORKED
+    _FORKED = shared
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")  # parallelism is the processes'
+
+
+def _forked_block(segments: list[Segment]) -> tuple[BlockResult, FitStatistics]:
+    source, ctx, device, sink = _FORKED  # type: ignore[misc]
+    return run_block(source, segments, ctx, device, sink)
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+    import sys
+
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+@contextmanager
+def _forked_pool(workers: int, shared: tuple) -> Iterator:
+    """Worker processes forked from this one, each reusing its buffers from block to block.
+
+    Threads of one process spend much of their time waiting for each other on the
+    GIL between numpy's calls; processes do not (on the 2-core development machine,
+    20M weights × 50: pass 2 in about 3.3 s against 4.2 s with threads).
+    """
+    import multiprocessing
+    import warnings
+    from concurrent.futures import ProcessPoolExecutor
+
+    with warnings.catch_warnings():
+        # Python ≥ 3.12 warns about fork() in a process with threads; the children
+        # only read files, compute with numpy and write their coefficients.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_forked_init,
+            initargs=(shared,),
+        )
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 @contextmanager
 def _single_threaded_blas(enabled: bool) -> Iterator[None]:
     if not enabled:
@@ -998,13 +1051,14 @@ def stream_fit(
     device: str = "cpu",
     executor=None,
     sink: CoefficientSink | None = None,
+    processes: bool = True,
 ) -> FitStatistics:
     """Pass 2: assign, fit and score every weight, one block at a time.
 
-    Blocks are read and processed by ``workers`` threads (reading one block
-    while another is computed); their sums are added in block order, so the
-    result depends on ``workers`` (and the budget, which sets the block width)
-    only through float32 rounding. See :func:`process_block`.
+    Blocks are read and processed by ``workers`` threads or forked processes
+    (reading one block while another is computed); their sums are added in block
+    order, so the result depends on ``workers`` (and the budget, which sets the
+    block width) only through float32 rounding. See :func:`process_block`.
 
     Parameters
     ----------
@@ -1034,12 +1088,17 @@ def stream_fit(
         Write each block's coefficients into a model file where the block is
         fitted (on a cluster: on the worker, so only the sums come back); the
         results passed to ``on_block`` then carry none.
+    processes : bool
+        With a sink, on the CPU and on Linux, run the ``workers`` blocks in
+        worker processes forked from this one rather than in threads (no GIL
+        between them); the source must then be readable from a fork.
 
     Returns
     -------
     FitStatistics
     """
     from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     sizes = source.sizes
     n_weights = sum(sizes.values())
@@ -1058,21 +1117,35 @@ def stream_fit(
         progress("fit", 0, n_weights)
     # Parallelism comes from the blocks in flight: BLAS threads inside each block
     # would only fight over the same cores.
-    limit = workers > 1 and executor is None and dev.type == "cpu"
+    local = workers > 1 and executor is None and dev.type == "cpu"
+    # Processes when their results need not come back whole (the coefficients go
+    # to the sink, a file, from the worker that fitted them) and when there are
+    # enough blocks to be worth a fork.
+    fork = local and processes and sink is not None and len(blocks) > workers and _can_fork()
+    if fork:
+        pool_of = _forked_pool(int(workers), (source, ctx, str(dev), sink))
+    else:
+        pool_of = ThreadPoolExecutor(max_workers=max(int(workers), 1))
     try:
-        with (
-            _single_threaded_blas(limit),
-            ThreadPoolExecutor(max_workers=max(int(workers), 1)) as local,
-        ):
-            pool = executor if executor is not None else local
+        with _single_threaded_blas(local), pool_of as own_pool:
+            pool = executor if executor is not None else own_pool
             pending = []
             nxt = 0
             while nxt < len(blocks) or pending:
                 while nxt < len(blocks) and len(pending) < max(int(workers), 1):
-                    task = (run_block, source, blocks[nxt], ctx, str(dev), sink)
+                    if fork:
+                        task: tuple = (_forked_block, blocks[nxt])
+                    else:
+                        task = (run_block, source, blocks[nxt], ctx, str(dev), sink)
                     pending.append(pool.submit(*task))
                     nxt += 1
-                result, part = pending.pop(0).result()
+                try:
+                    result, part = pending.pop(0).result()
+                except BrokenProcessPool:
+                    raise CMDError(
+                        "a worker process of pass 2 died (out of memory? try a smaller "
+                        "--max-memory or --workers 1)"
+                    ) from None
                 _merge_into(stats, part)
                 if on_block is not None:
                     on_block(result)

@@ -111,3 +111,51 @@ def test_nan_found_by_pass_2_names_checkpoint_and_tensor(tmp_path, monkeypatch, 
     with pytest.raises(InputError, match=r"step_4.*'big'.*NaN or Inf"):
         CMD(n_modes=1, n_samples=1, references="sampled", max_memory=2**20).fit(source)
     assert len(located) == 1  # found in pass 2, not by pass 1's sample
+
+
+def _big_run(tmp_path, nan_at=None):
+    rng = np.random.default_rng(1)
+    big = rng.normal(size=(len(STEPS), 40_000)).cumsum(axis=0).astype(np.float32)
+    if nan_at is not None:
+        big[3, nan_at] = np.inf
+    sds = [
+        {"small": torch.arange(7.0) * t, "big": torch.from_numpy(big[t].copy())} for t in range(5)
+    ]
+    write_safetensors_run(tmp_path / "run", sds, STEPS)
+    run = discover(tmp_path / "run")
+    return RunSource(run.checkpoints, {n: s for n, s in run.specs.items() if s.is_float})
+
+
+def test_forked_workers_give_the_threads_result(tmp_path, monkeypatch):
+    from cmdcli import CMD, fitting
+
+    source = _big_run(tmp_path)
+    forks = []
+    real_pool = fitting._forked_pool
+
+    def counting_pool(workers, shared):
+        forks.append(workers)
+        return real_pool(workers, shared)
+
+    monkeypatch.setattr(fitting, "_forked_pool", counting_pool)
+    fit = {"max_memory": 2**20, "n_modes": 3, "workers": 2}
+    forked = CMD(**fit).fit(source, out=tmp_path / "forked.safetensors")
+    assert forks == [2]  # blocks ran in two forked processes
+    monkeypatch.setattr(fitting, "_can_fork", lambda: False)
+    threaded = CMD(**fit).fit(source, out=tmp_path / "threads.safetensors")
+    assert forks == [2]
+    # the same numpy kernel, one BLAS thread each: the same bits
+    np.testing.assert_array_equal(forked.a_, threaded.a_)
+    np.testing.assert_array_equal(forked.modes_, threaded.modes_)
+    assert forked.explained_variance_ == threaded.explained_variance_
+    assert forked.statistics_.tensor_sse == threaded.statistics_.tensor_sse
+
+
+def test_bad_value_found_in_a_forked_worker_names_where(tmp_path):
+    from cmdcli import CMD
+    from cmdcli.errors import InputError
+
+    source = _big_run(tmp_path, nan_at=31_234)
+    fit = {"max_memory": 2**20, "n_modes": 1, "n_samples": 1, "references": "sampled"}
+    with pytest.raises(InputError, match=r"step_4.*'big'.*NaN or Inf"):
+        CMD(**fit, workers=2).fit(source, out=tmp_path / "model.safetensors")
