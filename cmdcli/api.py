@@ -635,10 +635,12 @@ def plan_fit(
     ``min(K + n_refine, N)`` sampled elements per checkpoint (their exact number
     depends on the draw; the storage reads whole pages around them), whole files
     for legacy pickles, and the unmodelled tensors when they are stored in the
-    model. Pass 2 reads every modelled byte once. The peak memory estimate is
-    the model's outputs (``a``, ``b`` and the mode: 9 bytes per weight), the
-    work memory of the blocks in flight (at most ``--max-memory``; on the
-    workers, not here, with a scheduler), the sampled trajectories (float64), a
+    model. Pass 2 reads every modelled byte once. The peak memory estimate is an
+    upper bound: the model's coefficients (``a``, ``b`` and the mode: 9 bytes per
+    weight, written block by block but mapped from the model file while
+    checkpoints are rebuilt), the work memory of the blocks in flight (at most
+    ``--max-memory``, summed over the worker processes; on the cluster's workers,
+    not here, with a scheduler), the sampled trajectories (float64), a
     whole legacy pickle if there is one, and about 0.35 GiB for Python and
     torch. With ``--modes auto`` the blocks are planned for the largest M it
     may choose.
