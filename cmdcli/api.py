@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import shutil
 import threading
 import time
@@ -74,9 +75,9 @@ def parse_size(text: str | int, *, option: str, minimum: int = 1) -> int:
         try:
             value = float(num) * units[unit]
         except (ValueError, KeyError):
-            raise InputError(
-                f"{option}: expected a size like 512MiB or 2GiB, got {text!r}"
-            ) from None
+            value = float("nan")
+        if not math.isfinite(value):
+            raise InputError(f"{option}: expected a size like 512MiB or 2GiB, got {text!r}")
     if not value >= minimum:
         raise InputError(f"{option}: at least {_format_bytes(minimum)} is needed, got {text!r}")
     return int(value)
@@ -86,7 +87,7 @@ def _format_bytes(n: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
-    return f"{n} bytes"
+    return "1 byte" if n == 1 else f"{n} bytes"
 
 
 @dataclass
@@ -169,6 +170,7 @@ class RunSource:
         # Pass 2 keeps safetensors readers open from block to block (their headers
         # parsed once); they read with pread, so nothing stays mapped.
         self._readers: dict[int, CheckpointReader] = {}
+        self._keep_readers = True
 
     def __getstate__(self) -> dict:
         """What a worker needs for :meth:`read_block`, when the source is pickled.
@@ -187,6 +189,8 @@ class RunSource:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._free, self._free_lock, self._readers = [], threading.Lock(), {}
+        # A copy lives for one task (on a Dask worker): nothing may outlive it.
+        self._keep_readers = False
 
     def release(self, block: torch.Tensor) -> None:
         """Take back a block returned by :meth:`read_block` once it is no longer used."""
@@ -208,7 +212,7 @@ class RunSource:
         """A reader of pass 2's checkpoint ``t``: kept open if it reads with pread."""
         ckpt = self._block_checkpoints[t]
         files = sum(len(c.weight_files) for c in self._block_checkpoints)
-        if ckpt.format not in _PREAD_FORMATS or files > _MAX_OPEN_FILES:
+        if not self._keep_readers or ckpt.format not in _PREAD_FORMATS or files > _MAX_OPEN_FILES:
             with ckpt.open(trust_pickle=self.trust_pickle) as reader:
                 yield reader
             return

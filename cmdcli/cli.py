@@ -242,7 +242,8 @@ def fit(
         str | None,
         typer.Option(
             help="Write each reconstructed checkpoint as a Hugging Face-style directory "
-            "of safetensors shards of at most SIZE (e.g. 5GB) with their index.",
+            "of safetensors shards of at most SIZE (e.g. 5GiB; K, M, G are powers of 1024) "
+            "with their index.",
             metavar="SIZE",
         ),
     ] = None,
@@ -480,7 +481,8 @@ def reconstruct_cmd(
         str | None,
         typer.Option(
             help="Write each checkpoint as a Hugging Face-style directory of safetensors "
-            "shards of at most SIZE (e.g. 5GB) with their index.",
+            "shards of at most SIZE (e.g. 5GiB; K, M, G are powers of 1024) with their "
+            "index.",
             metavar="SIZE",
         ),
     ] = None,

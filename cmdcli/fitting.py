@@ -289,6 +289,9 @@ class NonFiniteColumn(InputError):
         super().__init__(f"column {column} of a block holds NaN or Inf values")
         self.column = column
 
+    def __reduce__(self):  # across processes: rebuilt from the column, not the message
+        return (type(self), (self.column,))
+
 
 @dataclass
 class BlockResult:
@@ -771,13 +774,17 @@ def _columns_numpy(
     f32, f64 = np.float32, np.float64
     out = slice(c0, c0 + width)
 
-    # Centred once: the float32 mean that is subtracted is the mean that is kept,
-    # so w = xc + mean exactly as far as the errors below are concerned.
-    mean = np.full(n_ckpt, 1.0 / n_ckpt, f32) @ x
+    # Centred twice: the second pass removes the float32 rounding of the first
+    # mean, so that a constant weight becomes exactly 0 (and is rebuilt exactly).
+    # (np.dot, not `@`, for products with a vector: numpy's `@` keeps the GIL there.)
+    to_mean = np.full(n_ckpt, 1.0 / n_ckpt, f32)
+    mean = np.dot(to_mean, x)
     if not np.isfinite(mean).all():  # NaN and Inf reach the mean; the piece is untouched
         raise NonFiniteColumn(c0 + int(np.flatnonzero(~np.isfinite(mean))[0]))
     x -= mean
-    x_mean = mean.astype(f64)
+    fix = np.dot(to_mean, x)
+    x -= fix
+    x_mean = mean.astype(f64) + fix.astype(f64)
     x_sq = np.einsum("tb,tb->b", x, x).astype(f64)
     acc.gram += x @ x.T  # numpy sees x·xᵀ and does half the work (syrk)
 
@@ -805,7 +812,7 @@ def _columns_numpy(
         acc.alt_gain[i] += np.minimum(best * best, x_sq).sum()
 
     # For Σ_i w_it² = Σ_i (xc_it + mean_i)²
-    acc.cross_t += x @ mean
+    acc.cross_t += np.dot(x, x_mean.astype(f32))
 
     # The residual, in place: x ← xc − a·rc_mode; w − ŵ = that + δ per weight,
     # with δ = x̄ − a·r̄ − b from storing b (and a) in float32.
@@ -982,9 +989,22 @@ _FORKED: tuple | None = None
 def _forked_init(shared: tuple) -> None:
     global _FORKED
     _FORKED = shared
+    _die_with_parent()
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")  # parallelism is the processes'
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker if `cmd` dies (SIGKILL, OOM): no orphans left."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc: a dead parent leaves the worker idle
+        pass
 
 
 def _forked_block(segments: list[Segment]) -> tuple[BlockResult, FitStatistics]:
@@ -996,7 +1016,11 @@ def _can_fork() -> bool:
     import multiprocessing
     import sys
 
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    return (
+        sys.platform.startswith("linux")
+        and "fork" in multiprocessing.get_all_start_methods()
+        and not multiprocessing.current_process().daemon  # daemons may not have children
+    )
 
 
 @contextmanager

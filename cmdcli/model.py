@@ -70,6 +70,8 @@ class ArraySource:
                 raise InputError(f"tensor {name!r}: expected floating-point values, got {v.dtype}")
             if not np.isfinite(v).all():
                 raise InputError(f"tensor {name!r}: contains NaN or Inf")
+            if v.size and np.abs(v).max() > np.finfo(np.float32).max:
+                raise InputError(f"tensor {name!r}: values beyond the float32 range")
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -145,6 +147,18 @@ def _map_coefficients(
         offset = 8 + length + spans[0][0]
         mapped.append(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=(n_weights,)))
     return mapped[0], mapped[1], mapped[2]
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]] | None, sizes: dict[str, int]) -> None:
+    """``shapes`` must name the model's tensors, in its order, each with its size."""
+    if shapes is None:
+        return
+    flat = {n: int(np.prod(sh, dtype=np.int64)) for n, sh in shapes.items()}
+    if list(flat.items()) != list(sizes.items()):
+        raise ValueError(
+            "shapes must give every modelled tensor, in the model's order, with its number "
+            f"of elements: got {list(flat.items())[:3]}…, expected {list(sizes.items())[:3]}…"
+        )
 
 
 class CMD:
@@ -305,7 +319,10 @@ class CMD:
             writes): each block's coefficients go to disk as soon as they are
             computed instead of being held, and ``a_``, ``b_``, ``modes_`` are
             then mapped from the file. For runs whose coefficients (9 bytes per
-            weight) would not fit in memory.
+            weight) would not fit in memory. With ``workers > 1`` on Linux, the
+            blocks are then fitted in worker processes forked from this one, so
+            ``X`` must still be readable after a fork (files are; an open network
+            client may not be).
         shapes, steps, metadata, extra
             As for :meth:`save`, with ``out``. ``extra`` is read when pass 2
             starts, so a source may fill it during pass 1.
@@ -319,6 +336,7 @@ class CMD:
         self._validate_params()
         source = X if hasattr(X, "read_block") else ArraySource(X)  # type: ignore[arg-type]
         sizes = dict(source.sizes)
+        _check_shapes(shapes, sizes)
         n_weights = sum(sizes.values())
         n_ckpt = source.n_checkpoints
         if n_ckpt < 3:
@@ -425,15 +443,17 @@ class CMD:
         # Pass 2: every weight, block by block, into memory or straight to the file.
         offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist()))
         mode_dtype = _mode_dtype(n_modes)
-        sink = None
+        sink = part = None
         if out is None:
             a = np.empty(n_weights, dtype=np.float32)
             b = np.empty(n_weights, dtype=np.float32)
             modes = np.empty(n_weights, dtype=mode_dtype)
         else:
-            # Laid out and sized now; each block's coefficients are written where
-            # the block is fitted (a thread here, or a Dask worker).
-            with self._open_writer(out, shapes, steps, metadata, extra) as writer:
+            # Laid out and sized now, under a temporary name; each block's
+            # coefficients are written where the block is fitted (here, a forked
+            # worker, or a Dask worker); renamed to `out` once all are in.
+            part = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.part")
+            with self._open_writer(part, shapes, steps, metadata, extra) as writer:
                 sink = CoefficientSink.of(writer, list(sizes), mode_dtype)
 
         def keep(block: BlockResult) -> None:
@@ -444,19 +464,26 @@ class CMD:
                 a[dst], b[dst], modes[dst] = block.a[src], block.b[src], block.modes[src]  # type: ignore[index]
                 col += seg.size
 
-        stats = fitting.stream_fit(
-            source,
-            references.astype(np.float64),
-            locations,
-            max_memory=int(self.max_memory),
-            on_block=keep if sink is None else None,
-            progress=progress,
-            alternatives=alternatives,
-            workers=int(self.workers),
-            device=str(self.device),
-            executor=self.executor,
-            sink=sink,
-        )
+        try:
+            stats = fitting.stream_fit(
+                source,
+                references.astype(np.float64),
+                locations,
+                max_memory=int(self.max_memory),
+                on_block=keep if sink is None else None,
+                progress=progress,
+                alternatives=alternatives,
+                workers=int(self.workers),
+                device=str(self.device),
+                executor=self.executor,
+                sink=sink,
+            )
+        except BaseException:
+            if part is not None:
+                part.unlink(missing_ok=True)
+            raise
+        if part is not None:
+            os.replace(part, out)
         if sink is None:
             self.a_, self.b_, self.modes_ = a, b, modes
         else:
@@ -577,6 +604,7 @@ class CMD:
         ``b/NAME``, then every ``mode/NAME``) in the model's tensor order, so that
         each kind is one contiguous array in the file, which :meth:`load` maps.
         """
+        _check_shapes(shapes, self.tensor_sizes_)
         shapes = shapes or {k: (v,) for k, v in self.tensor_sizes_.items()}
         steps = np.arange(self.n_checkpoints_) if steps is None else np.asarray(steps)
         mode_torch = torch.from_numpy(np.zeros(0, dtype=_mode_dtype(self.n_modes_))).dtype
@@ -626,7 +654,7 @@ class CMD:
             for name, t in (extra or {}).items():
                 w.write(name, t)
         except BaseException:
-            w.close()
+            w.abort()
             raise
         return w
 

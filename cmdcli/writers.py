@@ -111,9 +111,18 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the data region starts 8-aligned
         self._data_start = 8 + len(raw)
         self._written: set[str] = set()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self._fd, struct.pack("<Q", len(raw)) + raw)
-        os.ftruncate(self._fd, self._data_start + offset)
+        # Written under a temporary sibling and renamed over ``path`` by close():
+        # a reader (or a memory map) of an existing file at ``path`` keeps seeing
+        # it whole, and a failure leaves nothing that looks complete.
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._fd = -1
+        try:
+            self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(self._fd, struct.pack("<Q", len(raw)) + raw)
+            os.ftruncate(self._fd, self._data_start + offset)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(self.path, exc) from None
 
     def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
         """Write ``tensor``'s elements at flat element ``start`` of tensor ``name``.
@@ -129,7 +138,10 @@ class SafetensorsWriter:
         pos = begin + start * item
         if pos + len(data) > end:
             raise ValueError(f"tensor {name!r}: write past its end")
-        _pwrite_all(self._fd, data, self._data_start + pos)
+        try:
+            _pwrite_all(self._fd, data, self._data_start + pos)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
         if start == 0 and len(data) == end - begin:
             self._written.add(name)
 
@@ -138,15 +150,36 @@ class SafetensorsWriter:
         return self._data_start + self._spans[name][0]
 
     def close(self) -> None:
+        """Finish the file: it replaces whatever was at ``path``."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            try:
+                os.replace(self._tmp, self.path)
+            except OSError as exc:
+                self._tmp.unlink(missing_ok=True)
+                raise _write_error(self.path, exc) from None
+
+    def abort(self) -> None:
+        """Give up: the partial file is removed and ``path`` is left as it was."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _write_error(path: Path, exc: OSError) -> InputError:
+    """A failed write (full disk, lost permission) as the user's one-line error."""
+    return InputError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 @dataclass(frozen=True)
@@ -178,17 +211,20 @@ class CoefficientSink:
 
     def write(self, segments: Sequence, a: np.ndarray, b: np.ndarray, modes: np.ndarray) -> None:
         """Write one block's coefficients (``segments`` as in ``fitting.BlockResult``)."""
-        fd = os.open(self.path, os.O_WRONLY)
         try:
-            col = 0
-            for seg in segments:
-                src = slice(col, col + seg.size)
-                col += seg.size
-                values = (a[src], b[src], modes[src].astype(self.mode_dtype))
-                for place, v in zip(self.places[seg.tensor], values):
-                    _pwrite_all(fd, np.ascontiguousarray(v), place + seg.start * v.itemsize)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                col = 0
+                for seg in segments:
+                    src = slice(col, col + seg.size)
+                    col += seg.size
+                    values = (a[src], b[src], modes[src].astype(self.mode_dtype))
+                    for place, v in zip(self.places[seg.tensor], values):
+                        _pwrite_all(fd, np.ascontiguousarray(v), place + seg.start * v.itemsize)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _write_error(Path(self.path), exc) from None
 
 
 def _pwrite_all(fd: int, data, pos: int) -> None:

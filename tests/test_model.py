@@ -206,3 +206,67 @@ def test_load_rejects_other_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x01\x02junk")
     with pytest.raises(InputError, match="not a readable safetensors file"):
         CMD.load(tmp_path / "junk.safetensors")
+
+
+def test_saving_a_loaded_model_over_its_own_file_keeps_it(tmp_path, planted):
+    # CMD.load maps the coefficients from the file: the new file is written beside
+    # it and renamed over it, so the map still reads the old one whole.
+    path = tmp_path / "cmd.safetensors"
+    CMD(n_modes=4, seed=0).fit(planted.W).save(path)
+    loaded = CMD.load(path)
+    expected = np.array(loaded.a_)
+    loaded.save(path)
+    again = CMD.load(path)
+    np.testing.assert_array_equal(again.a_, expected)
+    assert np.count_nonzero(again.a_) > 0.9 * again.a_.size
+    CMD(n_modes=4, seed=1).fit(planted.W, out=path)  # a new fit over a mapped file
+    np.testing.assert_array_equal(np.array(loaded.a_), expected)  # old map intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmd.safetensors"]
+
+
+def test_a_failed_streamed_fit_leaves_no_file(tmp_path, planted, monkeypatch):
+    from cmdcli import fitting
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(fitting, "stream_fit", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        CMD(n_modes=4).fit(planted.W, out=tmp_path / "cmd.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_fit_checks_shapes_before_reading(planted, tmp_path):
+    X = {"w": planted.W[:1000].T, "v": planted.W[1000:].T}
+    for shapes in ({"v": (2000,), "w": (1000,)}, {"w": (1000,)}, {"w": (10, 10), "v": (2000,)}):
+        with pytest.raises(ValueError, match="shapes must give every modelled tensor"):
+            CMD(n_modes=4).fit(X, out=tmp_path / "m.safetensors", shapes=shapes)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_is_a_one_line_input_error(tmp_path, planted, monkeypatch):
+    import errno
+    import os
+
+    from cmdcli import writers
+
+    def full(fd, data, pos):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writers.os, "pwrite", full)
+    with pytest.raises(InputError, match=r"cmd\.safetensors.*: cannot write \(No space left"):
+        CMD(n_modes=4).fit(planted.W, out=tmp_path / "cmd.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("n_checkpoints", [3, 40, 300])
+def test_constant_weights_are_rebuilt_exactly_with_mode_zero(n_checkpoints):
+    rng = np.random.default_rng(n_checkpoints)
+    moving = rng.normal(size=(500, n_checkpoints)).cumsum(axis=1)
+    # values that float32 cannot hold exactly, so their mean is rounded
+    frozen = np.repeat(rng.uniform(-3, 3, (2000, 1)), n_checkpoints, axis=1)
+    W = np.concatenate([moving, frozen]).astype(np.float32)
+    model = CMD(n_modes=3, seed=0).fit(W)
+    const = slice(500, None)
+    assert np.all(model.modes_[const] == 0) and np.all(model.a_[const] == 0)
+    np.testing.assert_array_equal(model.reconstruct()[const].astype(np.float32), W[const])

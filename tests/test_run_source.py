@@ -159,3 +159,63 @@ def test_bad_value_found_in_a_forked_worker_names_where(tmp_path):
     fit = {"max_memory": 2**20, "n_modes": 1, "n_samples": 1, "references": "sampled"}
     with pytest.raises(InputError, match=r"step_4.*'big'.*NaN or Inf"):
         CMD(**fit, workers=2).fit(source, out=tmp_path / "model.safetensors")
+
+
+def test_an_unpickled_source_keeps_no_file_open(tmp_path):
+    # A Dask task gets a fresh copy of the source for each block: were its readers
+    # kept, a worker would leak one descriptor per checkpoint file per task.
+    import pickle
+
+    write_safetensors_run(tmp_path / "run", tiny_state_dicts(len(STEPS), seed=1), STEPS)
+    run = discover(tmp_path / "run")
+    source = RunSource(run.checkpoints, {n: s for n, s in run.specs.items() if s.is_float})
+    before = open_fds()
+    for _ in range(3):
+        copy = pickle.loads(pickle.dumps(source))
+        copy.read_block([Segment("fc1.weight", 0, 30)])
+        assert open_fds() == before
+
+
+def test_non_finite_column_survives_pickling():
+    import pickle
+
+    from cmdcli.fitting import NonFiniteColumn
+
+    err = pickle.loads(pickle.dumps(NonFiniteColumn(11_700)))
+    assert err.column == 11_700 and str(err) == "column 11700 of a block holds NaN or Inf values"
+
+
+def test_forked_workers_die_with_their_parent(tmp_path):
+    # `cmd` killed (SIGKILL, the OOM killer, a scheduler's time limit) must not
+    # leave its pass-2 workers running.
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, signal, time\n"
+        "from cmdcli import fitting\n"
+        "with fitting._forked_pool(2, ()) as pool:\n"
+        "    pids = {pool.submit(os.getpid).result() for _ in range(8)}\n"
+        "    [pool.submit(time.sleep, 60) for _ in range(2)]\n"
+        "    print(*pids, flush=True)\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids and out.returncode == -9
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+        time.sleep(0.1)
+    assert not alive
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -123,3 +123,14 @@ def test_bad_shard_size_is_one_line_error(tmp_path, size):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--shard-size" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "nan", "12 parsecs"])
+def test_sizes_that_are_not_numbers_are_input_errors(text):
+    from cmdcli.api import parse_size
+    from cmdcli.errors import InputError
+
+    with pytest.raises(InputError, match="--shard-size: expected a size like"):
+        parse_size(text, option="--shard-size")
+    with pytest.raises(InputError, match="at least 1 byte is needed"):
+        parse_size("0", option="--shard-size")
