@@ -822,9 +822,9 @@ def _columns_numpy(
     delta = x_mean - a.astype(f64) * r_mean[modes] - b.astype(f64)
     sq = np.square(x)
     ones = np.ones(n_ckpt, f32)
-    col_sq, col_sum = (ones @ sq).astype(f64), (ones @ x).astype(f64)
-    row_sq = (sq @ np.ones(width, f32)).astype(f64)
-    acc.sse_t += row_sq + 2 * (x @ delta.astype(f32)) + (delta * delta).sum()
+    col_sq, col_sum = np.dot(ones, sq).astype(f64), np.dot(ones, x).astype(f64)
+    row_sq = np.dot(sq, np.ones(width, f32)).astype(f64)
+    acc.sse_t += row_sq + 2 * np.dot(x, delta.astype(f32)) + (delta * delta).sum()
 
     acc.a[out], acc.b[out], acc.modes[out] = a, b, modes
     acc.x_mean[out], acc.x_sq[out] = x_mean, x_sq
