@@ -155,6 +155,17 @@ def _fmt(x: float, digits: int = 4) -> str:
 # --------------------------------------------------------------------------- fit
 
 
+ShardSize = Annotated[
+    str | None,
+    typer.Option(
+        help="Write each reconstructed checkpoint as a Hugging Face-style directory of "
+        "safetensors shards of at most SIZE (e.g. 5GiB; K, M, G are powers of 1024) with "
+        "their index.",
+        metavar="SIZE",
+    ),
+]
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -238,15 +249,7 @@ def fit(
             metavar="SIZE",
         ),
     ] = "512MiB",
-    shard_size: Annotated[
-        str | None,
-        typer.Option(
-            help="Write each reconstructed checkpoint as a Hugging Face-style directory "
-            "of safetensors shards of at most SIZE (e.g. 5GiB; K, M, G are powers of 1024) "
-            "with their index.",
-            metavar="SIZE",
-        ),
-    ] = None,
+    shard_size: ShardSize = None,
     online: Annotated[
         bool,
         typer.Option(
@@ -477,15 +480,7 @@ def reconstruct_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace reconstructions that exist.")
     ] = False,
-    shard_size: Annotated[
-        str | None,
-        typer.Option(
-            help="Write each checkpoint as a Hugging Face-style directory of safetensors "
-            "shards of at most SIZE (e.g. 5GiB; K, M, G are powers of 1024) with their "
-            "index.",
-            metavar="SIZE",
-        ),
-    ] = None,
+    shard_size: ShardSize = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was written as JSON.")
     ] = False,
