@@ -9,8 +9,8 @@ to render.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
+import os
 import shutil
 import threading
 import time
@@ -23,14 +23,18 @@ import numpy as np
 import torch
 
 from . import __version__, fitting
-from .checkpoints import Checkpoint, CheckpointReader, Run, TensorSpec, discover
 from .distributed import cluster
 from .dtypes import CODE_DTYPES, DTYPE_CODES
 from .errors import CheckpointError, InputError
 from .fitting import Progress, Segment
+from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
+from .io.jsonio import dumps, non_finite_paths
+from .io.names import MODEL_FILE, RECONSTRUCTED_DIR, REPORT_JSON, REPORT_MD
+from .io.paths import printable
+from .io.registry import get_format
+from .io.safetensors import SafetensorsWriter, TensorEntry
 from .model import CMD, DEFAULT_MAX_MEMORY, MAX_AUTO_MODES, REFERENCE_KINDS
 from .reports import build_report, render_markdown
-from .writers import SafetensorsWriter, TensorEntry, atomic_directory
 
 __all__ = [
     "FitOptions",
@@ -43,16 +47,12 @@ __all__ = [
     "reconstruct_run",
 ]
 
-MODEL_FILE = "cmd.safetensors"
-RECONSTRUCTED_DIR = "reconstructed"
 # Copies of unmodelled tensors (integer buffers, excluded tensors) are kept in
 # the model file, for every checkpoint, up to this many bytes in all; beyond it
 # `cmd reconstruct` reads them from the original checkpoints.
 MAX_STORED_EXTRAS = 64 * 2**20
 # Elements rebuilt at once when writing a reconstruction (float64 work).
 _RECONSTRUCT_CHUNK = 4 * 2**20
-# Files of a Hugging Face checkpoint directory that are training state, not model.
-_TRAINING_STATE = ("optimizer.*", "scheduler.*", "rng_state*", "scaler.*", "training_args.bin")
 
 
 def parse_memory(text: str | int) -> int:
@@ -105,6 +105,9 @@ class FitOptions:
     reconstruct: str = "last"  # "last" | "all" | "none" | "STEP,STEP,…"
     overwrite: bool = False
     trust_pickle: bool = False
+    weights: str | None = None  # the set of weights to read (--weights); raw weights by default
+    files: str | None = None  # a glob choosing the checkpoint files (--files)
+    native: bool = False  # reconstructions in each checkpoint's own container (--native)
     max_memory: int = DEFAULT_MAX_MEMORY
     workers: int | None = None  # blocks in flight; None: 2, or the cluster's threads
     device: str = "cpu"
@@ -114,8 +117,6 @@ class FitOptions:
     shard_size: int | None = None  # bytes: reconstructions as directories of shards
 
 
-# Formats whose readers use pread (no mapping): pass 2 may keep them open.
-_PREAD_FORMATS = frozenset({"safetensors", "hf-safetensors", "hf-sharded"})
 # Beyond this many weight files in a run, pass 2 opens them block by block.
 _MAX_OPEN_FILES = 512
 
@@ -212,7 +213,9 @@ class RunSource:
         """A reader of pass 2's checkpoint ``t``: kept open if it reads with pread."""
         ckpt = self._block_checkpoints[t]
         files = sum(len(c.weight_files) for c in self._block_checkpoints)
-        if not self._keep_readers or ckpt.format not in _PREAD_FORMATS or files > _MAX_OPEN_FILES:
+        # Readers of safetensors files read with pread (nothing mapped): they may stay open.
+        pread = all(f.name.endswith(".safetensors") for f in ckpt.weight_files)
+        if not self._keep_readers or not pread or files > _MAX_OPEN_FILES:
             with ckpt.open(trust_pickle=self.trust_pickle) as reader:
                 yield reader
             return
@@ -345,9 +348,9 @@ def _select_tensors(
 
 
 def _parse_reconstruct(
-    text: str, ckpts: Sequence[Checkpoint], option: str = "--reconstruct"
+    text: str, ckpts: Sequence[Checkpoint] | Sequence[int], option: str = "--reconstruct"
 ) -> list[int]:
-    """Positions of the checkpoints to rebuild."""
+    """Positions of the checkpoints (or steps) chosen by ``last``, ``all``, ``none`` or steps."""
     text = (text or "last").strip().lower()
     if text == "none":
         return []
@@ -355,7 +358,8 @@ def _parse_reconstruct(
         return [len(ckpts) - 1]
     if text == "all":
         return list(range(len(ckpts)))
-    by_step = {c.step: i for i, c in enumerate(ckpts)}
+    steps = [c if isinstance(c, int) else c.step for c in ckpts]
+    by_step = {s: i for i, s in enumerate(steps)}
     out = []
     for part in text.split(","):
         try:
@@ -367,7 +371,7 @@ def _parse_reconstruct(
         if step not in by_step:
             raise InputError(
                 f"{option}: step {step} is not a fitted checkpoint "
-                f"(fitted steps: {_describe_steps([c.step for c in ckpts])})"
+                f"(fitted steps: {_describe_steps(steps)})"
             )
         out.append(by_step[step])
     return sorted(set(out))
@@ -417,7 +421,19 @@ def _fit_inputs(
         )
     if opts.scheduler is not None and opts.online:
         raise InputError("--scheduler runs the blocks of pass 2; --online has no such pass")
-    run = discover(run_dir, trust_pickle=opts.trust_pickle, progress=progress)
+    if opts.native and opts.shard_size is not None:
+        raise InputError(
+            "--native writes each checkpoint's own container; --shard-size does not apply"
+        )
+    run = discover(
+        run_dir,
+        trust_pickle=opts.trust_pickle,
+        weights=opts.weights,
+        files=opts.files,
+        progress=progress,
+    )
+    if opts.native:
+        _check_native(run.checkpoints)
     ckpts = _parse_steps(opts.steps, run)
     if len(ckpts) < 3:
         found = _plural(len(ckpts), "checkpoint")
@@ -471,23 +487,41 @@ def fit_run(
     """Fit a post-hoc CMD model to the checkpoints in ``run_dir`` and write ``out``.
 
     Writes ``out/cmd.safetensors``, ``out/reconstructed/``, ``out/report.json``
-    and ``out/report.md`` — all or nothing.
+    and ``out/report.md`` — all or nothing: the directory is built aside and
+    swapped in at the end (:func:`cmdcli.io.outdir.new_directory`).
+
+    Parameters
+    ----------
+    run_dir : path
+        The run directory (see :func:`cmdcli.io.discover`).
+    out : path
+        The output directory; an existing one is replaced only with
+        ``options.overwrite`` and only when it holds nothing but cmd's files.
+    options : FitOptions, optional
+        The settings of ``cmd fit``.
+    progress : callable, optional
+        ``progress(task, completed, total)``.
 
     Returns
     -------
     dict
         The report (as written to ``report.json``).
+
+    Examples
+    --------
+    >>> from cmdcli.api import FitOptions, fit_run
+    >>> report = fit_run("runs/my-run", "my-run-cmd", FitOptions(n_modes=10))  # doctest: +SKIP
+    >>> report["explained_variance"]  # doctest: +SKIP
+    0.97...
     """
     opts = _resolved(options or FitOptions())
     started = time.perf_counter()
     run, ckpts, modelled, copied, rebuild = _fit_inputs(run_dir, opts, progress)
-    extra_bytes = len(ckpts) * sum(_nbytes(run.specs[n]) for n in copied)
+    extra_bytes = len(ckpts) * sum(run.specs[n].nbytes for n in copied)
     out = Path(out)
     with (
         cluster(opts.scheduler) as executor,
-        atomic_directory(
-            out, overwrite=opts.overwrite, marker=MODEL_FILE, protect=[run_dir, run.root]
-        ) as tmp,
+        outdir.new_directory(out, overwrite=opts.overwrite, protect=[run_dir, run.root]) as tmp,
     ):
         workers = opts.workers or (executor.threads if executor is not None else 2)
         source = RunSource(
@@ -509,13 +543,14 @@ def fit_run(
             "steps": opts.steps,
             "include": list(opts.include),
             "exclude": list(opts.exclude),
+            "weights": opts.weights,
+            "files": opts.files,
             "max_memory": opts.max_memory,
-            "trust_pickle": opts.trust_pickle,
         }
         metadata = {
             "cmdcli_version": __version__,
             "run_dir": str(run.root.resolve()),
-            "checkpoints": [_checkpoint_record(c) for c in ckpts],
+            "checkpoints": [_checkpoint_record(c, run.root) for c in ckpts],
             "tensor_specs": [
                 [n, DTYPE_CODES[s.dtype], list(s.shape), n in modelled]
                 for n, s in run.specs.items()
@@ -523,7 +558,7 @@ def fit_run(
             "settings": settings,
             "extras_stored": source.keep_unmodelled,
         }
-        layout = {
+        layout_args = {
             "shapes": {n: s.shape for n, s in modelled.items()},
             "steps": [c.step for c in ckpts],
             "metadata": metadata,
@@ -532,7 +567,7 @@ def fit_run(
         }
         if opts.online:
             fitted = _fit_online(ckpts, modelled, source, opts, progress)
-            fitted.save(tmp / MODEL_FILE, **layout)
+            fitted.save(tmp / MODEL_FILE, **layout_args)
         else:
             # The coefficients go to the model file block by block as pass 2 makes them.
             fitted = CMD(
@@ -545,7 +580,7 @@ def fit_run(
                 workers=workers,
                 device=opts.device,
                 executor=executor,
-            ).fit(source, progress=progress, out=tmp / MODEL_FILE, **layout)
+            ).fit(source, progress=progress, out=tmp / MODEL_FILE, **layout_args)
         fit_seconds = time.perf_counter() - started
         shutil.rmtree(source.spool_dir, ignore_errors=True)
         source.unmodelled_values = {}
@@ -554,9 +589,21 @@ def fit_run(
         del fitted
         model = CMD.load(tmp / MODEL_FILE)
         model.statistics_ = stats
+        dest = tmp / RECONSTRUCTED_DIR
+        if rebuild:
+            dest.mkdir()
         written = _write_reconstructions(
-            model, tmp, rebuild, progress=progress, shard_size=opts.shard_size
+            model,
+            ckpts,
+            dest,
+            rebuild,
+            progress=progress,
+            shard_size=opts.shard_size,
+            native=opts.native,
+            trust_pickle=opts.trust_pickle,
         )
+        for rec in written:
+            rec["path"] = f"{RECONSTRUCTED_DIR}/{rec['path']}"
         report = build_report(
             model,
             run=run,
@@ -567,8 +614,14 @@ def fit_run(
             seconds=time.perf_counter() - started,
             fit_seconds=fit_seconds,
         )
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(render_markdown(report))
+        bad = list(non_finite_paths(report))
+        if bad:
+            report.setdefault("notices", []).append(
+                f"{len(bad)} figure(s) of the report are not finite numbers (e.g. {bad[0]}: the "
+                f"weights' sums overflow or a variance is zero) and are written as null"
+            )
+        (tmp / REPORT_JSON).write_text(dumps(report) + "\n", encoding="utf-8")
+        (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
     report["out"] = str(out)
     for rec in report["reconstructed"]:
         rec["path"] = str(out / rec["path"])
@@ -607,16 +660,33 @@ def _fit_online(
     return online.to_cmd()
 
 
-def _checkpoint_record(c: Checkpoint) -> dict:
+def _checkpoint_record(c: Checkpoint, root: Path) -> dict:
+    """What the model file records of a checkpoint: paths relative to the run directory."""
+
+    def rel(p: Path) -> str:
+        return Path(p).absolute().relative_to(Path(root).absolute()).as_posix()
+
     return {
         "name": c.name,
         "step": c.step,
-        "path": str(c.path.resolve()),
+        "path": rel(c.path),
         "format": c.format,
         "state_key": c.state_key,
         "step_source": c.step_source,
-        "weight_files": [str(p.resolve()) for p in c.weight_files],
+        "weight_files": [rel(p) for p in c.weight_files],
+        "detail": c.detail,
     }
+
+
+def _check_native(ckpts: Sequence[Checkpoint]) -> None:
+    """``--native`` needs a native writer for every checkpoint's format."""
+    for c in ckpts:
+        fmt = get_format(c.format)
+        if not (fmt.native_is_default or fmt.has_native_writer):
+            raise InputError(
+                f"--native: {printable(c.name)} is a {fmt.name} checkpoint, which cmd cannot "
+                f"write back in its own container yet; leave out --native for safetensors"
+            )
 
 
 # --------------------------------------------------------------------------- plan (dry run)
@@ -664,8 +734,8 @@ def plan_fit(
     n_ckpt = len(ckpts)
     sizes = {n: s.numel for n, s in modelled.items()}
     n_weights = sum(sizes.values())
-    modelled_bytes = sum(_nbytes(s) for s in modelled.values())
-    copied_bytes = sum(_nbytes(run.specs[n]) for n in copied)
+    modelled_bytes = sum(s.nbytes for s in modelled.values())
+    copied_bytes = sum(run.specs[n].nbytes for n in copied)
     extras_read = copied_bytes if n_ckpt * copied_bytes <= MAX_STORED_EXTRAS else 0
     k = min(opts.n_samples, n_weights)
     refined = opts.references == "refined" and not opts.online
@@ -752,131 +822,103 @@ def plan_fit(
 # --------------------------------------------------------------------------- reconstruct
 
 
-def _output_stem(name: str) -> str:
-    for ext in (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+def fitted_checkpoints(model: CMD, run: str | Path | None = None) -> list[Checkpoint]:
+    """The fitted checkpoints of a loaded model, their files under the run directory.
+
+    Parameters
+    ----------
+    model : CMD
+        A model read with :meth:`CMD.load` from a ``cmd fit`` output.
+    run : path, optional
+        Where the run's checkpoints are now (``--run``); the run directory recorded
+        at fit time by default. Recorded paths are relative to it and may not
+        leave it (checked when the model was read).
+    """
+    mf = getattr(model, "model_file_", None)
+    if mf is None or not mf.checkpoints:
+        where = printable(getattr(model, "path_", "the model"))
+        raise InputError(
+            f"{where}: records no checkpoints; it was not written by `cmd fit` (only a `cmd fit` "
+            f"output can be rebuilt in the original checkpoints' layout)"
+        )
+    base = Path(run) if run is not None else mf.run_dir
+    if base is None:
+        raise InputError(f"{printable(mf.path)}: records no run directory; pass --run RUN_DIR")
+    return [r.resolve(base) for r in mf.checkpoints]
 
 
 def _specs_from_metadata(model: CMD) -> dict[str, TensorSpec]:
-    specs = {}
-    for name, code, shape, _ in model.metadata_["tensor_specs"]:  # type: ignore[index]
-        specs[name] = TensorSpec(name=name, shape=tuple(shape), dtype=CODE_DTYPES[code])
-    return specs
-
-
-def _checkpoint_from_record(rec: dict) -> Checkpoint:
-    return Checkpoint(
-        name=rec["name"],
-        step=int(rec["step"]),
-        path=Path(rec["path"]),
-        format=rec["format"],
-        state_key=rec.get("state_key"),
-        step_source=rec.get("step_source", "name"),
-        weight_files=tuple(Path(p) for p in rec.get("weight_files", [])),
-    )
+    return {
+        name: TensorSpec(name=name, shape=shape, dtype=CODE_DTYPES[code])
+        for name, code, shape, _ in model.model_file_.tensor_specs
+    }
 
 
 def _write_reconstructions(
     model: CMD,
-    out: Path,
+    ckpts: Sequence[Checkpoint],
+    dest: Path,
     positions: Sequence[int],
     *,
     progress: Progress | None = None,
     shard_size: int | None = None,
+    native: bool = False,
+    trust_pickle: bool = False,
 ) -> list[dict]:
-    """Rebuild the checkpoints at ``positions`` into ``out/reconstructed/``."""
+    """Rebuild the checkpoints at ``positions`` into the existing directory ``dest``.
+
+    Returns ``{"name", "step", "path"}`` of each, ``path`` relative to ``dest``.
+    """
     if not positions:
         return []
-    dest = out / RECONSTRUCTED_DIR
-    dest.mkdir(exist_ok=True)
-    ckpts = [_checkpoint_from_record(r) for r in model.metadata_["checkpoints"]]  # type: ignore[index]
-    names = _output_names(ckpts, sharded=shard_size is not None)
+    names = layout.output_names(ckpts, sharded=shard_size is not None, native=native)
     specs = _specs_from_metadata(model)
     written = []
     for i, t in enumerate(positions):
         if progress:
             progress("reconstruct", i, len(positions))
-        written.append(_write_one(model, t, ckpts[t], specs, dest / names[t], shard_size))
+        ckpt = ckpts[t]
+        with _checkpoint_pieces(model, t, ckpt, specs, trust_pickle=trust_pickle) as pieces:
+            layout.write_checkpoint(
+                ckpt,
+                dest / names[t],
+                specs,
+                pieces,
+                shard_size=shard_size,
+                native=native,
+                trust_pickle=trust_pickle,
+            )
+        written.append({"name": ckpt.name, "step": ckpt.step, "path": names[t]})
     if progress:
         progress("reconstruct", len(positions), len(positions))
     return written
 
 
-def _output_names(ckpts: Sequence[Checkpoint], *, sharded: bool = False) -> list[str]:
-    """Name of each checkpoint's reconstruction under ``reconstructed/``.
-
-    ``<stem>.safetensors`` for a file (a ``<stem>`` directory when ``sharded``),
-    the same name for a directory; where two files share a stem (``model.pt`` and
-    ``model.bin``) the whole original name is kept (``model.pt.safetensors``) so
-    that no reconstruction overwrites another.
-    """
-    stems = [c.name if c.is_directory else _output_stem(c.name) for c in ckpts]
-    clash = {x for x in stems if stems.count(x) > 1}
-    suffix = "" if sharded else ".safetensors"
-    return [
-        c.name if c.is_directory else f"{c.name if stem in clash else stem}{suffix}"
-        for c, stem in zip(ckpts, stems)
-    ]
-
-
-def _write_one(
-    model: CMD,
-    t: int,
-    ckpt: Checkpoint,
-    specs: dict[str, TensorSpec],
-    result_path: Path,
-    shard_size: int | None = None,
-) -> dict:
-    """Rebuild checkpoint ``t`` in the layout of ``ckpt`` at ``result_path``.
-
-    A file checkpoint becomes ``<stem>.safetensors``. A Hugging Face directory
-    becomes a directory of the same name and files (shards and their index,
-    ``.safetensors`` or ``pytorch_model*.bin``) with its config files copied.
-    With ``shard_size`` (bytes) a file checkpoint becomes a Hugging Face-style
-    directory too, and every checkpoint is cut into shards of at most that size
-    (one tensor larger than that is a shard of its own) with their index.
-    """
-    with _checkpoint_pieces(model, t, ckpt, specs) as pieces:
-        if not ckpt.is_directory and shard_size is None:
-            _write_safetensors(result_path, list(specs), specs, pieces, ckpt)
-        else:
-            result_path.mkdir(exist_ok=True)
-            as_bin = ckpt.format == "hf-bin"
-            if shard_size is None:
-                groups = _shard_groups(ckpt, specs, as_bin)
-            else:
-                groups = _sized_groups(specs, shard_size, as_bin)
-            if len(groups) > 1:
-                index = {
-                    "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
-                    "weight_map": {n: f for f, names in groups.items() for n in names},
-                }
-                index_name = f"{'pytorch_model.bin' if as_bin else 'model.safetensors'}.index.json"
-                (result_path / index_name).write_text(json.dumps(index, indent=2) + "\n")
-            _copy_side_files(ckpt, result_path)
-            for fname, names in groups.items():
-                if as_bin:
-                    # torch.save needs the whole shard; the original was a whole pickle too.
-                    shard = {
-                        n: torch.cat([v.reshape(-1) for _, v in pieces(n)]).reshape(specs[n].shape)
-                        for n in names
-                    }
-                    torch.save(shard, result_path / fname)
-                    del shard
-                else:
-                    _write_safetensors(result_path / fname, names, specs, pieces, ckpt)
-    rel = result_path.relative_to(result_path.parent.parent)
-    return {"name": ckpt.name, "step": ckpt.step, "path": str(rel)}
+def _missing_original(ckpt: Checkpoint) -> InputError | None:
+    missing = [p for p in ckpt.weight_files if not p.exists()]
+    if not missing and ckpt.weight_files:
+        return None
+    gone = missing[0] if missing else ckpt.path
+    return InputError(
+        f"{printable(ckpt.name)}: the original checkpoint is needed but {printable(gone)} does "
+        f"not exist (pass --run with the directory that holds the run now)"
+    )
 
 
 @contextmanager
 def _checkpoint_pieces(
-    model: CMD, t: int, ckpt: Checkpoint, specs: dict[str, TensorSpec]
+    model: CMD,
+    t: int,
+    ckpt: Checkpoint,
+    specs: dict[str, TensorSpec],
+    *,
+    trust_pickle: bool = False,
 ) -> Iterator[Callable[[str], Iterator[tuple[int, torch.Tensor]]]]:
     """``pieces(name)``: (flat start, values) pieces of tensor ``name`` of checkpoint ``t``
     as rebuilt — a·r+b for modelled tensors, the stored copy or the original for others.
+
+    The original checkpoint is opened only when a tensor must be copied from it, and
+    unpickled only as far as ``trust_pickle`` (the current command's option) allows.
     """
     modelled = set(model.tensor_sizes_)
     copied = [n for n in specs if n not in modelled]
@@ -884,15 +926,10 @@ def _checkpoint_pieces(
     stored = model.get_extras([f"extra/{t}/{n}" for n in copied if f"extra/{t}/{n}" in available])
     reader = None
     if any(f"extra/{t}/{n}" not in stored for n in copied):
-        missing = [str(p) for p in ckpt.weight_files if not p.exists()]
-        if missing:
-            raise InputError(
-                f"{ckpt.name}: unmodelled tensors must be copied from the original checkpoint, "
-                f"but {missing[0]} no longer exists"
-            )
-        # Unpickle only as far as the user allowed when fitting.
-        settings = model.metadata_.get("settings", {})  # type: ignore[union-attr]
-        reader = ckpt.open(trust_pickle=bool(settings.get("trust_pickle", False)))
+        problem = _missing_original(ckpt)
+        if problem is not None:
+            raise problem
+        reader = ckpt.open(trust_pickle=trust_pickle)
 
     def pieces(name: str) -> Iterator[tuple[int, torch.Tensor]]:
         spec = specs[name]
@@ -901,7 +938,13 @@ def _checkpoint_pieces(
         elif f"extra/{t}/{name}" in stored:
             yield 0, stored[f"extra/{t}/{name}"]
         else:
-            yield 0, reader.read(name)  # type: ignore[union-attr]
+            values = reader.read(name)  # type: ignore[union-attr]
+            if values.numel() != spec.numel or values.dtype != spec.dtype:
+                raise InputError(
+                    f"{printable(ckpt.name)}: tensor {printable(name)!r} changed since the fit "
+                    f"(now {tuple(values.shape)} {values.dtype})"
+                )
+            yield 0, values
 
     try:
         yield pieces
@@ -910,31 +953,39 @@ def _checkpoint_pieces(
             reader.close()
 
 
-def rebuild_state_dict(model: CMD, t: int) -> dict[str, torch.Tensor]:
-    """Checkpoint ``t`` rebuilt in memory, exactly as :func:`reconstruct_run` writes it."""
+def rebuild_state_dict(
+    model: CMD, t: int, *, run: str | Path | None = None, trust_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """Checkpoint ``t`` rebuilt in memory, exactly as :func:`reconstruct_run` writes it.
+
+    Parameters
+    ----------
+    model : CMD
+        A model read with :meth:`CMD.load` from a ``cmd fit`` output.
+    t : int
+        Position of the checkpoint among the fitted ones (0 … T−1).
+    run : path, optional
+        Where the original checkpoints are now (for tensors that were copied, not
+        modelled, when the model file does not store them).
+    trust_pickle : bool, default False
+        Unpickle the original with ``weights_only=False`` if it must be read.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Every tensor of the original checkpoint, original names, shapes and dtypes.
+
+    Examples
+    --------
+    >>> model = CMD.load("my-run-cmd/cmd.safetensors")  # doctest: +SKIP
+    >>> sd = rebuild_state_dict(model, -1)  # doctest: +SKIP
+    >>> net.load_state_dict(sd, strict=True)  # doctest: +SKIP
+    """
+    ckpts = fitted_checkpoints(model, run)
+    t = int(t) % len(ckpts)
     specs = _specs_from_metadata(model)
-    ckpt = _checkpoint_from_record(model.metadata_["checkpoints"][t])  # type: ignore[index]
-    out = {}
-    with _checkpoint_pieces(model, t, ckpt, specs) as pieces:
-        for name, spec in specs.items():
-            flat = torch.empty(spec.numel, dtype=spec.dtype)
-            for start, values in pieces(name):
-                flat[start : start + values.numel()] = values.reshape(-1)
-            out[name] = flat.reshape(spec.shape)
-    return out
-
-
-def _nbytes(spec: TensorSpec) -> int:
-    return TensorEntry(spec.name, spec.dtype, spec.shape).nbytes
-
-
-def _write_safetensors(path: Path, names, specs, pieces, ckpt: Checkpoint) -> None:
-    meta = {"format": "pt", "cmd_step": str(ckpt.step), "cmd_source": ckpt.name}
-    entries = [TensorEntry(n, specs[n].dtype, specs[n].shape) for n in names]
-    with SafetensorsWriter(path, entries, meta) as w:
-        for name in names:
-            for start, values in pieces(name):
-                w.write(name, values, start=start)
+    with _checkpoint_pieces(model, t, ckpts[t], specs, trust_pickle=trust_pickle) as pieces:
+        return {name: layout.full_tensor(pieces, name, spec) for name, spec in specs.items()}
 
 
 def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype):
@@ -949,62 +1000,19 @@ def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype):
             torch.from_numpy(model.modes_[start:stop].astype(np.int64)),
             refs,
         )[0]
+        if not bool(torch.isfinite(values).all()):
+            raise InputError(
+                f"{printable(getattr(model, 'path_', 'the model'))}: tensor {printable(name)!r} "
+                f"rebuilds to NaN or infinite values (its coefficients a, b are not finite)"
+            )
+        if dtype != values.dtype and dtype.is_floating_point:
+            limit = torch.finfo(dtype).max
+            if bool((values.abs() > limit).any()):
+                raise InputError(
+                    f"tensor {printable(name)!r}: rebuilt values exceed the range of "
+                    f"{str(dtype).removeprefix('torch.')}"
+                )
         yield start - sl.start, values.to(dtype)
-
-
-def _sized_groups(
-    specs: dict[str, TensorSpec], shard_size: int, as_bin: bool
-) -> dict[str, list[str]]:
-    """File name → tensors: consecutive tensors in shards of at most ``shard_size`` bytes.
-
-    Named as Hugging Face names them: ``model.safetensors`` when one shard holds
-    everything, else ``model-00001-of-00003.safetensors``, … (``pytorch_model…bin``).
-    """
-    shards: list[list[str]] = [[]]
-    room = shard_size
-    for name, spec in specs.items():
-        size = _nbytes(spec)
-        if shards[-1] and size > room:
-            shards.append([])
-            room = shard_size
-        shards[-1].append(name)
-        room -= size
-    stem, ext = ("pytorch_model", "bin") if as_bin else ("model", "safetensors")
-    if len(shards) == 1:
-        return {f"{stem}.{ext}": shards[0]}
-    n = len(shards)
-    return {f"{stem}-{k + 1:05d}-of-{n:05d}.{ext}": names for k, names in enumerate(shards)}
-
-
-def _shard_groups(
-    ckpt: Checkpoint, specs: dict[str, TensorSpec], as_bin: bool
-) -> dict[str, list[str]]:
-    """File name → tensors, following the original shard layout where there is one."""
-    single = "pytorch_model.bin" if as_bin else "model.safetensors"
-    index_file = ckpt.path / f"{single}.index.json"
-    if not index_file.exists():
-        return {single: list(specs)}
-    weight_map = json.loads(index_file.read_text()).get("weight_map", {})
-    groups: dict[str, list[str]] = {}
-    for name in specs:
-        groups.setdefault(weight_map.get(name, single), []).append(name)
-    return groups
-
-
-def _copy_side_files(ckpt: Checkpoint, target: Path) -> None:
-    """Copy config, tokenizer and other small files; skip weights and training state."""
-    if not ckpt.path.is_dir():
-        return
-    weights = {p.name for p in ckpt.weight_files} | {
-        "model.safetensors.index.json",
-        "pytorch_model.bin.index.json",
-    }
-    for p in sorted(ckpt.path.iterdir()):
-        if not p.is_file() or p.name in weights:
-            continue
-        if any(fnmatch.fnmatchcase(p.name, pat) for pat in _TRAINING_STATE):
-            continue
-        shutil.copy2(p, target / p.name)
 
 
 def reconstruct_run(
@@ -1015,6 +1023,9 @@ def reconstruct_run(
     overwrite: bool = False,
     progress: Progress | None = None,
     shard_size: int | None = None,
+    native: bool = False,
+    run: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> list[dict]:
     """Rebuild checkpoints from a fitted model (``cmd reconstruct``).
 
@@ -1025,61 +1036,97 @@ def reconstruct_run(
     steps : str
         ``"last"``, ``"all"`` or comma-separated training steps.
     dest : path, optional
-        Where to write; ``out/reconstructed`` by default.
+        Where to write; ``out/reconstructed`` by default. Existing entries there
+        are replaced only with ``overwrite`` and only when cmd wrote them.
     shard_size : int, optional
         Write every checkpoint as a Hugging Face-style directory of shards of at
         most this many bytes with their index (see ``cmd fit --shard-size``).
+    native : bool
+        Write each checkpoint in its own container (``--native``).
+    run : path, optional
+        Where the original checkpoints are now; the recorded run directory by default.
+    trust_pickle : bool
+        Unpickle originals with ``weights_only=False`` (this command's ``--trust-pickle``;
+        never taken from the model file).
     """
     out = Path(out)
     model_path = out if out.is_file() else out / MODEL_FILE
     if not model_path.exists():
-        raise InputError(f"{out}: no {MODEL_FILE} here; run `cmd fit` first")
-    model = CMD.load(model_path)
-    ckpts = [_checkpoint_from_record(r) for r in model.metadata_["checkpoints"]]  # type: ignore[index]
-    positions = _parse_reconstruct(steps, ckpts, option="--step")
-    target = (Path(dest) if dest else model_path.parent / RECONSTRUCTED_DIR).resolve()
-    if target.exists() and not target.is_dir():
-        raise InputError(f"{target}: exists and is not a directory")
-    for c in ckpts:
-        if target == c.path.resolve().parent or target == c.path.resolve():
-            raise InputError(
-                f"{target}: is the run directory; reconstructions go beside the originals "
-                f"there, choose another --dest"
-            )
-    all_names = _output_names(ckpts, sharded=shard_size is not None)
-    names = [all_names[t] for t in positions]
-    exist = [target / n for n in names if (target / n).exists()]
-    if exist and not overwrite:
-        more = f" (and {len(exist) - 1} more)" if len(exist) > 1 else ""
-        raise InputError(f"{exist[0]}: already exists{more}; pass --overwrite to replace it")
-    # Rebuild into a fresh directory and move the files over, so a failure leaves no part.
-    staging = target.with_name(f".{target.name}.staging")
-    with atomic_directory(staging, overwrite=True) as tmp:
-        written = _write_reconstructions(
-            model, tmp, positions, progress=progress, shard_size=shard_size
+        raise InputError(f"{printable(out)}: no {MODEL_FILE} here; run `cmd fit` first")
+    if native and shard_size is not None:
+        raise InputError(
+            "--native writes each checkpoint's own container; --shard-size does not apply"
         )
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        for rec, name in zip(written, names):
-            final = target / name
-            if final.exists():
-                shutil.rmtree(final) if final.is_dir() else final.unlink()
-            (staging / RECONSTRUCTED_DIR / name).rename(final)
-            rec["path"] = str(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    model = CMD.load(model_path)
+    ckpts = fitted_checkpoints(model, run)
+    positions = _parse_reconstruct(steps, ckpts, option="--step")
+    if native:
+        _check_native([ckpts[t] for t in positions])
+    root, prefix = (Path(dest), "") if dest else (model_path.parent, RECONSTRUCTED_DIR)
+    target = (root / prefix).resolve()
+    run_root = ckpts[0].path.parent.resolve()
+    if target == run_root or any(
+        target == c.path.resolve() or target in c.path.resolve().parents for c in ckpts
+    ):
+        raise InputError(
+            f"{printable(target)}: is the run directory or one of its checkpoints; choose "
+            f"another --dest"
+        )
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{printable(target)}: exists and is not a directory")
+    names = layout.output_names(ckpts, sharded=shard_size is not None, native=native)
+    chosen = [names[t] for t in positions]
+    for name in chosen:  # refuse before the work; checked again when moving in
+        final = target / name
+        if os.path.lexists(final):
+            if not overwrite:
+                raise InputError(
+                    f"{printable(final)}: already exists; pass --overwrite to replace it"
+                )
+            outdir.check_replaceable(final, root=root.resolve(), what="destination")
+    for t in positions:
+        problem = _missing_original(ckpts[t]) if native else None
+        if problem is not None:
+            raise problem
+
+    written: list[dict] = []
+
+    def build(tmp: Path) -> list[str]:
+        written.extend(
+            _write_reconstructions(
+                model,
+                ckpts,
+                tmp,
+                positions,
+                progress=progress,
+                shard_size=shard_size,
+                native=native,
+                trust_pickle=trust_pickle,
+            )
+        )
+        return [rec["path"] for rec in written]
+
+    placed = outdir.place(root.resolve(), prefix, build, overwrite=overwrite)
+    for rec, path in zip(written, placed, strict=True):
+        rec["path"] = str(path)
     return written
 
 
 # --------------------------------------------------------------------------- inspect
 
 
-def inspect_run(run_dir: str | Path, *, trust_pickle: bool = False) -> dict:
-    """What ``cmd fit`` would read in ``run_dir``, as plain data."""
-    run = discover(run_dir, trust_pickle=trust_pickle)
+def inspect_run(
+    run_dir: str | Path,
+    *,
+    trust_pickle: bool = False,
+    weights: str | None = None,
+    files: str | None = None,
+) -> dict:
+    """What ``cmd fit`` would read in ``run_dir``, as plain data (``cmd inspect``)."""
+    run = discover(run_dir, trust_pickle=trust_pickle, weights=weights, files=files)
     floats = [s for s in run.specs.values() if s.is_float and s.numel > 0]
     dtypes = sorted({str(s.dtype).replace("torch.", "") for s in floats})
-    per_ckpt_bytes = sum(TensorEntry(s.name, s.dtype, s.shape).nbytes for s in run.specs.values())
+    per_ckpt_bytes = sum(s.nbytes for s in run.specs.values())
     return {
         "run_dir": str(run.root),
         "n_checkpoints": len(run.checkpoints),
@@ -1094,6 +1141,7 @@ def inspect_run(run_dir: str | Path, *, trust_pickle: bool = False) -> dict:
                 "step": c.step,
                 "step_source": c.step_source,
                 "format": c.format,
+                "detail": c.detail,
                 "state_key": c.state_key,
                 "path": str(c.path),
                 "n_tensors": len(run.specs),

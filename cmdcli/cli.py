@@ -80,30 +80,50 @@ def _main(
     """Correlation Mode Decomposition of a training run, from its checkpoints."""
 
 
+def _line(text: object) -> str:
+    """One printable line: control characters (terminal escapes among them) shown as \\xNN."""
+    from .io.paths import printable
+
+    return printable(text)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
-    """Turn the project's exceptions into one line and an exit status."""
+    """Turn the project's exceptions into one line and an exit status.
+
+    Library warnings (torch's, numpy's) are not shown: what matters to the user
+    is said in notices and errors.
+    """
+    import warnings
+
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     except InputError as exc:
         user_tb = getattr(exc, "user_traceback", None)
         if user_tb:  # the user's own function failed: show where, in their code
-            err.print(user_tb.rstrip(), markup=False)
-        err.print(f"error: {exc}", markup=False)
+            for tb_line in user_tb.rstrip().splitlines():
+                err.print(_line(tb_line), markup=False)
+        err.print(f"error: {_line(exc)}", markup=False)
         raise typer.Exit(code=2) from None
     except CMDError as exc:
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {_line(exc)}", markup=False)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written", markup=False)
         raise typer.Exit(code=130) from None
     except (typer.Exit, typer.Abort):
         raise
+    except MemoryError:
+        err.print("error: out of memory (try a smaller --max-memory)", markup=False)
+        raise typer.Exit(code=1) from None
     except Exception as exc:  # a bug of ours: say so, keep the details one env var away
         if os.environ.get("CMD_DEBUG"):
             traceback.print_exc()
         err.print(
-            f"internal error: {type(exc).__name__}: {exc} (set CMD_DEBUG=1 for the traceback)",
+            f"internal error: {type(exc).__name__}: {_line(exc)} (set CMD_DEBUG=1 for the "
+            f"traceback)",
             markup=False,
         )
         raise typer.Exit(code=1) from None
@@ -143,7 +163,44 @@ TrustPickle = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
-        help="Unpickle checkpoints that need more than tensors (only if you trust them).",
+        help="Unpickle checkpoints that need more than tensors (only if you trust them). "
+        "Applies to this command only; nothing read from a file can turn it on.",
+    ),
+]
+Weights = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        help="Which set of weights to read from checkpoints that hold several, e.g. "
+        "state_dict_ema, ema, teacher [default: the raw training weights].",
+        metavar="KEY",
+    ),
+]
+Files = Annotated[
+    str | None,
+    typer.Option(
+        "--files",
+        help="Take only the checkpoint files or folders whose names match GLOB (e.g. 'ema_*') "
+        "[default: the largest family of weight files].",
+        metavar="GLOB",
+    ),
+]
+Native = Annotated[
+    bool,
+    typer.Option(
+        "--native",
+        help="Write each rebuilt checkpoint in its own container (a Lightning .ckpt, a "
+        "torch.save dict, an accelerate folder, ...) with every other entry copied from the "
+        "original, instead of safetensors.",
+    ),
+]
+RunOverride = Annotated[
+    Path | None,
+    typer.Option(
+        "--run",
+        help="Where the run's original checkpoints are now [default: the run directory "
+        "recorded by cmd fit].",
+        metavar="RUN_DIR",
     ),
 ]
 
@@ -294,6 +351,9 @@ def fit(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
     ] = False,
+    weights: Weights = None,
+    files: Files = None,
+    native: Native = False,
     trust_pickle: TrustPickle = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout.")
@@ -322,6 +382,9 @@ def fit(
             reconstruct=reconstruct,
             overwrite=overwrite,
             trust_pickle=trust_pickle,
+            weights=weights,
+            files=files,
+            native=native,
             max_memory=parse_memory(max_memory),
             workers=workers,
             device=device,
@@ -478,9 +541,13 @@ def reconstruct_cmd(
         typer.Option(help="Where to write [default: OUT/reconstructed].", metavar="DIR"),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace reconstructions that exist.")
+        bool,
+        typer.Option("--overwrite", help="Replace reconstructions that exist (only cmd's own)."),
     ] = False,
     shard_size: ShardSize = None,
+    native: Native = False,
+    run: RunOverride = None,
+    trust_pickle: TrustPickle = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print what was written as JSON.")
     ] = False,
@@ -493,7 +560,15 @@ def reconstruct_cmd(
         size = _shard_size(shard_size)
         with _progress(not quiet) as progress:
             written = reconstruct_run(
-                out_dir, step, dest=dest, overwrite=overwrite, progress=progress, shard_size=size
+                out_dir,
+                step,
+                dest=dest,
+                overwrite=overwrite,
+                progress=progress,
+                shard_size=size,
+                native=native,
+                run=run,
+                trust_pickle=trust_pickle,
             )
     if as_json:
         print(json.dumps(written, indent=2))
@@ -543,6 +618,8 @@ def evaluate(
             metavar="STEP",
         ),
     ] = None,
+    run: RunOverride = None,
+    trust_pickle: TrustPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
 ) -> None:
@@ -562,6 +639,8 @@ def evaluate(
                 ema_decay=ema_decay,
                 swa_start=swa_start,
                 progress=progress,
+                run=run,
+                trust_pickle=trust_pickle,
             )
     if as_json:
         print(json.dumps(result, indent=2))
@@ -657,6 +736,8 @@ def plot(
     metric: Annotated[
         str | None, typer.Option(help="landscape: the metric to draw.", metavar="NAME")
     ] = None,
+    run: RunOverride = None,
+    trust_pickle: TrustPickle = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
 ) -> None:
     """Draw figures of a fitted model into OUT/plots/."""
@@ -683,6 +764,8 @@ def plot(
                     span=span,
                     metric=metric,
                     progress=progress,
+                    run=run,
+                    trust_pickle=trust_pickle,
                 )
         if kind == "all":
             written = plots.plot_all(out_dir, fmt=fmt)
@@ -738,6 +821,8 @@ def report(
 )
 def inspect(
     run_dir: RunDir,
+    weights: Weights = None,
+    files: Files = None,
     trust_pickle: TrustPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
@@ -745,7 +830,7 @@ def inspect(
     with _errors():
         from .api import inspect_run
 
-        info = inspect_run(run_dir, trust_pickle=trust_pickle)
+        info = inspect_run(run_dir, trust_pickle=trust_pickle, weights=weights, files=files)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -791,6 +876,11 @@ def main() -> None:
     into place, before it returns). An unexpected exception still ends the normal
     way, with its traceback.
     """
+    import signal
+
+    # SIGTERM (a scheduler's kill, `timeout`) is handled like Ctrl-C: temporary
+    # outputs are removed on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app(prog_name="cmd")
         code: object = 0

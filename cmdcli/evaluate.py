@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import math
 import numbers
 import sys
@@ -32,12 +31,14 @@ import numpy as np
 import torch
 
 from . import api
-from .checkpoints import load_state_dict
 from .errors import InputError
 from .fitting import Progress
+from .io import load_state_dict, outdir
+from .io.jsonio import dumps, non_finite_paths
+from .io.names import EVALUATION_JSON, LANDSCAPE_JSON, MODEL_FILE
+from .io.paths import printable
 from .model import CMD
 from .reports import lower_is_better
-from .writers import atomic_write_text
 
 __all__ = [
     "EVALUATION_FILE",
@@ -50,8 +51,8 @@ __all__ = [
     "original_state_dict",
 ]
 
-EVALUATION_FILE = "evaluation.json"
-LANDSCAPE_FILE = "landscape.json"
+EVALUATION_FILE = EVALUATION_JSON
+LANDSCAPE_FILE = LANDSCAPE_JSON
 
 StateDict = dict[str, torch.Tensor]
 EvalFn = Callable[[StateDict], dict[str, float]]
@@ -115,7 +116,7 @@ class _EvalFunction:
         """Score ``state_dict``; ``what`` says which weights these are, for messages."""
         try:
             result = self.fn(state_dict)
-        except (Exception, SystemExit) as exc:
+        except (Exception, SystemExit, GeneratorExit) as exc:
             raise UserFunctionError(
                 f"{self.label} failed on {what}: {_exc_line(exc)}", _user_traceback(exc)
             ) from None
@@ -176,7 +177,10 @@ def _as_number(value: object) -> float | None:
             return None
         return float(value)
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range, such as 10**400
+            return math.inf if value > 0 else -math.inf
     return None
 
 
@@ -282,30 +286,29 @@ def load_eval_fn(spec: str) -> EvalFn:
 def _load_model(out: Path | str) -> CMD:
     out = Path(out)
     if not out.is_dir():
-        raise InputError(f"{out}: not a directory; pass the output directory of `cmd fit`")
-    path = out / api.MODEL_FILE
+        raise InputError(
+            f"{printable(out)}: not a directory; pass the output directory of `cmd fit`"
+        )
+    path = out / MODEL_FILE
     if not path.is_file():
-        raise InputError(f"{out}: no {api.MODEL_FILE} here; run `cmd fit` first")
+        raise InputError(f"{printable(out)}: no {MODEL_FILE} here; run `cmd fit` first")
     return CMD.load(path)
 
 
 def _records(model: CMD) -> list[dict]:
-    return list(model.metadata_["checkpoints"])  # type: ignore[index]
+    return [{"name": r.name, "step": r.step} for r in model.model_file_.checkpoints]
 
 
 def _check_position(model: CMD, t: int) -> int:
-    n = len(_records(model))
+    n = len(model.model_file_.checkpoints)
     if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not -n <= t < n:
         raise InputError(f"checkpoint position must be an integer in [{-n}, {n - 1}], got {t!r}")
     return int(t) % n
 
 
-def _trust_pickle(model: CMD) -> bool:
-    settings = model.metadata_.get("settings", {}) or {}  # type: ignore[union-attr]
-    return bool(settings.get("trust_pickle", False))
-
-
-def original_state_dict(model: CMD, t: int) -> StateDict:
+def original_state_dict(
+    model: CMD, t: int, *, run: str | Path | None = None, trust_pickle: bool = False
+) -> StateDict:
     """The original checkpoint ``t`` as it is on disk: every tensor, original names and dtypes.
 
     Parameters
@@ -314,6 +317,10 @@ def original_state_dict(model: CMD, t: int) -> StateDict:
         A model read with :meth:`CMD.load` from a ``cmd fit`` output.
     t : int
         Position of the checkpoint among the fitted ones (0 … T−1, negative from the end).
+    run : path, optional
+        Where the run's checkpoints are now; the recorded run directory by default.
+    trust_pickle : bool, default False
+        Unpickle with ``weights_only=False`` (never decided by the model file).
 
     Raises
     ------
@@ -321,18 +328,16 @@ def original_state_dict(model: CMD, t: int) -> StateDict:
         If the checkpoint's files no longer exist (or cannot be read).
     """
     t = _check_position(model, t)
-    ckpt = api._checkpoint_from_record(_records(model)[t])
-    missing = [p for p in ckpt.weight_files if not p.exists()]
-    if missing or not ckpt.weight_files:
-        gone = missing[0] if missing else ckpt.path
-        raise InputError(
-            f"{ckpt.name}: the original checkpoint is needed but {gone} no longer exists "
-            f"(the run was fitted from {Path(ckpt.path).parent})"
-        )
-    return load_state_dict(ckpt, trust_pickle=_trust_pickle(model))
+    ckpt = api.fitted_checkpoints(model, run)[t]
+    problem = api._missing_original(ckpt)
+    if problem is not None:
+        raise problem
+    return load_state_dict(ckpt, trust_pickle=trust_pickle)
 
 
-def cmd_state_dict(model: CMD, t: int) -> StateDict:
+def cmd_state_dict(
+    model: CMD, t: int, *, run: str | Path | None = None, trust_pickle: bool = False
+) -> StateDict:
     """Checkpoint ``t`` rebuilt from the model, exactly as ``cmd reconstruct`` writes it.
 
     Modelled tensors are a·r(t) + b in their original dtype and shape; the others
@@ -344,13 +349,17 @@ def cmd_state_dict(model: CMD, t: int) -> StateDict:
         A model read with :meth:`CMD.load` from a ``cmd fit`` output.
     t : int
         Position of the checkpoint among the fitted ones (0 … T−1, negative from the end).
+    run, trust_pickle
+        As for :func:`original_state_dict`, when the original must be read.
 
     Returns
     -------
     dict of str to torch.Tensor
         Every tensor of the original checkpoint, in its order.
     """
-    return api.rebuild_state_dict(model, _check_position(model, t))
+    return api.rebuild_state_dict(
+        model, _check_position(model, t), run=run, trust_pickle=trust_pickle
+    )
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -369,12 +378,19 @@ def _parse_checkpoints(text: str, records: Sequence[dict], option: str) -> list[
             raise InputError(
                 f"{option}: expected last, all or steps like 100,200, got {text!r}"
             ) from None
-    ckpts = [api._checkpoint_from_record(r) for r in records]
-    return api._parse_reconstruct(cleaned, ckpts, option=option)
+    steps = [r["step"] for r in records]
+    return api._parse_reconstruct(cleaned, steps, option=option)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+def _write_json(out: Path, name: str, data: dict) -> None:
+    """Write ``out/name`` as strict JSON; non-finite figures become null, with a notice."""
+    bad = list(non_finite_paths(data))
+    if bad:
+        data.setdefault("notices", []).append(
+            f"{len(bad)} value(s) returned by the evaluation function are not finite numbers "
+            f"(e.g. {bad[0]}) and are written as null"
+        )
+    outdir.write_file(Path(out), name, dumps(data) + "\n")
 
 
 def _check_decay(ema_decay: float) -> float:
@@ -435,6 +451,8 @@ def evaluate_fit(
     ema_decay: float = 0.9,
     swa_start: int | None = None,
     progress: Progress | None = None,
+    run: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> dict:
     """Score original and CMD weights with the user's function (``cmd evaluate``).
 
@@ -495,7 +513,7 @@ def evaluate_fit(
     averages = _Averages(decay, swa_start)
     scored: dict[int, dict] = {}
     for t, rec in enumerate(records):
-        sd = original_state_dict(model, t)
+        sd = original_state_dict(model, t, run=run, trust_pickle=trust_pickle)
         averages.add(sd, steps[t])
         if progress:
             progress("baselines", t + 1, n_base)
@@ -504,7 +522,10 @@ def evaluate_fit(
             done_calls += 1
             if progress:
                 progress("evaluate", done_calls, n_calls)
-            cmd = fn(cmd_state_dict(model, t), _describe(rec, "CMD"))
+            cmd = fn(
+                cmd_state_dict(model, t, run=run, trust_pickle=trust_pickle),
+                _describe(rec, "CMD"),
+            )
             done_calls += 1
             if progress:
                 progress("evaluate", done_calls, n_calls)
@@ -545,7 +566,7 @@ def evaluate_fit(
             },
         },
     }
-    _write_json(Path(out) / EVALUATION_FILE, result)
+    _write_json(Path(out), EVALUATION_FILE, result)
     return result
 
 
@@ -559,8 +580,10 @@ class _Landscape:
     tensors holding weights of the two modes are recomputed, and only at those weights.
     """
 
-    def __init__(self, model: CMD, t: int, m1: int, m2: int) -> None:
-        self.base = cmd_state_dict(model, t)
+    def __init__(
+        self, model: CMD, t: int, m1: int, m2: int, *, run=None, trust_pickle: bool = False
+    ) -> None:
+        self.base = cmd_state_dict(model, t, run=run, trust_pickle=trust_pickle)
         self.parts: list[tuple[str, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]]]
         self.parts = []
         modes = model.modes_
@@ -625,6 +648,8 @@ def compute_landscape(
     checkpoint: str = "last",
     metric: str | None = None,
     progress: Progress | None = None,
+    run: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> dict:
     """The metric on a grid of two modes' reference values (paper Fig. 4).
 
@@ -685,7 +710,7 @@ def compute_landscape(
             )
         axes.append(refs[m, t] + u * float(span) * width)
     xs, ys = axes
-    landscape = _Landscape(model, t, m1, m2)
+    landscape = _Landscape(model, t, m1, m2, run=run, trust_pickle=trust_pickle)
     total = int(grid) ** 2
     if progress:
         progress("landscape", 0, total)
@@ -733,5 +758,5 @@ def compute_landscape(
         "maximize": maximize,
         "best": {"x": float(xs[bi]), "y": float(ys[bj]), "value": float(z[bj, bi])},
     }
-    _write_json(Path(out) / LANDSCAPE_FILE, result)
+    _write_json(Path(out), LANDSCAPE_FILE, result)
     return result

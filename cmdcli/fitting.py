@@ -34,7 +34,7 @@ import torch
 from .errors import CMDError, InputError
 
 if TYPE_CHECKING:
-    from .writers import CoefficientSink
+    from .io.modelfile import CoefficientSink
 
 __all__ = [
     "BlockResult",

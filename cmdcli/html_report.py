@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InputError
+from .io import outdir
 from .reports import lower_is_better
-from .writers import atomic_write_text
 
 __all__ = ["REPORT_FILE", "build_html"]
 
@@ -507,6 +507,4 @@ def build_html(out: Path | str, images: Sequence[Path] | None = None) -> Path:
         + "\n".join(b for b in body if b)
         + "\n</body>\n</html>\n"
     )
-    target = out / REPORT_FILE
-    atomic_write_text(target, page)
-    return target
+    return outdir.write_file(out, REPORT_FILE, page)

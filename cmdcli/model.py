@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,16 +23,14 @@ import torch
 
 from . import fitting
 from . import references as refs_mod
-from .errors import CMDError, InputError, NotFittedError
+from .errors import InputError, NotFittedError
 from .fitting import BlockResult, Progress, Segment, TrajectorySource
-from .writers import CoefficientSink, SafetensorsWriter, TensorEntry
+from .io.modelfile import FORMAT_NAME, FORMAT_VERSION, REFERENCE_KINDS, CoefficientSink
+from .io.safetensors import SafetensorsWriter
 
 __all__ = ["CMD", "ArraySource", "FORMAT_NAME", "FORMAT_VERSION", "REFERENCE_KINDS"]
 
-FORMAT_NAME = "cmd"
-FORMAT_VERSION = "1"
 DEFAULT_MAX_MEMORY = 512 * 2**20
-REFERENCE_KINDS = ("refined", "sampled", "robust")
 MAX_AUTO_MODES = 20
 
 
@@ -115,38 +111,6 @@ def _rows(merged: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> np.ndar
 
 def _mode_dtype(n_modes: int) -> np.dtype:
     return np.dtype(np.uint8) if n_modes <= 256 else np.dtype(np.int32)
-
-
-_NUMPY_CODES = {"F32": np.float32, "U8": np.uint8, "I32": np.int32, "I16": np.int16}
-
-
-def _map_coefficients(
-    path: Path, names: Sequence[str], n_weights: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``a_``, ``b_``, ``modes_`` of a model file, memory-mapped (copy-on-write).
-
-    Possible when each kind's tensors lie back to back in the model's tensor order,
-    as :meth:`CMD.save` lays them out; None otherwise (files of earlier versions).
-    """
-    if n_weights == 0:
-        return None
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    mapped = []
-    for kind in ("a", "b", "mode"):
-        entries = [header.get(f"{kind}/{n}") for n in names]
-        if any(e is None for e in entries) or len({e["dtype"] for e in entries}) != 1:
-            return None
-        dtype = _NUMPY_CODES.get(entries[0]["dtype"])
-        spans = [e["data_offsets"] for e in entries]
-        if dtype is None or any(p[1] != q[0] for p, q in zip(spans, spans[1:])):
-            return None
-        if spans[-1][1] - spans[0][0] != n_weights * np.dtype(dtype).itemsize:
-            return None
-        offset = 8 + length + spans[0][0]
-        mapped.append(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=(n_weights,)))
-    return mapped[0], mapped[1], mapped[2]
 
 
 def _check_shapes(shapes: dict[str, tuple[int, ...]] | None, sizes: dict[str, int]) -> None:
@@ -487,10 +451,9 @@ class CMD:
         if sink is None:
             self.a_, self.b_, self.modes_ = a, b, modes
         else:
-            mapped = _map_coefficients(Path(out), list(sizes), n_weights)
-            if mapped is None:  # only when there are no weights at all
-                raise CMDError(f"{out}: the model file just written could not be mapped")
-            self.a_, self.b_, self.modes_ = mapped
+            from .io.modelfile import read_model
+
+            self.a_, self.b_, self.modes_ = read_model(out).coefficients()
         self.statistics_ = stats
         self.explained_variance_ = stats.explained_variance
         self.relative_error_ = stats.relative_error
@@ -598,39 +561,12 @@ class CMD:
         metadata: dict[str, object] | None,
         extra: dict[str, torch.Tensor] | None,
     ) -> SafetensorsWriter:
-        """Open the model file and write all but the coefficients.
+        """Open the model file and write all but the coefficients (:mod:`cmdcli.io.modelfile`)."""
+        from .io.modelfile import open_writer
 
-        The coefficients are laid out kind by kind (every ``a/NAME``, then every
-        ``b/NAME``, then every ``mode/NAME``) in the model's tensor order, so that
-        each kind is one contiguous array in the file, which :meth:`load` maps.
-        """
         _check_shapes(shapes, self.tensor_sizes_)
         shapes = shapes or {k: (v,) for k, v in self.tensor_sizes_.items()}
-        steps = np.arange(self.n_checkpoints_) if steps is None else np.asarray(steps)
-        mode_torch = torch.from_numpy(np.zeros(0, dtype=_mode_dtype(self.n_modes_))).dtype
-        names = list(self.tensor_sizes_)
-        owner = np.concatenate(
-            [
-                np.full(len(idx), names.index(n), dtype=np.int32)
-                for n, idx in self.sample_index_.items()
-            ]
-        )
-        tensors: dict[str, torch.Tensor] = {
-            "references": torch.from_numpy(self.references_),
-            "steps": torch.from_numpy(steps.astype(np.int64)),
-            "sample/values": torch.from_numpy(self.samples_),
-            "sample/mode": torch.from_numpy(self.sample_modes_.astype(np.int64)),
-            "sample/tensor": torch.from_numpy(owner),
-            "sample/index": torch.from_numpy(np.concatenate(list(self.sample_index_.values()))),
-        }
-        entries = [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-        for kind, dtype in (("a", torch.float32), ("b", torch.float32), ("mode", mode_torch)):
-            entries += [TensorEntry(f"{kind}/{n}", dtype, tuple(sh)) for n, sh in shapes.items()]
-        for name, t in (extra or {}).items():
-            entries.append(TensorEntry(name, t.dtype, tuple(t.shape)))
         header = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
             "references_kind": self.references_kind_,
             "tensors": list(shapes),
             "reference_locations": [list(loc) for loc in self.reference_locations_],
@@ -644,123 +580,71 @@ class CMD:
             },
             "refinement": self.refinement_,
             "modes_curve": self.modes_curve_,
+            **(metadata or {}),
         }
-        header.update(metadata or {})
-        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in header.items()}
-        w = SafetensorsWriter(path, entries, meta, keep_order=True)
-        try:
-            for n, t in tensors.items():
-                w.write(n, t)
-            for name, t in (extra or {}).items():
-                w.write(name, t)
-        except BaseException:
-            w.abort()
-            raise
-        return w
+        return open_writer(
+            path,
+            references=self.references_,
+            steps=np.arange(self.n_checkpoints_) if steps is None else np.asarray(steps),
+            shapes=shapes,
+            mode_dtype=_mode_dtype(self.n_modes_),
+            samples=self.samples_,
+            sample_modes=self.sample_modes_,
+            sample_index=self.sample_index_,
+            header=header,
+            extra=extra,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CMD:
         """Read a model written by :meth:`save` (or ``cmd fit``).
 
+        The file is checked as an untrusted input first (:func:`cmdcli.io.modelfile.read_model`).
+        The coefficients are memory-mapped, not read: a model may be larger than memory.
+
         Returns
         -------
         CMD
-            A fitted estimator; ``metadata_`` holds the file's header, decoded,
-            ``shapes_`` the original tensor shapes and ``steps_`` the steps.
+            A fitted estimator; ``metadata_`` holds the file's metadata, decoded,
+            ``shapes_`` the original tensor shapes, ``steps_`` the steps, and
+            ``model_file_`` the checked file (checkpoint records among it).
         """
-        from safetensors import SafetensorError, safe_open
+        from .io.modelfile import read_model
 
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: no such model file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
-                if raw.get("format") != FORMAT_NAME:
-                    raise InputError(
-                        f"{path}: not a cmd model "
-                        f"(format {raw.get('format')!r}, expected {FORMAT_NAME!r})"
-                    )
-                meta: dict[str, object] = {}
-                for key, value in raw.items():
-                    try:
-                        meta[key] = json.loads(value)
-                    except json.JSONDecodeError:
-                        meta[key] = value
-                fit = meta.get("fit", {})
-                params = (
-                    "n_modes",
-                    "n_samples",
-                    "seed",
-                    "references",
-                    "n_refine",
-                    "target_variance",
-                )
-                # Files written before refined references existed hold sampled ones.
-                model = cls(**{"references": "sampled", **{k: fit[k] for k in params if k in fit}})
-                names = list(meta.get("tensors", []))  # type: ignore[arg-type]
-                stored = set(f.keys())
-                needed = (
-                    "references",
-                    "steps",
-                    *(f"{k}/{n}" for n in names for k in ("a", "b", "mode")),
-                )
-                for key in needed:
-                    if key not in stored:
-                        raise InputError(f"{path}: not a complete cmd model (no tensor {key!r})")
-                shapes = {name: tuple(f.get_slice(f"a/{name}").get_shape()) for name in names}
-                n_weights = sum(int(np.prod(v, dtype=np.int64)) for v in shapes.values())
-                # Mapped, not read: a model may be larger than memory.
-                mapped = _map_coefficients(path, names, n_weights)
-                a, b, modes = [], [], []
-                if mapped is None:  # an earlier layout, or no weights: read them
-                    for name in names:
-                        a.append(f.get_tensor(f"a/{name}").reshape(-1).numpy())
-                        b.append(f.get_tensor(f"b/{name}").reshape(-1).numpy())
-                        modes.append(f.get_tensor(f"mode/{name}").reshape(-1).numpy())
-                model.references_ = f.get_tensor("references").numpy()
-                model.steps_ = f.get_tensor("steps").numpy()
-                # The sampled trajectories are only needed for plots.
-                sample = {
-                    k: f.get_tensor(f"sample/{k}").numpy() if f"sample/{k}" in stored else None
-                    for k in ("values", "mode", "tensor", "index")
-                }
-                model.extra_names_ = [k for k in f.keys() if k.startswith("extra/")]
-        except SafetensorError as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
-        model.n_modes_ = int(model.references_.shape[0])
-        model.tensor_sizes_ = {n: int(np.prod(s, dtype=np.int64)) for n, s in shapes.items()}
-        model.shapes_ = shapes
-        if mapped is not None:
-            model.a_, model.b_, model.modes_ = mapped
-        else:
-            model.a_ = np.concatenate(a) if a else np.zeros(0, np.float32)
-            model.b_ = np.concatenate(b) if b else np.zeros(0, np.float32)
-            model.modes_ = np.concatenate(modes) if modes else np.zeros(0, np.uint8)
-        model.reference_locations_ = [tuple(x) for x in meta.get("reference_locations", [])]
-        model.references_kind_ = str(meta.get("references_kind", "sampled"))
-        model.refinement_ = meta.get("refinement")
-        model.modes_curve_ = list(meta.get("modes_curve") or [])
-        owner, flat = sample["tensor"], sample["index"]
+        mf = read_model(path)
+        meta = mf.metadata
+        fit = meta["fit"]
+        params = ("n_modes", "n_samples", "seed", "references", "n_refine", "target_variance")
+        # Files written before refined references existed hold sampled ones.
+        model = cls(**{"references": "sampled", **{k: fit[k] for k in params if k in fit}})
+        model.references_ = mf.array("references")
+        model.steps_ = mf.array("steps")
+        model.n_modes_ = mf.n_modes
+        model.tensor_sizes_ = {n: int(np.prod(s, dtype=np.int64)) for n, s in mf.shapes.items()}
+        model.shapes_ = dict(mf.shapes)
+        model.a_, model.b_, model.modes_ = mf.coefficients()
+        model.reference_locations_ = [tuple(x) for x in meta["reference_locations"]]
+        model.references_kind_ = meta["references_kind"]
+        model.refinement_ = meta["refinement"]
+        model.modes_curve_ = list(meta["modes_curve"] or [])
+        owner, flat = mf.array("sample/tensor"), mf.array("sample/index")
+        names = list(mf.shapes)
         if owner is not None and flat is not None:
             model.sample_index_ = {
                 name: flat[owner == i] for i, name in enumerate(names) if np.any(owner == i)
             }
         else:
             model.sample_index_ = {}
-        model.samples_ = sample["values"]
-        model.sample_modes_ = sample["mode"]
+        model.samples_ = mf.array("sample/values")
+        model.sample_modes_ = mf.array("sample/mode")
+        model.extra_names_ = mf.extra_names
         model.metadata_ = meta
-        model.path_ = path
+        model.model_file_ = mf
+        model.path_ = mf.path
         return model
 
     def get_extras(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tensors stored beside the model (``extra/…``), read from the loaded file at once."""
-        from safetensors import safe_open
-
-        if not hasattr(self, "path_"):
+        """Tensors stored beside the model (``extra/…``), read from the loaded file."""
+        if not hasattr(self, "model_file_"):
             raise NotFittedError("get_extras needs a model read with CMD.load()")
-        if not names:
-            return {}
-        with safe_open(str(self.path_), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in names}
+        return {name: self.model_file_.tensor(name) for name in names}

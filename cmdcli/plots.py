@@ -1061,19 +1061,29 @@ def save_plot(
     out = _fit_dir(out)
     target = _target(kind, out, fmt, dest)
     fig = draw(out, **options)
-    _write_figure(fig, target, fmt)
+    _write_figure(fig, target, fmt, root=out if dest is None else None)
     return target
 
 
-def _write_figure(fig: Figure, target: Path, fmt: str) -> None:
+def _write_figure(fig: Figure, target: Path, fmt: str, *, root: Path | None = None) -> None:
+    """Save ``fig`` atomically; inside a fit's output ``root``, recorded in its manifest."""
     import matplotlib
 
+    from .io import outdir
+
     metadata = {"png": {"Software": "cmdcli"}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
+
+    def save(path: Path) -> None:
+        with matplotlib.rc_context(_STYLE):
+            fig.savefig(path, format=fmt, dpi=PNG_DPI, metadata=metadata[fmt])
+
+    if root is not None:
+        outdir.write_file(root, target.relative_to(root).as_posix(), save)
+        return
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with matplotlib.rc_context(_STYLE):
-            fig.savefig(tmp, format=fmt, dpi=PNG_DPI, metadata=metadata[fmt])
+        save(tmp)
         os.replace(tmp, target)
     except OSError as exc:
         raise InputError(f"{target}: cannot write the plot ({exc.strerror or exc})") from None

@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cmdcli.checkpoints as ck
-from cmdcli.checkpoints import (
+import cmdcli.io.safetensors as ck
+from cmdcli.errors import CheckpointError, InputError
+from cmdcli.io import (
     FLOAT_DTYPES,
     Checkpoint,
     CheckpointReader,
@@ -26,7 +27,6 @@ from cmdcli.checkpoints import (
     discover,
     load_state_dict,
 )
-from cmdcli.errors import CheckpointError, InputError
 from tests.builders import (
     TinyNet,
     tiny_state_dicts,
@@ -129,16 +129,16 @@ LAYOUTS: dict[str, Callable[[Path, list, list], object]] = {
     ),
 }
 
-EXPECTED = {  # layout: (format, state_key, step_source, files per checkpoint)
-    "torch": ("torch", None, "name", 1),
-    "torch-wrapped": ("torch", "model", "name", 1),
-    "torch-legacy": ("torch", None, "name", 1),
-    "lightning": ("lightning", "state_dict", "checkpoint", 1),
-    "safetensors": ("safetensors", None, "name", 1),
-    "hf-safetensors": ("hf-safetensors", None, "trainer_state.json", 1),
-    "hf-sharded": ("hf-sharded", None, "trainer_state.json", 2),
-    "hf-bin": ("hf-bin", None, "trainer_state.json", 1),
-    "hf-bin-sharded": ("hf-bin", None, "trainer_state.json", 3),
+EXPECTED = {  # layout: (format, detail, state_key, step_source, files per checkpoint)
+    "torch": ("torch", None, None, "name", 1),
+    "torch-wrapped": ("torch", None, "model", "name", 1),
+    "torch-legacy": ("torch", None, None, "name", 1),
+    "lightning": ("lightning", "lightning", "state_dict", "checkpoint", 1),
+    "safetensors": ("safetensors", None, None, "name", 1),
+    "hf-safetensors": ("hf", "safetensors", None, "trainer_state.json", 1),
+    "hf-sharded": ("hf", "sharded", None, "trainer_state.json", 2),
+    "hf-bin": ("hf", "bin", None, "trainer_state.json", 1),
+    "hf-bin-sharded": ("hf", "bin, sharded", None, "trainer_state.json", 3),
 }
 
 
@@ -147,9 +147,10 @@ def test_layout_reads_back_what_was_written(tmp_path: Path, layout: str) -> None
     sds = tiny_state_dicts(len(STEPS), seed=1)
     LAYOUTS[layout](tmp_path, sds, STEPS)
     run = discover(tmp_path)
-    fmt, key, source, n_files = EXPECTED[layout]
+    fmt, detail, key, source, n_files = EXPECTED[layout]
     assert run.root == tmp_path
     assert [c.format for c in run.checkpoints] == [fmt] * len(STEPS)
+    assert {c.detail for c in run.checkpoints} == {detail}
     assert {c.state_key for c in run.checkpoints} == {key}
     assert {c.step_source for c in run.checkpoints} == {source}
     for ckpt in run.checkpoints:
@@ -197,12 +198,17 @@ def test_state_dict_preferred_over_model_and_non_tensors_ignored(tmp_path: Path)
     assert set(run.specs) == set(sds[0])
 
 
-def test_unknown_wrapper_lists_top_level_keys(tmp_path: Path) -> None:
+def test_unknown_wrapper_key_is_a_set_of_weights(tmp_path: Path) -> None:
     sds = tiny_state_dicts(1, seed=0)
     write_torch_run(tmp_path, sds, [1], wrap_key="weights", extra={"epoch": 1})
-    with pytest.raises(
-        CheckpointError, match=r"epoch_1\.pt: no state dict found.*'weights', 'epoch'"
-    ):
+    run = discover(tmp_path)
+    assert run.checkpoints[0].state_key == "weights"
+    assert set(run.specs) == set(sds[0])
+
+
+def test_no_tensors_lists_top_level_keys(tmp_path: Path) -> None:
+    torch.save({"epoch": 1, "note": "no weights here"}, tmp_path / "epoch_1.pt")
+    with pytest.raises(CheckpointError, match=r"epoch_1\.pt: no state dict found.*'epoch', 'note'"):
         discover(tmp_path)
 
 
@@ -258,7 +264,7 @@ def test_unreadable_trainer_state_falls_back_to_name(tmp_path: Path) -> None:
         (1, "name"),
         (2, "trainer_state.json"),
     ]
-    assert any("trainer_state.json is unreadable" in n for n in run.notices)
+    assert any("trainer_state.json is unreadable" in n for n in run.notices), run.notices
 
 
 @pytest.mark.parametrize("key", ["global_step", "step"])
@@ -505,7 +511,7 @@ def test_root_that_is_one_hf_checkpoint(tmp_path: Path) -> None:
         "checkpoint-500",
         500,
         path,
-        "hf-safetensors",
+        "hf",
     )
     assert run.skipped == []
     assert any("itself one checkpoint directory" in n for n in run.notices)
@@ -632,7 +638,7 @@ def test_file_truncated_after_discovery_fails_on_read(tmp_path: Path) -> None:
     paths = write_safetensors_run(tmp_path, tiny_state_dicts(2, seed=0), [1, 2])
     run = discover(tmp_path)
     with run.checkpoints[1].open() as reader:
-        last = max(reader.specs(), key=lambda n: ck._SafetensorsReader._entry(reader, n).offset)
+        last = max(reader.specs(), key=lambda n: ck.SafetensorsReader._entry(reader, n).offset)
         paths[1].write_bytes(paths[1].read_bytes()[:-8])
         with pytest.raises(CheckpointError, match=r"step_2\.safetensors: file is truncated"):
             reader.read(last)
@@ -877,13 +883,13 @@ class PreadSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.ranges: list[tuple[int, int]] = []
-        real = ck._pread_into
+        real = ck.pread_into
 
         def spy(fd: int, view: memoryview, offset: int) -> int:
             self.ranges.append((offset, len(view)))
             return real(fd, view, offset)
 
-        monkeypatch.setattr(ck, "_pread_into", spy)
+        monkeypatch.setattr(ck, "pread_into", spy)
 
     @property
     def total(self) -> int:
@@ -1068,7 +1074,7 @@ def test_hf_weight_file_beside_a_run_is_skipped(tmp_path: Path) -> None:
     ],
 )
 def test_step_from_name_prefers_tagged_numbers_and_ignores_decimals(name, step):
-    from cmdcli.checkpoints import _name_step
+    from cmdcli.io.steps import name_step as _name_step
 
     assert _name_step(name) == step
 

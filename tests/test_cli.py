@@ -164,7 +164,7 @@ def test_model_file_contract(tmp_path):
     with safe_open(str(out / "cmd.safetensors"), framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-        assert meta["format"] == "cmd" and meta["format_version"] == "1"
+        assert meta["format"] == "cmd" and meta["format_version"] == "2"
         settings = json.loads(meta["settings"])
         assert settings["n_modes"] == 2 and settings["seed"] == 0
         ckpts = json.loads(meta["checkpoints"])
@@ -396,15 +396,19 @@ def test_more_modes_than_samples(good_run, tmp_path):
 def test_existing_output_needs_overwrite_and_must_be_a_cmd_output(good_run, tmp_path):
     out = tmp_path / "out"
     assert cmd("fit", good_run, "-o", out, "-q").exit_code == 0
-    (out / "stale.txt").write_text("from an earlier fit")
     assert_input_error(cmd("fit", good_run, "-o", out), "--overwrite")
     assert cmd("fit", good_run, "-o", out, "--overwrite", "-q").exit_code == 0
-    assert not (out / "stale.txt").exists()  # an earlier cmd output is replaced
+    # A file the user put into an earlier output is theirs: never deleted.
+    (out / "notes.txt").write_text("my notes on this fit")
+    assert_input_error(cmd("fit", good_run, "-o", out, "--overwrite"), "notes.txt was not written")
+    assert (out / "notes.txt").read_text() == "my notes on this fit"
+    (out / "notes.txt").unlink()
+    assert cmd("fit", good_run, "-o", out, "--overwrite", "-q").exit_code == 0
     mine = tmp_path / "thesis"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     result = cmd("fit", good_run, "-o", mine, "--overwrite")
-    assert_input_error(result, "is not an output of cmd")
+    assert_input_error(result, "was not written by cmd")
     assert (mine / "thesis.tex").read_text() == "years of work"
 
 
@@ -491,6 +495,7 @@ def test_reconstruct_clash_writes_nothing(tmp_path):
     assert_input_error(result, "epoch_80.safetensors: already exists")
     assert [p.name for p in (out / "reconstructed").iterdir()] == ["epoch_80.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == [
+        ".cmd-manifest.json",
         "cmd.safetensors",
         "reconstructed",
         "report.json",
@@ -510,7 +515,7 @@ def test_model_file_without_plot_data_still_rebuilds_but_not_without_coefficient
     del kept["b/fc1.bias"]
     save_file(kept, str(out / "cmd.safetensors"), metadata=meta)
     result = cmd("reconstruct", out, "--step", "20", "-q")
-    assert_input_error(result, "not a complete cmd model (no tensor 'b/fc1.bias')")
+    assert_input_error(result, "tensor 'b/fc1.bias' is missing; not a complete cmd model")
 
 
 def test_reconstruct_never_writes_into_the_run(tmp_path):
@@ -547,7 +552,8 @@ def test_checkpoints_sharing_a_stem_get_distinct_reconstructions(tmp_path):
         assert torch.equal(rebuilt["bn.num_batches_tracked"], sd["bn.num_batches_tracked"])
     result = cmd("reconstruct", out, "--step", "all", "--dest", tmp_path / "again", "-q")
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == names
+    again = sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert again == [".cmd-manifest.json", *names]  # --dest records what cmd wrote there
 
 
 def test_messages_that_point_at_the_fix(tmp_path):

@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 import cmdcli.api as api_mod
 import cmdcli.distributed as dist_mod
 from cmdcli.api import FitOptions, RunSource, fit_run, plan_fit
-from cmdcli.checkpoints import discover
 from cmdcli.cli import app
 from cmdcli.distributed import ClusterExecutor, connect
 from cmdcli.errors import InputError
 from cmdcli.fitting import Segment, bytes_per_weight
+from cmdcli.io import discover
 from tests.builders import write_safetensors_run, write_torch_run
 from tests.planted import planted_modes
 

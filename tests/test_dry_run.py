@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cmdcli import checkpoints
 from cmdcli.api import FitOptions, fit_run, plan_fit
 from cmdcli.cli import app
 from cmdcli.errors import InputError
+from cmdcli.io import safetensors as checkpoints
 from tests.builders import tiny_state_dicts, write_safetensors_run, write_torch_run
 from tests.planted import planted_modes
 
@@ -55,7 +55,7 @@ def test_tiny_run_numbers_and_no_output(tmp_path, monkeypatch):
         raise AssertionError("a dry run must not read weights")
 
     for method in ("read", "gather"):
-        monkeypatch.setattr(checkpoints._SafetensorsReader, method, no_reading)
+        monkeypatch.setattr(checkpoints.SafetensorsReader, method, no_reading)
     monkeypatch.chdir(tmp_path)  # where the default OUT would go
     result = dry_run(tmp_path / "run", "--json")
     assert result.exit_code == 0, result.output

@@ -211,7 +211,7 @@ def test_original_files_gone(tmp_path):
     (tmp_path / "run" / "epoch_30.pt").unlink()
     model = CMD.load(out / "cmd.safetensors")
     with pytest.raises(
-        InputError, match=r"epoch_30.pt: the original checkpoint .* no longer exists"
+        InputError, match=r"epoch_30.pt: the original checkpoint is needed but .* does not exist"
     ):
         original_state_dict(model, 2)
     with pytest.raises(InputError, match="epoch_30.pt"):
@@ -380,6 +380,7 @@ def test_function_raising_names_the_checkpoint(tmp_path):
     # nothing written on failure: the earlier file is untouched, no temporary left
     assert (out / "evaluation.json").read_text() == '{"old": true}\n'
     assert sorted(p.name for p in out.iterdir()) == [
+        ".cmd-manifest.json",
         "cmd.safetensors",
         "evaluation.json",
         "report.json",

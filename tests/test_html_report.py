@@ -159,7 +159,8 @@ def test_page_has_summary_tables_evaluation_and_embedded_figures(tmp_path):
         for r in page.rows
     )
     assert f"{ev}:evaluate" in page.plain
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == [".cmd-manifest.json"]  # no temporary file left
 
 
 def test_given_images_svg_and_pdf(tmp_path):
@@ -270,12 +271,13 @@ def test_landscape_summary_and_rewrite(tmp_path):
         "best": {"x": 1.0, "y": 1.0, "value": 0.5},
     }
     (tmp_path / "landscape.json").write_text(json.dumps(landscape))
-    (tmp_path / "report.html").write_text("old")
+    build_html(tmp_path)  # a first page, replaced by the second
     page = Page(build_html(tmp_path).read_text(encoding="utf-8"))
     cells = {tuple(r) for r in page.rows}
     assert ("best loss (lowest)", "0.5000 at (1.0000, 1.0000)") in cells
     assert ("CMD point (x, y)", "(0.5000, 0.2500)") in cells
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cmd-manifest.json",
         "landscape.json",
         "report.html",
         "report.json",

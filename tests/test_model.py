@@ -204,7 +204,7 @@ def test_load_rejects_other_files(tmp_path):
     with pytest.raises(InputError, match="no such model file"):
         CMD.load(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x01\x02junk")
-    with pytest.raises(InputError, match="not a readable safetensors file"):
+    with pytest.raises(InputError, match="not a readable model file"):
         CMD.load(tmp_path / "junk.safetensors")
 
 
@@ -248,12 +248,12 @@ def test_a_full_disk_is_a_one_line_input_error(tmp_path, planted, monkeypatch):
     import errno
     import os
 
-    from cmdcli import writers
+    from cmdcli.io import safetensors
 
     def full(fd, data, pos):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(writers.os, "pwrite", full)
+    monkeypatch.setattr(safetensors.os, "pwrite", full)
     with pytest.raises(InputError, match=r"cmd\.safetensors.*: cannot write \(No space left"):
         CMD(n_modes=4).fit(planted.W, out=tmp_path / "cmd.safetensors")
     assert list(tmp_path.iterdir()) == []

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 from scipy.spatial.distance import pdist
 
-import cmdcli.checkpoints as ck
+import cmdcli.io.safetensors as ck
 from cmdcli import fitting
-from cmdcli.checkpoints import discover
 from cmdcli.errors import CheckpointError
+from cmdcli.io import discover
 from tests.planted import planted_modes
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "BOOL": 1}

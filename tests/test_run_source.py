@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmdcli import checkpoints
 from cmdcli.api import RunSource
-from cmdcli.checkpoints import discover
 from cmdcli.fitting import Segment
+from cmdcli.io import base as checkpoints
+from cmdcli.io import discover
 from tests.builders import tiny_state_dicts, write_safetensors_run, write_torch_run
 
 STEPS = [1, 2, 3, 4, 5]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cmdcli.api import FitOptions, fit_run
-from cmdcli.checkpoints import discover, load_state_dict
+from cmdcli.io import discover, load_state_dict
 
 RUNS = Path(__file__).resolve().parent.parent / "sample_runs"
 

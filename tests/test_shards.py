@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cmdcli.api import _sized_groups
-from cmdcli.checkpoints import TensorSpec
 from cmdcli.cli import app
+from cmdcli.io import TensorSpec
+from cmdcli.io.layout import sized_groups as _sized_groups
 from tests.builders import TinyNet, tiny_state_dicts, write_hf_run, write_torch_run
 
 STEPS = [10, 20, 30, 40, 50, 60]

@@ -3,7 +3,8 @@ import torch
 from safetensors.torch import load_file
 
 from cmdcli.errors import InputError
-from cmdcli.writers import SafetensorsWriter, TensorEntry, atomic_directory
+from cmdcli.io.outdir import new_directory
+from cmdcli.io.safetensors import SafetensorsWriter, TensorEntry
 
 
 def test_streamed_file_reads_back_with_safetensors(tmp_path):
@@ -39,23 +40,28 @@ def test_writer_rejects_wrong_dtype_and_overflow(tmp_path):
             w.write("w", torch.zeros(3), start=1)
 
 
-def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out"
+def test_new_directory_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "deep" / "out"
     with pytest.raises(RuntimeError):
-        with atomic_directory(target, overwrite=False) as tmp:
+        with new_directory(target, overwrite=False, model_required=False) as tmp:
             (tmp / "partial").write_text("x")
             raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even the parent it created
 
 
-def test_atomic_directory_refuses_existing_unless_overwrite(tmp_path):
+def test_new_directory_replaces_only_what_cmd_wrote(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+    with new_directory(target, overwrite=False, model_required=False) as tmp:
+        (tmp / "old").write_text("old")
     with pytest.raises(InputError, match="already exists; pass --overwrite"):
-        with atomic_directory(target, overwrite=False):
+        with new_directory(target, overwrite=False, model_required=False):
             pass
-    with atomic_directory(target, overwrite=True) as tmp:
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="notes.txt was not written by cmd"):
+        with new_directory(target, overwrite=True, model_required=False):
+            pass
+    (target / "notes.txt").unlink()
+    with new_directory(target, overwrite=True, model_required=False) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in target.iterdir()] == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == [".cmd-manifest.json", "new"]

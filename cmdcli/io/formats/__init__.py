@@ -1,0 +1,1 @@
+"""One module per checkpoint layout; :mod:`cmdcli.io.registry` lists them in one table."""

@@ -1,0 +1,135 @@
+"""JSON in and out: bounded when read from a file, strict when written.
+
+Every JSON file the tool reads comes from somewhere it does not control (an
+index beside the shards, a ``trainer_state.json``, a model file's header), so it
+is read with a size limit, parsed with a depth limit and duplicate keys refused.
+Every JSON the tool writes is strict JSON: a figure that is not finite becomes
+``null`` (callers say why in a notice), never ``NaN`` or ``Infinity``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+__all__ = ["MAX_JSON_BYTES", "dumps", "loads", "read_json", "non_finite_paths"]
+
+MAX_JSON_BYTES = 64 * 2**20
+"""Largest JSON file read (64 MiB): an index or a trainer state is far smaller."""
+MAX_DEPTH = 64
+"""Deepest nesting accepted: the files read are at most a few levels deep."""
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of ``value``, stopping once past ``limit``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return depth
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def loads(text: str | bytes, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse ``text`` strictly; any problem is an :class:`InputError` naming ``what``.
+
+    Refused: invalid JSON, ``NaN``/``Infinity``, duplicate keys, nesting deeper
+    than ``max_depth``.
+    """
+    try:
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InputError(f"{what}: JSON nested too deeply (more than {max_depth} levels)") from None
+    except _Duplicate as exc:
+        raise InputError(f"{what}: invalid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{what}: not valid JSON ({first})") from None
+    if _depth(value, max_depth) > max_depth:
+        raise InputError(f"{what}: JSON nested too deeply (more than {max_depth} levels)")
+    return value
+
+
+def read_json(path: Path, what: str | None = None, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read and parse a JSON file of at most ``max_bytes``, without reading more.
+
+    Raises
+    ------
+    InputError
+        The file cannot be read, is larger than ``max_bytes``, or is not strict JSON.
+    """
+    label = what or str(path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                raise InputError(
+                    f"{label}: {size:,} bytes, more than the {max_bytes:,} a JSON file here "
+                    f"may have"
+                )
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:  # grew while being read
+        raise InputError(f"{label}: more than the {max_bytes:,} bytes a JSON file here may have")
+    return loads(data, label)
+
+
+def non_finite_paths(value: Any, prefix: str = "") -> Iterator[str]:
+    """Where ``value`` holds a float that is NaN or infinite, as ``a.b[3]`` paths."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            yield prefix or "(value)"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from non_finite_paths(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from non_finite_paths(v, f"{prefix}[{i}]")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON text of ``value``: non-finite floats become ``null``.
+
+    Callers that may produce non-finite figures check :func:`non_finite_paths`
+    first and say why in a notice.
+    """
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)

@@ -1,0 +1,83 @@
+"""Every file name the tool reads or writes, in one place.
+
+Readers and writers import these instead of spelling names themselves, so that a
+layout is described once (as accelerate's ``utils/constants.py`` does).
+"""
+
+from __future__ import annotations
+
+import re
+
+# --------------------------------------------------------------------------- cmd's own outputs
+
+MODEL_FILE = "cmd.safetensors"
+"""The fitted model, readable with safetensors alone."""
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+EVALUATION_JSON = "evaluation.json"
+LANDSCAPE_JSON = "landscape.json"
+PLOTS_DIR = "plots"
+RECONSTRUCTED_DIR = "reconstructed"
+MANIFEST = ".cmd-manifest.json"
+"""Lists every file cmd wrote into a directory: what ``--overwrite`` may replace."""
+LOCK_FILE = ".cmd-lock"
+"""Held locked by the process building a temporary directory, for as long as it lives."""
+TMP_TAG = ".cmd-tmp-"
+"""Temporary directories are ``.<target name>.cmd-tmp-<pid>-<random>``."""
+
+# --------------------------------------------------------------------------- checkpoint files
+
+TORCH_SUFFIXES = (".pth.tar", ".ckpt", ".pth", ".pt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+CHECKPOINT_SUFFIXES = (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin")
+"""Longest first, so that ``x.pth.tar`` is not taken for a ``.tar`` or ``.pth`` file."""
+
+# Hugging Face (transformers save_pretrained, Trainer)
+HF_SAFETENSORS = "model.safetensors"
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_BIN = "pytorch_model.bin"
+HF_BIN_INDEX = "pytorch_model.bin.index.json"
+HF_SHARD = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+TRAINER_STATE = "trainer_state.json"
+HF_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")
+HF_TMP_CHECKPOINT_PREFIX = "tmp-checkpoint-"
+
+# PEFT adapters
+PEFT_SAFETENSORS = "adapter_model.safetensors"
+PEFT_BIN = "adapter_model.bin"
+PEFT_CONFIG = "adapter_config.json"
+
+# accelerate Accelerator.save_state
+ACCELERATE_MODEL = re.compile(r"(model|pytorch_model)(_(\d+))?\.(safetensors|bin)")
+ACCELERATE_STATE = re.compile(
+    r"(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|random_states_\d+\.pkl"
+    r"|scaler\.pt|custom_checkpoint_\d+\.pkl"
+)
+
+# torch.distributed.checkpoint
+DCP_METADATA = ".metadata"
+DCP_SHARD = re.compile(r"__\d+_\d+\.distcp")
+
+# DeepSpeed
+DS_STEP_DIR = re.compile(r"global_step(\d+)")
+DS_MODEL_STATES = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+DS_OPTIM_STATES = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+DS_LATEST = "latest"
+
+# The weight files of a directory checkpoint: when a run's own folder holds them (a
+# final model saved into the Trainer's output directory), they are parts of that
+# checkpoint, not checkpoints of the run.
+LAYOUT_FILE = re.compile(
+    r"(model|pytorch_model|adapter_model)(-\d+-of-\d+|_\d+)?\.(safetensors|bin)"
+    r"|(model|pytorch_model)\.(safetensors|bin)\.index\.json"
+    r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt|(layer_\d+-)?mp_rank_\d+_model_states\.pt"
+    r"|__\d+_\d+\.distcp"
+)
+
+# Files saved beside the weights by trainers; never weights, never copied as side files.
+TRAINING_STATE = re.compile(
+    r"(optimizer|optim|opt|scheduler|lr_scheduler|scaler|training_args|rng_state|random_states"
+    r"|sampler|dl_state_dict)([_\-.]?\d+)?(\.(pt|pth|bin|pkl|pickle))?",
+    re.IGNORECASE,
+)

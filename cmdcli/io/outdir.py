@@ -1,0 +1,535 @@
+"""Output directories: built aside, swapped in atomically, replaced only when ours.
+
+Every directory cmd writes holds a manifest (:data:`~cmdcli.io.names.MANIFEST`)
+listing the files it wrote there. That list, not a file's name, is what makes a
+file cmd's: ``--overwrite`` replaces a directory only when every file in it is
+listed (and, for a fit's output, its model file is a valid cmd model); anything
+else is somebody's data, and the command refuses, naming the first such file.
+
+A new directory is built under a temporary sibling ``.<name>.cmd-tmp-<pid>-<tag>``
+holding a lock for as long as its process lives, then renamed into place with
+``renameat2``: ``RENAME_NOREPLACE`` for a new target, so that a directory that
+appeared meanwhile is never replaced, and ``RENAME_EXCHANGE`` to replace an
+existing one, checked again after the swap. Temporary directories whose lock is
+free belong to dead processes and are removed by the next command that writes
+beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import InputError
+from . import names
+from .jsonio import dumps, read_json
+from .paths import check_relative, is_inside, printable
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "check_replaceable",
+    "clean_stale",
+    "list_files",
+    "new_directory",
+    "place",
+    "read_manifest",
+    "write_file",
+]
+
+_MANIFEST_VERSION = 1
+
+
+# --------------------------------------------------------------------------- renames
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    _renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+except (AttributeError, OSError):  # pragma: no cover - not glibc/Linux
+    _renameat2 = None
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False when the system or file system lacks it."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with ``FileExistsError`` if ``dst`` exists."""
+    if _rename2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):  # the fallback has a window between check and rename
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    os.rename(src, dst)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap ``a`` and ``b`` atomically (both must exist)."""
+    if _rename2(a, b, _RENAME_EXCHANGE):
+        return
+    aside = b.with_name(f"{b.name}.cmd-swap-{os.getpid()}")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def read_manifest(root: Path) -> set[str] | None:
+    """The files cmd recorded as written under ``root``, or None without a manifest."""
+    path = root / names.MANIFEST
+    if not os.path.lexists(path):
+        return None
+    if not path.is_file() or path.is_symlink():
+        raise InputError(f"{printable(path)}: not a regular file")
+    data = read_json(path, printable(path), max_bytes=16 * 2**20)
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        raise InputError(f"{printable(path)}: no 'files' list; not a cmd manifest")
+    out = set()
+    for f in files:
+        out.add(str(check_relative(f, printable(path))))
+    return out
+
+
+def _write_manifest(root: Path, files: set[str]) -> None:
+    text = dumps({"format": "cmd-manifest", "version": _MANIFEST_VERSION, "files": sorted(files)})
+    _atomic_text(root / names.MANIFEST, text)
+
+
+def list_files(root: Path) -> list[str]:
+    """Every non-directory entry below ``root`` (links not followed), relative, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = os.path.relpath(dirpath, root)
+        for name in sorted(filenames) + sorted(
+            d for d in dirnames if os.path.islink(os.path.join(dirpath, d))
+        ):
+            out.append(name if rel == "." else f"{rel}/{name}")
+        dirnames.sort()
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """An exclusive lock on ``root`` itself, for read-modify-write of its manifest."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _record(root: Path, added: Sequence[str], removed_prefixes: Sequence[str] = ()) -> None:
+    """Add ``added`` to ``root``'s manifest (dropping entries under ``removed_prefixes``)."""
+    files = read_manifest(root) or set()
+    for prefix in removed_prefixes:
+        files = {f for f in files if f != prefix and not f.startswith(prefix + "/")}
+    files.update(added)
+    files.discard(names.MANIFEST)
+    _write_manifest(root, files)
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+def check_replaceable(
+    target: Path, *, root: Path | None = None, model_required: bool = False, what: str = "output"
+) -> None:
+    """Raise unless every file in ``target`` is one cmd wrote (listed in a manifest).
+
+    Parameters
+    ----------
+    target : path
+        The directory or file to be replaced.
+    root : path, optional
+        The directory whose manifest lists ``target``'s files (``target`` itself by
+        default, for a whole output directory).
+    model_required : bool
+        Also require a valid cmd model file in ``target`` (a fit's output).
+    """
+    root = target if root is None else root
+    shown = printable(target)
+    if os.path.islink(target):
+        raise InputError(f"{shown}: is a symbolic link; cmd replaces only what it wrote")
+    if target.is_dir():
+        present = list_files(target)
+        if not present and target == root:
+            return  # an empty directory holds nothing to lose
+        prefix = os.path.relpath(target, root)
+        present = [p if prefix == "." else f"{prefix}/{p}" for p in present]
+    elif target.exists():
+        present = [os.path.relpath(target, root)]
+    else:
+        return
+    listed = read_manifest(root)
+    if listed is None:
+        raise InputError(
+            f"{shown}: exists and was not written by cmd (no {names.MANIFEST}); refusing to "
+            f"replace it, choose another {what}"
+        )
+    for rel in present:
+        if rel != names.MANIFEST and rel not in listed:
+            raise InputError(
+                f"{shown}: {printable(rel)} was not written by cmd; refusing to replace it, "
+                f"move it away or choose another {what}"
+            )
+    if model_required:
+        from .modelfile import read_model
+
+        read_model(target / names.MODEL_FILE)
+
+
+class _State(NamedTuple):
+    exists: bool
+    ino: tuple[int, int] | None
+
+
+def _state(path: Path) -> _State:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return _State(False, None)
+    return _State(True, (st.st_dev, st.st_ino))
+
+
+# --------------------------------------------------------------------------- temporary dirs
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}{names.TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _lock_dir(tmp: Path) -> int | None:
+    """Create ``tmp``'s lock file and hold it locked; the fd stays open until closed."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    fd = os.open(tmp / names.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def clean_stale(parent: Path) -> list[Path]:
+    """Remove temporary directories of dead cmd processes in ``parent``; return them.
+
+    A directory qualifies when its name is cmd's temporary pattern and its lock file
+    exists and can be locked (its owner, alive, would hold it).
+    """
+    removed: list[Path] = []
+    if fcntl is None:  # pragma: no cover
+        return removed
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for e in entries:
+        if not (e.name.startswith(".") and names.TMP_TAG in e.name):
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False):
+                continue
+            fd = os.open(os.path.join(e.path, names.LOCK_FILE), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # alive
+        try:
+            shutil.rmtree(e.path, ignore_errors=True)
+            removed.append(Path(e.path))
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def _tmp_directory(target: Path) -> Iterator[tuple[Path, int | None]]:
+    """A fresh locked temporary sibling of ``target``; removed unless renamed away."""
+    tmp = _tmp_name(target)
+    try:
+        tmp.mkdir()
+        lock = _lock_dir(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(
+            f"{printable(target)}: cannot create a directory beside it ({exc.strerror or exc})"
+        ) from None
+    try:
+        yield tmp, lock
+    finally:
+        if lock is not None:
+            os.close(lock)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unlock(tmp: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp / names.LOCK_FILE)
+
+
+# --------------------------------------------------------------------------- whole directories
+
+
+@contextlib.contextmanager
+def new_directory(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool,
+    protect: Sequence[str | os.PathLike] = (),
+    model_required: bool = True,
+    what: str = "output directory",
+) -> Iterator[Path]:
+    """Build a directory under a temporary sibling and swap it in at the end.
+
+    Nothing is left behind if the body raises (or the process is interrupted by
+    SIGINT/SIGTERM), not even parent directories this call created.
+
+    Parameters
+    ----------
+    target : path-like
+        The directory to create.
+    overwrite : bool
+        Replace an existing ``target`` once the new one is complete — only if it
+        is cmd's (see :func:`check_replaceable`). Without it an existing
+        ``target`` is an :class:`~cmdcli.errors.InputError`.
+    protect : sequence of path-like
+        Paths that ``target`` must neither be nor contain (the inputs).
+    model_required : bool
+        An existing ``target`` must also hold a valid model file to be replaced.
+
+    Raises
+    ------
+    InputError
+        ``target`` exists (without ``overwrite``, or not cmd's); it appeared or
+        changed while the body ran; it cannot be created.
+    """
+    target = Path(os.path.abspath(target))
+    shown = printable(target)
+    for p in protect:
+        kept = Path(os.path.abspath(p))
+        if is_inside(kept, target) or target.resolve() == kept.resolve():
+            raise InputError(
+                f"{shown}: the {what} would replace {printable(kept)}, which holds the input; "
+                f"choose another {what}"
+            )
+    before = _state(target)
+    if not before.exists and any(p.exists() and not p.is_dir() for p in target.parents):
+        raise InputError(f"{shown}: cannot create the {what} (a parent is not a directory)")
+    if before.exists:
+        if os.path.islink(target) or not target.is_dir():
+            raise InputError(f"{shown}: exists and is not a directory")
+        if not overwrite:
+            raise InputError(f"{shown}: {what} already exists; pass --overwrite to replace it")
+        check_replaceable(target, model_required=model_required, what=what)
+    created = next((p for p in reversed(target.parents) if not p.exists()), None)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{shown}: cannot create the {what} ({exc.strerror or exc})") from None
+    clean_stale(target.parent)
+    try:
+        with _tmp_directory(target) as (tmp, _lock):
+            yield tmp
+            _record(tmp, [f for f in list_files(tmp) if f != names.LOCK_FILE])
+            _unlock(tmp)
+            _commit(tmp, target, before, model_required=model_required, what=what)
+    except BaseException:
+        if created is not None and not _state(target).exists:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _commit(tmp: Path, target: Path, before: _State, *, model_required: bool, what: str) -> None:
+    shown = printable(target)
+    now = _state(target)
+    changed = InputError(
+        f"{shown}: the {what} appeared or changed while cmd was writing it (another cmd "
+        f"running?); nothing was replaced"
+    )
+    if not before.exists:
+        try:
+            rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise changed from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise changed from None
+            raise InputError(f"{shown}: cannot create ({exc.strerror or exc})") from None
+        return
+    if now != before:
+        raise changed
+    check_replaceable(target, model_required=model_required, what=what)
+    try:
+        exchange(tmp, target)
+    except OSError as exc:
+        raise InputError(f"{shown}: cannot replace ({exc.strerror or exc})") from None
+    # `tmp` now holds the old directory: it must be the one checked.
+    if _state(tmp) != before:
+        exchange(tmp, target)
+        raise changed
+    try:
+        check_replaceable(tmp, model_required=False, what=what)
+    except InputError:
+        exchange(tmp, target)  # somebody's file arrived in the old one: keep it
+        raise changed from None
+
+
+# --------------------------------------------------------------------------- files and entries
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{names.TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise InputError(f"{printable(path)}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_file(root: Path, rel: str, write: Callable[[Path], None] | str) -> Path:
+    """Write file ``root/rel`` atomically and record it in ``root``'s manifest.
+
+    An existing file there is replaced only if the manifest lists it.
+
+    Parameters
+    ----------
+    root : path
+        A directory cmd wrote (a fit's output).
+    rel : str
+        Relative path of plain components (``evaluation.json``, ``plots/error.png``).
+    write : callable or str
+        Text to write, or ``write(tmp_path)`` writing the file at a temporary path.
+    """
+    check_relative(rel, "output file")
+    target = root / rel
+    with _locked(root):
+        if os.path.lexists(target):
+            check_replaceable(target, root=root, what="output file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(write, str):
+            _atomic_text(target, write)
+        else:
+            tmp = target.with_name(
+                f".{target.name}{names.TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+            )
+            try:
+                write(tmp)
+                os.replace(tmp, target)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise InputError(
+                    f"{printable(target)}: cannot write ({exc.strerror or exc})"
+                ) from None
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+        _record(root, [rel])
+    return target
+
+
+def place(
+    root: Path,
+    prefix: str,
+    build: Callable[[Path], list[str]],
+    *,
+    overwrite: bool,
+) -> list[Path]:
+    """Build entries in a temporary directory inside ``root/prefix`` and move them in.
+
+    ``build(tmp)`` writes the entries (files or directories, plain names) into
+    ``tmp`` and returns their names. Each is then moved to ``root/prefix/name``:
+    a new name never replaces something that appeared meanwhile, an existing one
+    only with ``overwrite`` and only when ``root``'s manifest lists all of it.
+    Every existing entry is checked before anything moves, so a refusal leaves
+    the directory as it was.
+    """
+    dest = root / prefix if prefix else root
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{printable(dest)}: cannot create ({exc.strerror or exc})") from None
+    clean_stale(dest)
+    placed: list[Path] = []
+    with _tmp_directory(dest / "x") as (tmp, _lock):
+        built = build(tmp)
+        with _locked(root):
+            for name in built:
+                final = dest / name
+                if os.path.lexists(final):
+                    if not overwrite:
+                        raise InputError(
+                            f"{printable(final)}: already exists; pass --overwrite to replace it"
+                        )
+                    check_replaceable(final, root=root, what="destination")
+            for name in built:
+                final = dest / name
+                rel = name if not prefix else f"{prefix}/{name}"
+                inner = [
+                    rel if (tmp / name).is_file() else f"{rel}/{f}"
+                    for f in _entry_files(tmp / name)
+                ]
+                if os.path.lexists(final):
+                    exchange(tmp / name, final)
+                    old = tmp / name
+                    if stat.S_ISDIR(os.lstat(old).st_mode):
+                        shutil.rmtree(old)
+                    else:
+                        old.unlink()
+                else:
+                    try:
+                        rename_noreplace(tmp / name, final)
+                    except FileExistsError:
+                        raise InputError(
+                            f"{printable(final)}: appeared while cmd was writing it; not replaced"
+                        ) from None
+                _record(root, inner, removed_prefixes=[rel])
+                placed.append(final)
+    return placed
+
+
+def _entry_files(path: Path) -> list[str]:
+    return [""] if path.is_file() else list_files(path)

@@ -1,0 +1,81 @@
+"""Names from files, made safe to use as paths and to print.
+
+Every name the tool turns into an output path (a checkpoint's name, a shard named
+by an index, a side file) comes from a file it does not control; so does every
+path recorded in a model file. These checks are the only way such names become
+paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+from ..errors import InputError
+
+__all__ = ["check_plain_name", "check_relative", "is_plain_name", "printable", "safe_join"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MAX_NAME = 255
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters (terminal escapes among them) shown as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` is one path component that stays where it is joined.
+
+    Not empty, not ``.`` or ``..``, no separator (``/`` or ``\\``), no NUL or
+    other control character, at most 255 characters.
+    """
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= _MAX_NAME
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not _CONTROL.search(name)
+    )
+
+
+def check_plain_name(name: object, what: str) -> str:
+    """``name`` if :func:`is_plain_name`; else an :class:`InputError` naming ``what``."""
+    if not is_plain_name(name):
+        raise InputError(
+            f"{what}: {printable(repr(name))[:120]} is not a plain file name (expected one "
+            f"path component without '/', '..' or control characters)"
+        )
+    return name  # type: ignore[return-value]
+
+
+def check_relative(path: object, what: str) -> PurePosixPath:
+    """A relative path of plain components (no ``..``, not absolute), from a file."""
+    if not isinstance(path, str) or not path or len(path) > 4096:
+        raise InputError(f"{what}: expected a relative path, found {printable(repr(path))[:120]}")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or path.startswith("\\") or re.match(r"^[A-Za-z]:", path):
+        raise InputError(
+            f"{what}: {printable(path)[:120]} is an absolute path; recorded paths must be "
+            f"relative to the run directory"
+        )
+    for part in pure.parts:
+        check_plain_name(part, what)
+    return pure
+
+
+def safe_join(base: Path, *names: str) -> Path:
+    """``base / name / …`` for plain names only (see :func:`is_plain_name`)."""
+    path = base
+    for name in names:
+        path = path / check_plain_name(name, str(base))
+    return path
+
+
+def is_inside(path: Path, base: Path) -> bool:
+    """Whether ``path`` is ``base`` or lies below it (lexically, after normalisation)."""
+    p = os.path.normpath(os.path.abspath(path))
+    b = os.path.normpath(os.path.abspath(base))
+    return p == b or p.startswith(b.rstrip(os.sep) + os.sep)

@@ -1,0 +1,710 @@
+"""Safetensors files: one strict header parser, a lazy reader and a streaming writer.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header giving
+every tensor's dtype, shape and byte range, then the data. The header is checked
+as strictly as the safetensors library checks it (unique names, known dtypes,
+offsets that tile the data region exactly, in order, with sizes matching the
+shapes), so that a file the library would refuse is refused here too.
+
+Files are read with ``os.pread`` of just the needed byte ranges, never mapped, so
+the pages read do not linger in the process RSS. The writer lays the header out
+first and writes each tensor's bytes straight to their place, one tensor (or one
+piece of it) in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ..dtypes import CODE_DTYPES, DTYPE_CODES, itemsize
+from ..errors import CheckpointError, InputError
+from .base import CheckpointReader, TensorSpec, check_index, check_range
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "SafetensorsHeader",
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "TensorEntry",
+    "pread_into",
+    "read_header",
+    "tensor_bytes",
+]
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""A safetensors header larger than this is not a real header (the format's own limit)."""
+
+# gather(): sorted indices closer than this many bytes are read in one pread, since a
+# syscall costs about as much as copying a few tens of KiB from the page cache; a run is
+# also cut at every _MAX_SPAN boundary so that one gather never allocates a large buffer.
+_COALESCE_GAP = 64 * 1024
+_MAX_SPAN = 8 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- low-level I/O
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset``; return the bytes read (short at EOF).
+
+    ``preadv`` reads straight into the caller's buffer (no intermediate bytes object)
+    and, like ``pread``, leaves the file offset alone, so threads can share the fd.
+    """
+    total = 0
+    size = len(view)
+    while total < size:
+        if _HAVE_PREADV:
+            got = os.preadv(fd, [view[total:]], offset + total)
+        elif _HAVE_PREAD:
+            data = os.pread(fd, size - total, offset + total)
+            got = len(data)
+            view[total : total + got] = data
+        else:  # pragma: no cover - platforms without pread (Windows)
+            with _SEEK_LOCK:
+                os.lseek(fd, offset + total, os.SEEK_SET)
+                data = os.read(fd, size - total)
+            got = len(data)
+            view[total : total + got] = data
+        if got == 0:
+            break
+        total += got
+    return total
+
+
+_HAVE_PREADV = hasattr(os, "preadv")
+_HAVE_PREAD = hasattr(os, "pread")
+_SEEK_LOCK = threading.Lock()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+class HeaderEntry(NamedTuple):
+    """One tensor of a safetensors header: its spec and its absolute byte range."""
+
+    spec: TensorSpec
+    start: int  # absolute byte offset of the first element in the file
+    stop: int  # absolute byte offset just past the last element
+    itemsize: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked safetensors header.
+
+    Attributes
+    ----------
+    entries : dict of str to HeaderEntry
+        Every tensor, in file (offset) order.
+    metadata : dict of str to str
+        The ``__metadata__`` strings.
+    data_start : int
+        Byte offset of the data region.
+    size : int
+        Size of the file in bytes.
+    """
+
+    entries: dict[str, HeaderEntry]
+    metadata: dict[str, str]
+    data_start: int
+    size: int
+
+
+def read_header(path: Path, display: str | None = None) -> SafetensorsHeader:
+    """Read and check the header of a safetensors file, reading nothing else.
+
+    Raises
+    ------
+    CheckpointError
+        The file cannot be read, is truncated, or its header is not what the
+        safetensors format allows; the message names ``display`` (the path by default).
+    """
+    display = display or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{display}: cannot open ({exc.strerror or exc})") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise CheckpointError(
+                f"{display}: truncated or not a safetensors file ({size} bytes, "
+                f"expected at least an 8-byte header length)"
+            )
+        head = bytearray(8)
+        pread_into(fd, memoryview(head), 0)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{display}: not a safetensors file (header length {header_len} bytes)"
+            )
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{display}: truncated or not a safetensors file (header of {header_len} "
+                f"bytes announced, but the file has only {size} bytes)"
+            )
+        raw = bytearray(header_len)
+        if pread_into(fd, memoryview(raw), 8) != header_len:
+            raise CheckpointError(f"{display}: truncated while reading the header")
+    except OSError as exc:
+        raise CheckpointError(f"{display}: cannot read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    return parse_header(bytes(raw), size, display)
+
+
+def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
+    """Check the JSON header ``raw`` of a file of ``size`` bytes (see :func:`read_header`)."""
+    bad = f"{display}: corrupt safetensors header"
+    if not raw.lstrip().startswith(b"{"):
+        raise CheckpointError(f"{bad} (not a JSON object)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    except _Duplicate as exc:
+        raise CheckpointError(f"{bad}: tensor {str(exc)!r} is listed twice") from None
+    except RecursionError:
+        raise CheckpointError(f"{bad} (JSON nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{display}: corrupt or not a safetensors file (header is not JSON: {first})"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (not a JSON object)")
+
+    meta_raw = header.pop("__metadata__", None)
+    if meta_raw is None:
+        metadata: dict[str, str] = {}
+    elif isinstance(meta_raw, dict) and all(isinstance(v, str) for v in meta_raw.values()):
+        metadata = dict(meta_raw)
+    else:
+        raise CheckpointError(f"{bad} (__metadata__ must map strings to strings)")
+    data_start = 8 + len(raw)
+    data_size = size - data_start
+    parsed = []
+    for name, info in header.items():
+        dtype, shape, begin, end = _check_entry(display, name, info)
+        item = itemsize(dtype)
+        expected = math.prod(shape) * item
+        if end - begin != expected:
+            raise CheckpointError(
+                f"{bad}: tensor {name!r} of shape {shape} and dtype {_dtype_name(dtype)} "
+                f"needs {expected} bytes, but its offsets span {end - begin}"
+            )
+        parsed.append((begin, end, name, dtype, shape, item))
+    # The library's rule: sorted by offset, the tensors tile the data region exactly.
+    parsed.sort(key=lambda e: (e[0], e[1]))
+    position = 0
+    entries: dict[str, HeaderEntry] = {}
+    for begin, end, name, dtype, shape, item in parsed:
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else "leaves a gap"
+            raise CheckpointError(f"{bad}: tensor {name!r} at bytes {begin}…{end} {what}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{display}: file is truncated: tensor {name!r} ends at byte "
+                f"{data_start + end}, but the file has only {size} bytes"
+            )
+        position = end
+        entries[name] = HeaderEntry(
+            TensorSpec(name, shape, dtype), data_start + begin, data_start + end, item
+        )
+    if position != data_size:
+        raise CheckpointError(
+            f"{bad}: the tensors end at byte {data_start + position}, but the file has "
+            f"{size} bytes (trailing data)"
+        )
+    return SafetensorsHeader(entries, metadata, data_start, size)
+
+
+def _check_entry(
+    display: str, name: str, info: Any
+) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """Validate one tensor entry of a safetensors header."""
+    bad = f"{display}: corrupt safetensors header for tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{bad} (expected an object, found {type(info).__name__})")
+    code = info.get("dtype")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if code not in CODE_DTYPES:
+        if isinstance(code, str):
+            raise CheckpointError(
+                f"{display}: tensor {name!r} has dtype {code}, which cmd cannot read "
+                f"(supported: {', '.join(CODE_DTYPES)})"
+            )
+        raise CheckpointError(f"{bad} (no dtype)")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= 64
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise CheckpointError(f"{bad} (shape {str(shape)[:80]})")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{bad} (data_offsets {str(offsets)[:80]})")
+    return CODE_DTYPES[code], tuple(shape), offsets[0], offsets[1]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Located(NamedTuple):
+    spec: TensorSpec
+    file: int  # index into the reader's files
+    offset: int  # absolute byte offset of the first element in the file
+    itemsize: int
+
+
+class SafetensorsReader(CheckpointReader):
+    """Reads safetensors files (one, or the shards of one checkpoint) with pread.
+
+    Parameters
+    ----------
+    files : iterable of pathlib.Path
+        The file, or every shard of one checkpoint; a tensor may be in one only.
+    displays : list of str
+        How to name each file in messages (relative to the run directory).
+    """
+
+    def __init__(self, files: Iterable[Path], displays: list[str]) -> None:
+        self._files = list(files)
+        self._displays = displays
+        self._entries: dict[str, _Located] = {}
+        self.metadata: dict[str, str] = {}
+        self.where: dict[str, str] = {}  # tensor name -> name of the file holding it
+        for i, (path, display) in enumerate(zip(self._files, displays, strict=True)):
+            header = read_header(path, display)
+            self.metadata.update(header.metadata)
+            for name, e in header.entries.items():
+                if name in self._entries:
+                    other = displays[self._entries[name].file]
+                    raise CheckpointError(
+                        f"{display}: tensor {name!r} is also in {other} (shards must not overlap)"
+                    )
+                self._entries[name] = _Located(e.spec, i, e.start, e.itemsize)
+                self.where[name] = path.name
+        # File descriptors are opened on first use: a reader of a sharded checkpoint
+        # that is only asked for one tensor keeps one fd, not one per shard.
+        self._fds: list[int | None] = [None] * len(self._files)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {name: e.spec for name, e in self._entries.items()}
+
+    def _entry(self, name: str) -> _Located:
+        if self._closed:
+            raise ValueError("read from a closed CheckpointReader")
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self._displays[0]}") from None
+
+    def _fd(self, i: int) -> int:
+        fd = self._fds[i]
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds[i]
+            if fd is None:
+                if self._closed:
+                    raise ValueError("read from a closed CheckpointReader")
+                try:
+                    fd = os.open(self._files[i], os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                except OSError as exc:
+                    raise CheckpointError(
+                        f"{self._displays[i]}: cannot open ({exc.strerror or exc})"
+                    ) from exc
+                self._fds[i] = fd
+            return fd
+
+    def _read_bytes(self, entry: _Located, buf: bytearray, offset: int) -> None:
+        fd = self._fd(entry.file)
+        try:
+            got = pread_into(fd, memoryview(buf), offset)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self._displays[entry.file]}: cannot read ({exc.strerror or exc})"
+            ) from exc
+        if got != len(buf):
+            raise CheckpointError(
+                f"{self._displays[entry.file]}: file is truncated: tensor "
+                f"{entry.spec.name!r} needs bytes up to {offset + len(buf)}, "
+                f"but the file ends at {offset + got}"
+            )
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        entry = self._entry(name)
+        start, stop = check_range(entry.spec, start, stop)
+        if stop == start:
+            return torch.empty(0, dtype=entry.spec.dtype)
+        buf = bytearray((stop - start) * entry.itemsize)
+        self._read_bytes(entry, buf, entry.offset + start * entry.itemsize)
+        return torch.frombuffer(buf, dtype=entry.spec.dtype)
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        entry = self._entry(name)
+        start, stop = check_range(entry.spec, start, stop)
+        if (
+            out.dtype != entry.spec.dtype
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+            or out.numel() != stop - start
+            or stop == start
+        ):
+            out.copy_(self.read(name, start, stop))
+            return
+        # Same dtype: the bytes go from the file straight into the block.
+        raw = memoryview(out.view(torch.uint8).numpy())
+        self._read_bytes(entry, raw, entry.offset + start * entry.itemsize)
+
+    def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
+        entry = self._entry(name)
+        idx = check_index(entry.spec, index)
+        if idx.size == 0:
+            return torch.empty(0, dtype=entry.spec.dtype)
+        isz = entry.itemsize
+        plan = _gather_plan(idx, isz)
+        elem = _ELEMENT_TYPES.get(isz) or np.dtype((np.void, isz))
+        out = bytearray(idx.size * isz)
+        out_elems = np.frombuffer(out, dtype=elem)
+        scratch = None
+        for chunk in plan:
+            if chunk.src is None:  # the chunk's bytes are the result, in order
+                buf = out
+            else:
+                if scratch is None:
+                    scratch = np.empty(max(c.nbytes for c in plan), dtype=np.uint8)
+                buf = scratch[: chunk.nbytes]
+            self._read_runs(entry, memoryview(buf), chunk.runs)
+            if chunk.src is None:
+                continue
+            values = buf.view(elem)
+            if chunk.dest is None:
+                np.take(values, chunk.src, out=out_elems, mode="clip")
+            else:
+                out_elems[chunk.dest] = values[chunk.src]
+        return torch.frombuffer(out, dtype=entry.spec.dtype)
+
+    def _read_runs(
+        self, entry: _Located, view: memoryview, runs: list[tuple[int, int, int]]
+    ) -> None:
+        """Read each ``(tensor byte, buffer byte, length)`` run of one tensor into ``view``."""
+        # _read_bytes per run, inlined (pass 1 reads hundreds of runs per checkpoint);
+        # after a short read it runs again, to finish the read or report the truncation.
+        fd = self._fd(entry.file)
+        offset = entry.offset
+        try:
+            for tensor_byte, buf_byte, length in runs:
+                part = view[buf_byte : buf_byte + length]
+                if pread_into(fd, part, offset + tensor_byte) != length:
+                    self._read_bytes(entry, part, offset + tensor_byte)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self._displays[entry.file]}: cannot read ({exc.strerror or exc})"
+            ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, [None] * len(self._files)
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+
+
+# gather() reads the same positions from every checkpoint of a run (pass 1 of a
+# fit), so its read plan is computed once per (positions, itemsize) and kept here,
+
+_ELEMENT_TYPES = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+_ELEMENT_TYPES[8] = np.dtype(np.uint64)
+_GATHER_PLAN_ELEMENTS = 1 << 22
+_gather_plans: dict[tuple[int, bytes], tuple[_GatherChunk, ...]] = {}
+_gather_plans_size = 0
+_gather_plans_lock = threading.Lock()
+
+
+class _GatherChunk(NamedTuple):
+    """Runs read into one buffer, then the elements picked out of it.
+
+    A chunk's runs start within one _MAX_SPAN window of the runs back to back,
+    so its buffer stays below 2 * _MAX_SPAN bytes, unless the runs back to back
+    are the result itself (sorted, unique, gap-free positions), read straight into it.
+    """
+
+    nbytes: int  # buffer size: the runs back to back
+    runs: list[tuple[int, int, int]]  # (byte offset in the tensor, in the buffer, length)
+    src: np.ndarray | None  # element positions in the buffer; None: the buffer is the result
+    dest: np.ndarray | None  # their positions in the result; None: all of it, in order
+
+
+def _gather_plan(idx: np.ndarray, itemsize: int) -> tuple[_GatherChunk, ...]:
+    """The read plan of :meth:`_SafetensorsReader.gather`, cached by content."""
+    global _gather_plans_size
+    key = (itemsize, idx.tobytes())
+    with _gather_plans_lock:
+        plan = _gather_plans.pop(key, None)
+        if plan is not None:
+            _gather_plans[key] = plan  # now the most recently used
+            return plan
+    plan = _make_gather_plan(idx, itemsize)
+    with _gather_plans_lock:
+        if key not in _gather_plans:
+            _gather_plans[key] = plan
+            _gather_plans_size += idx.size
+        while _gather_plans_size > _GATHER_PLAN_ELEMENTS and len(_gather_plans) > 1:
+            oldest = next(iter(_gather_plans))
+            del _gather_plans[oldest]
+            _gather_plans_size -= len(oldest[1]) // 8  # int64 positions
+    return plan
+
+
+def _make_gather_plan(idx: np.ndarray, itemsize: int) -> tuple[_GatherChunk, ...]:
+    """Runs of sorted unique positions, each read by one pread, and where each element lands.
+
+    Parameters
+    ----------
+    idx : ndarray of shape (n,) of int64
+        Flat positions in any order, repeats allowed; n > 0.
+    itemsize : int
+        Bytes per element.
+    """
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    pos = uniq * itemsize  # byte offsets within the tensor, sorted
+    # Cut into runs: at a wide gap, and at every _MAX_SPAN boundary of the tensor.
+    cut = ((pos[1:] - pos[:-1]) > _COALESCE_GAP) | (pos[1:] // _MAX_SPAN != pos[:-1] // _MAX_SPAN)
+    first = np.concatenate(([0], np.flatnonzero(cut) + 1))  # first unique position of each run
+    members = np.diff(np.append(first, uniq.size))
+    lo = uniq[first]  # first element of each run
+    count = uniq[first + members - 1] - lo + 1  # elements each run reads
+    base = np.cumsum(count) - count  # first element of each run in the runs back to back
+    run_of = np.repeat(np.arange(first.size), members)
+    slot = base[run_of] + (uniq - lo[run_of])  # each unique position in the runs back to back
+    src = slot[inverse]  # each result element in the runs back to back
+    if src.size == int(count.sum()) and np.array_equal(src, np.arange(src.size)):
+        # The runs back to back are the result: read them straight into it.
+        return (_gather_chunk(lo, base, count, itemsize, None, None),)
+    # One chunk per _MAX_SPAN window of the runs back to back.
+    window = base * itemsize // _MAX_SPAN
+    edges = np.flatnonzero(np.diff(window)) + 1
+    if edges.size == 0:
+        return (_gather_chunk(lo, base, count, itemsize, src, None),)
+    chunk_of = np.searchsorted(edges, run_of, side="right")[inverse]
+    order = np.argsort(chunk_of, kind="stable")  # the result's elements, by chunk
+    dests = np.split(order, np.cumsum(np.bincount(chunk_of, minlength=edges.size + 1))[:-1])
+    bounds = [0, *edges.tolist(), first.size]
+    chunks = []
+    for r0, r1, dest in zip(bounds[:-1], bounds[1:], dests, strict=True):
+        part = slice(r0, r1)
+        chunk_src = src[dest] - base[r0]
+        chunks.append(_gather_chunk(lo[part], base[part], count[part], itemsize, chunk_src, dest))
+    return tuple(chunks)
+
+
+def _gather_chunk(
+    lo: np.ndarray,
+    base: np.ndarray,
+    count: np.ndarray,
+    itemsize: int,
+    src: np.ndarray | None,
+    dest: np.ndarray | None,
+) -> _GatherChunk:
+    """A chunk of consecutive runs: first element, place in the runs back to back, length."""
+    b0 = int(base[0])
+    runs = [
+        (a * itemsize, (b - b0) * itemsize, n * itemsize)
+        for a, b, n in zip(lo.tolist(), base.tolist(), count.tolist(), strict=True)
+    ]
+    nbytes = (int(base[-1] + count[-1]) - b0) * itemsize
+    return _GatherChunk(nbytes, runs, src, dest)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Name, dtype and shape of one tensor to be written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize(self.dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
+    """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    t = t.detach().contiguous().cpu()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else b""
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor.
+
+    Parameters
+    ----------
+    path : path-like
+        File to write (created or truncated).
+    entries : sequence of TensorEntry
+        Every tensor the file will hold. Data is laid out in order of
+        decreasing element size, then name, so that every tensor stays aligned.
+    metadata : dict of str to str, optional
+        The header's ``__metadata__``.
+    keep_order : bool
+        Lay out tensors of the same element size in the order given rather than
+        by name (so that, e.g., consecutive pieces of one array stay adjacent in
+        the file and can be memory-mapped as one).
+
+    Examples
+    --------
+    >>> with SafetensorsWriter(path, [TensorEntry("w", torch.float32, (2, 3))]) as w:
+    ...     w.write("w", torch.zeros(2, 3))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        entries: Sequence[TensorEntry],
+        metadata: dict[str, str] | None = None,
+        *,
+        keep_order: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in a safetensors file")
+        position = {e.name: i for i, e in enumerate(entries)}
+        ordered = sorted(
+            entries,
+            key=lambda e: (-itemsize(e.dtype), position[e.name] if keep_order else e.name),
+        )
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        self._spans: dict[str, tuple[int, int, TensorEntry]] = {}
+        offset = 0
+        for e in ordered:
+            header[e.name] = {
+                "dtype": DTYPE_CODES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
+            self._spans[e.name] = (offset, offset + e.nbytes, e)
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data region starts 8-aligned
+        self._data_start = 8 + len(raw)
+        self._written: set[str] = set()
+        # Written under a temporary sibling and renamed over ``path`` by close():
+        # a reader (or a memory map) of an existing file at ``path`` keeps seeing
+        # it whole, and a failure leaves nothing that looks complete.
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._fd = -1
+        try:
+            self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(self._fd, struct.pack("<Q", len(raw)) + raw)
+            os.ftruncate(self._fd, self._data_start + offset)
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
+
+    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write ``tensor``'s elements at flat element ``start`` of tensor ``name``.
+
+        The dtype must be the entry's; the values are written in flat order, so a
+        large tensor can be written in consecutive pieces.
+        """
+        begin, end, entry = self._spans[name]
+        if tensor.dtype != entry.dtype:
+            raise TypeError(f"tensor {name!r}: got dtype {tensor.dtype}, expected {entry.dtype}")
+        item = tensor.element_size()
+        data = tensor_bytes(tensor.reshape(-1))
+        pos = begin + start * item
+        if pos + len(data) > end:
+            raise ValueError(f"tensor {name!r}: write past its end")
+        try:
+            pwrite_all(self._fd, data, self._data_start + pos)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        if start == 0 and len(data) == end - begin:
+            self._written.add(name)
+
+    def offset(self, name: str) -> int:
+        """Byte position in the file of tensor ``name``'s first element."""
+        return self._data_start + self._spans[name][0]
+
+    def close(self) -> None:
+        """Finish the file: it replaces whatever was at ``path``."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            try:
+                os.replace(self._tmp, self.path)
+            except OSError as exc:
+                self._tmp.unlink(missing_ok=True)
+                raise write_error(self.path, exc) from None
+
+    def abort(self) -> None:
+        """Give up: the partial file is removed and ``path`` is left as it was."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_error(path: Path, exc: OSError) -> InputError:
+    """A failed write (full disk, lost permission) as the user's one-line error."""
+    return InputError(f"{path}: cannot write ({exc.strerror or exc})")
+
+
+def pwrite_all(fd: int, data, pos: int) -> None:
+    """Write all of ``data`` (an array or buffer) at byte ``pos`` of ``fd``."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n

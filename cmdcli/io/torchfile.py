@@ -1,0 +1,230 @@
+"""``torch.save`` files: loaded safely, their weights picked out, read lazily.
+
+Pickles are loaded with ``weights_only=True`` — tensors, containers and numbers
+only — plus :class:`argparse.Namespace`, which training scripts store as their
+``args`` (timm's own loader allows that one class too). A checkpoint that needs
+anything more is refused with the class it names, unless the user passes
+``--trust-pickle`` to the command at hand. Zip-format files are memory-mapped,
+so only the pages of the tensors read are touched; legacy (non-zip) files are
+read whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from .base import CheckpointReader, TensorSpec, check_index, check_range
+from .weights import choose
+
+__all__ = ["SAFE_GLOBALS", "TorchFile", "TorchReader", "load_torch", "load_weights"]
+
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+"""Classes allowed in a pickle beyond what ``weights_only=True`` allows."""
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, without terminal colour codes."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    line = text[0].strip() if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _load_failure(exc: BaseException) -> str:
+    """What went wrong in torch.load, without torch's generic weights_only preamble."""
+    text = _ANSI.sub("", str(exc))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = next(
+            (ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()), ""
+        )
+        return f"unpickling failed: {detail}" if detail else "unpickling failed"
+    return f"{type(exc).__name__}: {_one_line(exc)}"
+
+
+def _weights_only_refusal(exc: BaseException) -> str | None:
+    """Why ``weights_only=True`` refused the pickle, or None if the file is just corrupt."""
+    msg = _ANSI.sub("", str(exc))
+    if "Weights only load failed" not in msg:
+        return None
+    detail = msg.split("WeightsUnpickler error:", 1)[-1].strip()
+    # An unknown opcode means the bytes are not a pickle at all: corruption.
+    if "Unsupported operand" in detail:
+        return None
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    if match:
+        return f"it refers to {match.group(1)}"
+    first = detail.splitlines()[0].strip() if detail else ""
+    first = first.split(". ")[0].rstrip(".")
+    return first[:150] or "it holds objects other than tensors"
+
+
+def is_zip(path: Path, display: str) -> bool:
+    """Whether ``path`` is a zip-format torch file (False: legacy pickle)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{display}: cannot read ({exc.strerror or exc})") from exc
+    if not magic:
+        raise CheckpointError(f"{display}: empty file, not a torch checkpoint")
+    return magic == _ZIP_MAGIC
+
+
+def load_torch(path: Path, display: str, *, trust_pickle: bool, mmap: bool = True) -> Any:
+    """Unpickle a torch file safely (see the module docstring); mapped when zip-format.
+
+    Raises
+    ------
+    CheckpointError
+        The file is not a readable torch file, or needs more than weights to
+        unpickle and ``trust_pickle`` is False (the message names the class).
+    """
+    legacy = not is_zip(path, display)
+    try:
+        if trust_pickle:
+            return torch.load(
+                path, map_location="cpu", mmap=mmap and not legacy, weights_only=False
+            )
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", mmap=mmap and not legacy, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch raises many types for bad files; all are the user's
+        reason = None if trust_pickle else _weights_only_refusal(exc)
+        if reason is not None:
+            raise CheckpointError(
+                f"{display}: this checkpoint needs more than weights to unpickle ({reason}); "
+                f"pass --trust-pickle if you trust its source"
+            ) from exc
+        raise CheckpointError(
+            f"{display}: not a readable torch checkpoint ({_load_failure(exc)}); "
+            f"is the file complete?"
+        ) from exc
+
+
+class TorchFile(NamedTuple):
+    """The weights of one torch file, as :func:`load_weights` picks them out."""
+
+    tensors: dict[str, torch.Tensor]
+    state_key: str | None
+    others: dict[str, str]  # other sets of weights seen: key -> what they are
+    step: int | None  # a step stored beside the weights
+    lightning: bool
+    legacy: bool  # non-zip format: loaded whole, not mapped
+
+
+def load_weights(path: Path, display: str, *, trust_pickle: bool, weights: str | None) -> TorchFile:
+    """Unpickle a torch file and pick its set of weights (:mod:`cmdcli.io.weights`)."""
+    legacy = not is_zip(path, display)
+    obj = load_torch(path, display, trust_pickle=trust_pickle)
+    key, tensors, others = choose(obj, weights, display)
+    step = stored_step(obj) if key is not None else None
+    lightning = path.name.endswith(".ckpt") or (
+        isinstance(obj, Mapping) and "pytorch-lightning_version" in obj
+    )
+    return TorchFile(tensors, key, others, step, lightning, legacy)
+
+
+def stored_step(obj: Any) -> int | None:
+    """An integer ``global_step`` or ``step`` at the top level of a wrapped checkpoint."""
+    if not isinstance(obj, Mapping):
+        return None
+    for key in ("global_step", "step", "global_steps"):
+        value = obj.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value.item())
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor], display: str) -> dict[str, TensorSpec]:
+    """The specs of a dict of tensors; only dense (strided) tensors can be read."""
+    specs = {}
+    for name, t in tensors.items():
+        if t.layout != torch.strided:
+            raise CheckpointError(
+                f"{display}: tensor {name!r} has layout {t.layout}; only dense tensors can be read"
+            )
+        specs[name] = TensorSpec(name, tuple(t.shape), t.dtype)
+    return specs
+
+
+class TorchReader(CheckpointReader):
+    """Reads the weights of torch pickles: mapped (zip format) or held (legacy format).
+
+    Parameters
+    ----------
+    files : iterable of pathlib.Path
+        One file, or the shards of one checkpoint (``pytorch_model-0000k-of-0000n.bin``).
+    displays : list of str
+        How to name each file in messages.
+    trust_pickle : bool
+        Unpickle with ``weights_only=False``.
+    weights : str or None
+        The set of weights to read (``Checkpoint.state_key``).
+    """
+
+    def __init__(
+        self,
+        files: Iterable[Path],
+        displays: list[str],
+        *,
+        trust_pickle: bool,
+        weights: str | None = None,
+    ) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._display = displays[0] if displays else "?"
+        for path, display in zip(files, displays, strict=True):
+            loaded = load_weights(path, display, trust_pickle=trust_pickle, weights=weights)
+            for name, t in loaded.tensors.items():
+                if name in self._tensors:
+                    raise CheckpointError(
+                        f"{display}: tensor {name!r} also appears in another shard"
+                    )
+                self._tensors[name] = t
+        self._specs = specs_of(self._tensors, self._display)
+        self._closed = False
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def _flat(self, name: str) -> tuple[torch.Tensor, TensorSpec]:
+        if self._closed:
+            raise ValueError("read from a closed CheckpointReader")
+        try:
+            tensor = self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self._display}") from None
+        # detach(): a pickled nn.Parameter must not hand out tensors that need grad.
+        # reshape() is a view for contiguous tensors (the norm); others are copied whole.
+        return tensor.detach().reshape(-1), self._specs[name]
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        flat, spec = self._flat(name)
+        start, stop = check_range(spec, start, stop)
+        # clone(): the result must not keep the mapping (or the held dict) alive.
+        return flat[start:stop].clone()
+
+    def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
+        flat, spec = self._flat(name)
+        idx = check_index(spec, index)
+        # Advanced indexing copies, touching only the mapped pages it needs.
+        return flat[torch.from_numpy(np.ascontiguousarray(idx))]
+
+    def close(self) -> None:
+        # Dropping the tensors unmaps the file (or frees a legacy checkpoint).
+        self._closed = True
+        self._tensors = {}

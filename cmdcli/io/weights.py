@@ -1,0 +1,188 @@
+"""Which set of weights a checkpoint holding several is read for.
+
+A checkpoint often holds more than one set of weights: the raw training weights
+beside an EMA copy (timm's ``state_dict_ema``, DiT's ``ema``), a student beside a
+teacher (DINO), an optimizer state beside both. The rule, shared by every format:
+
+1. a checkpoint that is itself a dict of tensors is one set (key ``None``);
+2. otherwise every top-level entry that is a dict of tensors is a set, except
+   optimizer, scheduler and scaler state;
+3. the default is the first of :data:`RAW_KEYS` present; failing that the first
+   set whose name does not say EMA/teacher/average; failing that the first set;
+4. ``--weights KEY`` takes set ``KEY`` instead (``a/b`` reaches one level down);
+5. every other set is named in a notice, so that nothing is ignored silently.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["RAW_KEYS", "choose", "describe", "is_ema_name", "tensor_sets"]
+
+RAW_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "student",
+    "generator",
+    "params",
+)
+"""Keys under which training scripts keep the raw training weights, by preference."""
+
+_EMA_TOKENS = frozenset(
+    {"ema", "teacher", "swa", "average", "averaged", "avg", "shadow", "polyak", "momentum"}
+)
+_STATE_TOKENS = frozenset(
+    {
+        "optimizer",
+        "optimizers",
+        "optim",
+        "opt",
+        "scheduler",
+        "schedulers",
+        "sched",
+        "scaler",
+        "rng",
+        "random",
+        "sampler",
+    }
+)
+
+
+def _tokens(name: str) -> set[str]:
+    return {t for t in re.split(r"[^0-9a-z]+", name.lower()) if t}
+
+
+def is_ema_name(name: str) -> bool:
+    """Whether a key or file name says EMA, teacher or average weights."""
+    return bool(_tokens(name) & _EMA_TOKENS)
+
+
+def is_state_name(name: str) -> bool:
+    """Whether a key or file name says optimizer, scheduler or other training state."""
+    return bool(_tokens(name) & _STATE_TOKENS)
+
+
+def describe(name: str) -> str:
+    """What a set of weights called ``name`` is, in words."""
+    return "EMA weights" if is_ema_name(name) else "weights"
+
+
+def _tensor_dict(value: Any) -> dict[str, torch.Tensor] | None:
+    """The tensors of a mapping with string keys (other entries ignored), or None."""
+    if isinstance(value, torch.nn.Module):  # only reachable with trust_pickle
+        value = value.state_dict()
+    if not isinstance(value, Mapping):
+        return None
+    tensors = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return tensors or None
+
+
+def tensor_sets(obj: Any) -> dict[str | None, dict[str, torch.Tensor]]:
+    """Every set of weights in an unpickled checkpoint, by key (see the module rule).
+
+    ``None`` keys the checkpoint itself when it is a dict of tensors (or a pickled
+    module); then it is the only set.
+    """
+    if isinstance(obj, torch.nn.Module):
+        tensors = _tensor_dict(obj)
+        return {None: tensors} if tensors else {}
+    if not isinstance(obj, Mapping):
+        return {}
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {None: {str(k): v for k, v in obj.items()}}
+    sets: dict[str | None, dict[str, torch.Tensor]] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or is_state_name(key):
+            continue
+        tensors = _tensor_dict(value)
+        if tensors:
+            sets[key] = tensors
+    if not sets:
+        # A state dict with a few non-tensor entries beside its tensors.
+        tensors = _tensor_dict(obj)
+        if tensors:
+            sets[None] = tensors
+    return sets
+
+
+def _lookup(obj: Any, path: str) -> dict[str, torch.Tensor] | None:
+    value = obj
+    for part in path.split("/"):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return _tensor_dict(value)
+
+
+def default_key(keys: list[str | None]) -> str | None:
+    """The set the rule takes when the user names none (``keys`` non-empty)."""
+    if None in keys:
+        return None
+    for raw in RAW_KEYS:
+        if raw in keys:
+            return raw
+    for key in keys:
+        if key is not None and not is_ema_name(key):
+            return key
+    return keys[0]
+
+
+def choose(
+    obj: Any, requested: str | None, display: str
+) -> tuple[str | None, dict[str, torch.Tensor], dict[str, str]]:
+    """The set of weights to read from an unpickled checkpoint.
+
+    Returns
+    -------
+    key : str or None
+        The set taken.
+    tensors : dict of str to torch.Tensor
+        Its tensors.
+    others : dict of str to str
+        The other sets seen, key → :func:`describe`.
+
+    Raises
+    ------
+    CheckpointError
+        No set of weights at all, or not the one requested; the message lists
+        what the checkpoint holds.
+    """
+    sets = tensor_sets(obj)
+    if requested is not None:
+        tensors = sets.get(requested) if requested in sets else None
+        if tensors is None and "/" in requested:
+            tensors = _lookup(obj, requested)
+        if tensors is None:
+            have = ", ".join(repr(k) for k in sets if k is not None) or "none"
+            raise CheckpointError(
+                f"{display}: no weights under {requested!r} (--weights); sets of weights "
+                f"found: {have}"
+            )
+        others = {k: describe(k) for k in sets if k is not None and k != requested}
+        return requested, tensors, others
+    if not sets:
+        if isinstance(obj, Mapping):
+            keys = ", ".join(repr(k) for k in list(obj)[:12])
+            more = f" and {len(obj) - 12} more" if len(obj) > 12 else ""
+            raise CheckpointError(
+                f"{display}: no state dict found (expected a dict of tensors, or one under "
+                f"a key such as {', '.join(repr(k) for k in RAW_KEYS[:5])}; found top-level "
+                f"keys {keys or '(none)'}{more})"
+            )
+        raise CheckpointError(
+            f"{display}: no state dict found (expected a dict of tensors, found a "
+            f"{type(obj).__name__})"
+        )
+    key = default_key(list(sets))
+    others = {k: describe(k) for k in sets if k is not None and k != key}
+    return key, sets[key], others
