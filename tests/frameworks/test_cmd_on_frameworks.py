@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cmdcli.api import FitOptions, fit_run, inspect_run, reconstruct_run
 from cmdcli.io import discover, load_state_dict
