@@ -297,16 +297,25 @@ class RunSource:
                         block[int(bad[0]), column], self.checkpoints[int(bad[0])], seg.tensor
                     )
                 raise InputError(
-                    f"tensor {seg.tensor!r}: values too large for float32 sums at element "
-                    f"{seg.start + column - col}"
+                    f"tensor {printable(seg.tensor)!r}: values beyond "
+                    f"±{fitting.MAX_MAGNITUDE:g} at element {seg.start + column - col}; cmd "
+                    f"models weights of ordinary magnitude"
                 )
             col += seg.size
         raise InputError(f"NaN or Inf values in column {column} of a block")
 
 
 def _check_finite(values: torch.Tensor, ckpt: Checkpoint, name: str) -> None:
+    """NaN, Inf and magnitudes beyond what pass 2 sums safely are refused, naming both."""
     if not bool(torch.isfinite(values).all()):
-        raise CheckpointError(f"{ckpt.name}: tensor {name!r} contains NaN or Inf values")
+        raise CheckpointError(
+            f"{printable(ckpt.name)}: tensor {printable(name)!r} contains NaN or Inf values"
+        )
+    if values.numel() and float(values.abs().max()) > fitting.MAX_MAGNITUDE:
+        raise CheckpointError(
+            f"{printable(ckpt.name)}: tensor {printable(name)!r} holds values beyond "
+            f"±{fitting.MAX_MAGNITUDE:g}; cmd models weights of ordinary magnitude"
+        )
 
 
 # --------------------------------------------------------------------------- selection

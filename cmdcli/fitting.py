@@ -277,16 +277,25 @@ def choose_references(abs_corr: np.ndarray, modes: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- pass 2
 
 
-class NonFiniteColumn(InputError):
-    """Column ``column`` of a block of pass 2 holds NaN or Inf.
+MAX_MAGNITUDE = 1e15
+"""Largest weight magnitude modelled: pass 2's float32 products and sums of squares
+over a block stay finite below it (|w|² · T · block ≪ 3.4e38). Real weights are
+many orders of magnitude smaller; larger ones are refused with a message."""
 
-    Found by the kernels from the column means, at no extra pass over the data;
-    the block's column is left as it was read so that the source can say which
-    checkpoint and tensor hold the value (see :func:`run_block`).
+
+class NonFiniteColumn(InputError):
+    """Column ``column`` of a block of pass 2 holds NaN, Inf or values beyond ±1e15.
+
+    Found by the kernels from the column means and sums of squares, at no extra
+    pass over the data; for NaN and Inf the block's column is left as it was read,
+    so that the source can say which checkpoint and tensor hold the value (see
+    :func:`run_block`).
     """
 
     def __init__(self, column: int) -> None:
-        super().__init__(f"column {column} of a block holds NaN or Inf values")
+        super().__init__(
+            f"column {column} of a block holds NaN, Inf or values beyond ±{MAX_MAGNITUDE:g}"
+        )
         self.column = column
 
     def __reduce__(self):  # across processes: rebuilt from the column, not the message
@@ -786,6 +795,9 @@ def _columns_numpy(
     x -= fix
     x_mean = mean.astype(f64) + fix.astype(f64)
     x_sq = np.einsum("tb,tb->b", x, x).astype(f64)
+    too_big = ~((np.abs(x_mean) <= MAX_MAGNITUDE) & (x_sq <= n_ckpt * MAX_MAGNITUDE**2))
+    if too_big.any():  # before any sum of this piece is kept: float32 would overflow
+        raise NonFiniteColumn(c0 + int(np.flatnonzero(too_big)[0]))
     acc.gram += x @ x.T  # numpy sees x·xᵀ and does half the work (syrk)
 
     c = ctx.unit @ x  # (M + ΣM', width): Σ_t xc·rc / ‖rc‖ for every reference
@@ -877,6 +889,9 @@ def _process_columns(
     x.sub_(fix)
     x_mean = mean.to(f64) + fix.to(f64)
     x_sq = _column_sums(x)[0]
+    too_big = ~((x_mean.abs() <= MAX_MAGNITUDE) & (x_sq <= n_ckpt * MAX_MAGNITUDE**2))
+    if bool(too_big.any()):  # before any sum of this piece is kept: float32 would overflow
+        raise NonFiniteColumn(c0 + int(torch.nonzero(too_big)[0]))
     acc.gram += (x @ x.T).to(f64)
 
     # Covariances of every weight with every reference (and the alternatives).

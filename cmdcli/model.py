@@ -249,6 +249,10 @@ class CMD:
             raise InputError(
                 f"device must be a torch device like 'cpu' or 'cuda', got {self.device!r}"
             ) from None
+        if dev.type not in ("cpu", "cuda"):
+            raise InputError(
+                f"device {self.device!r}: pass 2 runs on 'cpu' or a CUDA GPU ('cuda', 'cuda:1')"
+            )
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {self.device!r}: this torch build or machine has no CUDA GPU")
         if self.executor is not None and not callable(getattr(self.executor, "submit", None)):

@@ -388,6 +388,34 @@ def test_nan_weights(tmp_path):
     assert not list(tmp_path.glob(".out*"))  # no temporary left behind either
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e38), (torch.float64, 1e300)])
+def test_weights_too_large_for_float32_sums_are_refused(tmp_path, dtype, scale):
+    # Near ±3e38 the float32 sums of squares overflow: refused, never NaN in a report.
+    sds = tiny_state_dicts(5, dtype=dtype)
+    for sd in sds:
+        sd["fc1.weight"] = sd["fc1.weight"] * scale
+    write_torch_run(tmp_path / "run", sds, [1, 2, 3, 4, 5])
+    result = cmd("fit", tmp_path / "run", "-o", tmp_path / "out", "-m", "2")
+    assert_input_error(result, "beyond ±1e+15")
+    assert "fc1.weight" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_column_is_refused_by_both_kernels():
+    from cmdcli import fitting
+    from tests.planted import planted_modes
+
+    planted = planted_modes(n_weights=300, n_checkpoints=12, n_modes=2, seed=0)
+    refs = planted.refs
+    ctx = fitting._Context.build(refs, [], {})
+    for backend in ("numpy", "torch"):
+        x = planted.W.T.astype(np.float32).copy()
+        x[:, 7] *= 1e20  # finite in float32, but its square is not
+        with pytest.raises(fitting.NonFiniteColumn) as info:
+            fitting.process_block(x, [fitting.Segment("w", 0, 300)], ctx, backend=backend)
+        assert info.value.column == 7
+
+
 def test_more_modes_than_samples(good_run, tmp_path):
     result = cmd("fit", good_run, "-o", tmp_path / "out", "--modes", "50", "--samples", "10")
     assert_input_error(result, "--modes 50 is more than the 10 sampled weights")
