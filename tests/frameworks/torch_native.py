@@ -324,50 +324,42 @@ def build_dcp(
         load_back_native=load_back_native,
         notes=_DCP_NOTES
         + f" Single process, no process group: only rank file __0_0.distcp. Model: TinyMLP with "
-        f"BatchNorm1d (buffers norm.running_mean/var float32, norm.num_batches_tracked int64 0-d, "
-        f"all stored as tensors). Optimizer: torch AdamW state_dict() as is, so its FQNs use the "
-        f"integer parameter index: optimizer.state.<i>.step/exp_avg/exp_avg_sq, "
+        f"BatchNorm1d (buffers norm.running_mean/var float32, norm.num_batches_tracked int64 "
+        f"0-d, all stored as tensors). Optimizer: torch AdamW state_dict() as is, so its FQNs "
+        f"use the integer parameter index: optimizer.state.<i>.step/exp_avg/exp_avg_sq, "
         f"optimizer.param_groups.0.<hyper-parameter> (bytes items). Steps {save_every} apart.",
     )
 
 
 _DCP_NOTES = (
     "Step: only in the folder name step-<n> (natural order needed: step-10 after step-2); "
-    "nothing inside the checkpoint records it. "
-    "weights keys = the DCP FQNs of the model entries with the wrapper prefix 'model.' removed "
-    "(assumption for cmd's default output: <step-dir>/model.safetensors with those flat names; "
-    "load_back reads it with torch.distributed.checkpoint.HuggingFaceStorageReader, strict). "
-    "Saved dict {'model': ..., 'optimizer': ...}; DCP flattens nested dicts/lists to dotted FQNs "
-    "('model.fc1.weight', 'optimizer.state.0.exp_avg', 'optimizer.param_groups.0.lr'). "
-    ".metadata = a plain pickle (pickle.dump, protocol 4) of torch.distributed.checkpoint.metadata."
-    "Metadata(state_dict_metadata={fqn: "
-    "TensorStorageMetadata(properties=TensorProperties(dtype,...), "
-    "size=torch.Size, chunks=[ChunkStorageMetadata(offsets=torch.Size, sizes=torch.Size)]) | "
+    "nothing inside the checkpoint records it. weights keys = the DCP FQNs of the model entries "
+    "with the wrapper prefix 'model.' removed (assumption for cmd's default output: "
+    "<step-dir>/model.safetensors with those flat names; load_back reads it with "
+    "torch.distributed.checkpoint.HuggingFaceStorageReader, strict). Saved dict {'model': ..., "
+    "'optimizer': ...}; DCP flattens nested dicts/lists to dotted FQNs ('model.fc1.weight', "
+    "'optimizer.state.0.exp_avg', 'optimizer.param_groups.0.lr'). .metadata = a plain pickle "
+    "(pickle.dump, protocol 4) of "
+    "torch.distributed.checkpoint.metadata.Metadata(state_dict_metadata={fqn: "
+    "TensorStorageMetadata(properties=TensorProperties(dtype,...), size=torch.Size, "
+    "chunks=[ChunkStorageMetadata(offsets=torch.Size, sizes=torch.Size)]) | "
     "BytesStorageMetadata()}, planner_data={fqn: tuple path of keys}, "
-    "storage_data={MetadataIndex(fqn, "
-    "offset=torch.Size chunk offset or None for bytes, index): _StorageInfo(relative_path, "
-    "offset, length)}, "
+    "storage_data={MetadataIndex(fqn, offset=torch.Size chunk offset or None for bytes, index): "
+    "_StorageInfo(relative_path, offset, length)}, "
     "storage_meta=StorageMeta(checkpoint_id=PosixPath(...) as passed to save, save_id=uuid str, "
-    "load_id=None, "
-    "modules=[]), version='1.0.0'). Globals a restricted unpickler must allow for .metadata: "
-    "torch.distributed.checkpoint.metadata.{Metadata, TensorStorageMetadata, BytesStorageMetadata, "
-    "ChunkStorageMetadata, TensorProperties, MetadataIndex, StorageMeta, _MEM_FORMAT_ENCODING}, "
-    "torch.distributed.checkpoint.filesystem._StorageInfo, torch.Size, torch.<dtype> (e.g. "
-    "torch.float32, "
-    "torch.int64), torch.serialization._get_layout, pathlib.PosixPath (checkpoint_id given as a "
-    "Path; a str "
-    "id would pickle as str). TensorProperties pickles as a 5-tuple state (dtype, layout, "
-    "requires_grad, "
-    "_MEM_FORMAT_ENCODING member, pin_memory). "
-    "Each .distcp item (tensor chunk or bytes object) is a complete torch.save zip archive "
-    "(b'PK\\x03\\x04'...) "
-    "written back to back; _StorageInfo.offset/length give its byte range in relative_path; load "
-    "a tensor "
-    "chunk with torch.load(io.BytesIO(raw[offset:offset+length]), weights_only=True) -> a plain "
-    "CPU tensor "
+    "load_id=None, modules=[]), version='1.0.0'). Globals a restricted unpickler must allow for "
+    ".metadata: torch.distributed.checkpoint.metadata.{Metadata, TensorStorageMetadata, "
+    "BytesStorageMetadata, ChunkStorageMetadata, TensorProperties, MetadataIndex, StorageMeta, "
+    "_MEM_FORMAT_ENCODING}, torch.distributed.checkpoint.filesystem._StorageInfo, torch.Size, "
+    "torch.<dtype> (e.g. torch.float32, torch.int64), torch.serialization._get_layout, "
+    "pathlib.PosixPath (checkpoint_id given as a Path; a str id would pickle as str). "
+    "TensorProperties pickles as a 5-tuple state (dtype, layout, requires_grad, "
+    "_MEM_FORMAT_ENCODING member, pin_memory). Each .distcp item (tensor chunk or bytes object) "
+    "is a complete torch.save zip archive (b'PK\\x03\\x04'...) written back to back; "
+    "_StorageInfo.offset/length give its byte range in relative_path; load a tensor chunk with "
+    "torch.load(io.BytesIO(raw[offset:offset+length]), weights_only=True) -> a plain CPU tensor "
     "of the chunk's sizes. Non-tensor values (lr, betas, params list, ...) are "
-    "BytesStorageMetadata items: "
-    "the value torch.save'd into the same kind of blob."
+    "BytesStorageMetadata items: the value torch.save'd into the same kind of blob."
 )
 
 
@@ -540,21 +532,16 @@ def build_fsdp2_dcp(
         + " Two ranks, FSDP2 fully_shard (real, CPU mesh, gloo): every model entry is a DTensor "
         "Shard(0) saved as one chunk per rank: .metadata lists for each FQN the global size and "
         "chunks [(offsets=(0,0..), sizes=(ceil(d0/2),...)), (offsets=(ceil(d0/2),0..), "
-        "sizes=(d0-ceil(d0/2),...))], "
-        "storage_data keys MetadataIndex(fqn, offset=chunk offsets, index=rank) -> _StorageInfo("
-        "'__<rank>_0.distcp', byte offset, length). Uneven: fc2.weight (3,9) -> rows 0-1 on rank "
-        "0, row 2 on rank 1; "
-        "fc1 (9,6)/(9,) -> 5+4 rows. Replicated items (optimizer step scalars, param_groups "
-        "bytes) are stored "
-        "once (deduplicated across ranks). Optimizer saved through get_state_dict, so optimizer "
-        "FQNs use "
-        "parameter names: optimizer.state.fc1.weight.exp_avg (the key 'fc1.weight' itself "
-        "contains a dot), "
-        "optimizer.param_groups.0.params is a list of names. weights = full unsharded tensors "
-        "read back on "
-        "one process with dcp.load (DCP reassembles chunks); load_back_native = single-process "
-        "dcp.load "
-        "into a plain unsharded TinyMLP + optimizer via get_state_dict/set_state_dict.",
+        "sizes=(d0-ceil(d0/2),...))], storage_data keys MetadataIndex(fqn, offset=chunk offsets, "
+        "index=rank) -> _StorageInfo('__<rank>_0.distcp', byte offset, length). Uneven: "
+        "fc2.weight (3,9) -> rows 0-1 on rank 0, row 2 on rank 1; fc1 (9,6)/(9,) -> 5+4 rows. "
+        "Replicated items (optimizer step scalars, param_groups bytes) are stored once "
+        "(deduplicated across ranks). Optimizer saved through get_state_dict, so optimizer FQNs "
+        "use parameter names: optimizer.state.fc1.weight.exp_avg (the key 'fc1.weight' itself "
+        "contains a dot), optimizer.param_groups.0.params is a list of names. weights = full "
+        "unsharded tensors read back on one process with dcp.load (DCP reassembles chunks); "
+        "load_back_native = single-process dcp.load into a plain unsharded TinyMLP + optimizer "
+        "via get_state_dict/set_state_dict.",
     )
 
 
@@ -812,11 +799,9 @@ def _ds_config(
 
 
 _RECOVERY_SCRIPT = (
-    "#!/usr/bin/env python\n"
-    "# Placeholder written by cmdcli's test builders. DeepSpeed copies its own {name} into the\n"
-    "# checkpoint folder at this place; this file only stands in for it and contains none of its "
-    "code.\n"
-    "raise SystemExit('placeholder for DeepSpeed {name}')\n"
+    "#!/usr/bin/env python\n# Placeholder written by cmdcli's test builders. DeepSpeed copies "
+    "its own {name} into the\n# checkpoint folder at this place; this file only stands in for it "
+    "and contains none of its code.\nraise SystemExit('placeholder for DeepSpeed {name}')\n"
 )
 
 
@@ -1164,36 +1149,30 @@ def _ds_load_back_native(path: Path, stage: int, dtype: torch.dtype) -> StateDic
 _DS_COMMON_NOTES = (
     "Faithful re-implementation of DeepSpeed {v} DeepSpeedEngine.save_checkpoint (DeepSpeed not "
     "installed): file names, pickle keys and their order, partition arithmetic, shared storages "
-    "and "
-    "pickled DeepSpeed classes as in deepspeed/runtime/engine.py (_save_checkpoint, "
+    "and pickled DeepSpeed classes as in deepspeed/runtime/engine.py (_save_checkpoint, "
     "_common_checkpoint_state, _save_zero_checkpoint, _get_ckpt_name, _get_zero_ckpt_name, "
     "_copy_recovery_script) and runtime/zero/stage_1_and_2.py / stage3.py state_dict(). "
     "DeepSpeed's classes are written under their real global names by stand-ins "
-    "(deepspeed.runtime.zero.config.ZeroStageEnum, deepspeed.runtime.fp16.loss_scaler."
-    "LossScaler/DynamicLossScaler, deepspeed.utils.tensor_fragment.fragment_address): the "
-    "*_optim_states.pt files need weights_only=False and either DeepSpeed or a custom unpickler "
-    "(load_deepspeed_file); the *_model_states.pt files load with torch.load(weights_only=True) "
-    "(only dicts, OrderedDict, torch.Size, tensors, str/int/float/bool/None). "
-    "Root = DeepSpeed save_dir: global_step<N>/ folders (tag = f'global_step{{global_steps}}', the "
-    "step is in the folder name and in model states 'global_steps'), 'latest' (text, the last "
-    "tag, no "
-    "newline), and zero_to_fp32.py + zero_to_torch.py (DeepSpeed 0.19.8 copies both; here short "
-    "placeholder scripts, executable). World size 2 (dp_world_size=2, mp_world_size=1). Model "
-    "_DSNet: "
-    "fc1 (5->7), bn BatchNorm1d(7) (buffers bn.running_mean/var in 16 bit, bn.num_batches_tracked "
-    "int64), norm LayerNorm(7), fc2 (7->3); two optimizer groups like HF Trainer: group 0 = "
-    "[fc1.weight, fc2.weight] (weight decay), group 1 = [fc1.bias, bn.weight, bn.bias, "
-    "norm.weight, "
+    "(deepspeed.runtime.zero.config.ZeroStageEnum, "
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler/DynamicLossScaler, "
+    "deepspeed.utils.tensor_fragment.fragment_address): the *_optim_states.pt files need "
+    "weights_only=False and either DeepSpeed or a custom unpickler (load_deepspeed_file); the "
+    "*_model_states.pt files load with torch.load(weights_only=True) (only dicts, OrderedDict, "
+    "torch.Size, tensors, str/int/float/bool/None). Root = DeepSpeed save_dir: global_step<N>/ "
+    "folders (tag = f'global_step{{global_steps}}', the step is in the folder name and in model "
+    "states 'global_steps'), 'latest' (text, the last tag, no newline), and zero_to_fp32.py + "
+    "zero_to_torch.py (DeepSpeed 0.19.8 copies both; here short placeholder scripts, "
+    "executable). World size 2 (dp_world_size=2, mp_world_size=1). Model _DSNet: fc1 (5->7), bn "
+    "BatchNorm1d(7) (buffers bn.running_mean/var in 16 bit, bn.num_batches_tracked int64), norm "
+    "LayerNorm(7), fc2 (7->3); two optimizer groups like HF Trainer: group 0 = [fc1.weight, "
+    "fc2.weight] (weight decay), group 1 = [fc1.bias, bn.weight, bn.bias, norm.weight, "
     "norm.bias, fc2.bias]; param_shapes lists names in this group order, not module order. "
-    "Optimizer: "
-    "torch AdamW per rank over the flat fp32 partitions (base optimizer state: state {{0,1}} = "
-    "one flat "
-    "tensor per group). lr_scheduler = a client LambdaLR state_dict (lr_lambdas [None]). Tensor "
-    "names: "
-    "plain module names (no 'module.' prefix). cmd default output: "
-    "global_step<N>/model.safetensors. "
-    "A native rebuild must replace the fp32 partitions in the optim files too: DeepSpeed's load "
-    "restores weights from them (load_from_fp32_weights=True), load_back_native does the same."
+    "Optimizer: torch AdamW per rank over the flat fp32 partitions (base optimizer state: state "
+    "{{0,1}} = one flat tensor per group). lr_scheduler = a client LambdaLR state_dict "
+    "(lr_lambdas [None]). Tensor names: plain module names (no 'module.' prefix). cmd default "
+    "output: global_step<N>/model.safetensors. A native rebuild must replace the fp32 partitions "
+    "in the optim files too: DeepSpeed's load restores weights from them "
+    "(load_from_fp32_weights=True), load_back_native does the same."
 )
 
 
@@ -1247,20 +1226,17 @@ def build_deepspeed_zero2(
         notes=_DS_COMMON_NOTES.format(v=DEEPSPEED_VERSION)
         + f" Stage 2, {str(dtype).replace('torch.', '')} training weights: weights = model states "
         "'module' as stored (16-bit params + buffers); the 16-bit params of one group are views "
-        "into "
-        "one flat padded storage (storage_offset per tensor, storage larger than the tensor). "
-        "Alternative 'fp32' = zero_to_fp32 result (buffers cast to float32, fp32 params from the "
-        "partitions). Optim files: optimizer_state_dict = {loss_scaler (DynamicLossScaler for "
-        "fp16 / "
-        "LossScaler for bf16), dynamic_loss_scale, overflow, clip_grad, base_optimizer_state, "
-        "single_partition_of_fp32_groups (per group, lean: end padding removed, but a view whose "
-        "storage still holds the padding), zero_stage (ZeroStageEnum.gradients), group_paddings, "
-        "param_alignment_paddings (all 0), partition_count [2, 2], ds_version, "
-        "param_slice_mappings "
-        "(per group OrderedDict name -> fragment_address(numel, start) of the part on this rank)}, "
-        "ds_config, ds_version. Model states 'optimizer' is None, frozen_param_shapes/fragments "
-        "empty "
-        "OrderedDicts, shared_params {}.",
+        "into one flat padded storage (storage_offset per tensor, storage larger than the "
+        "tensor). Alternative 'fp32' = zero_to_fp32 result (buffers cast to float32, fp32 params "
+        "from the partitions). Optim files: optimizer_state_dict = {loss_scaler "
+        "(DynamicLossScaler for fp16 / LossScaler for bf16), dynamic_loss_scale, overflow, "
+        "clip_grad, base_optimizer_state, single_partition_of_fp32_groups (per group, lean: end "
+        "padding removed, but a view whose storage still holds the padding), zero_stage "
+        "(ZeroStageEnum.gradients), group_paddings, param_alignment_paddings (all 0), "
+        "partition_count [2, 2], ds_version, param_slice_mappings (per group OrderedDict name -> "
+        "fragment_address(numel, start) of the part on this rank)}, ds_config, ds_version. Model "
+        "states 'optimizer' is None, frozen_param_shapes/fragments empty OrderedDicts, "
+        "shared_params {}.",
     )
 
 
@@ -1320,16 +1296,13 @@ def build_deepspeed_zero3(
         "rank 0 "
         f"only). 'module' holds 16-bit params only for 'persistent' params (numel <= "
         f"stage3_param_persistence_threshold = {persistence_threshold}: biases, norms); "
-        "fc1.weight and "
-        "fc2.weight are empty placeholders torch.empty(0, dtype). weights = fp32 full weights as "
-        "zero_to_fp32 produces them (buffers from 'module' cast to float32, num_batches_tracked "
-        "int64; "
-        "params from the fp32 partitions). Optim files (prefix 'bf16_' when bf16 is enabled): "
-        "optimizer_state_dict = {zero_stage (ZeroStageEnum.weights), loss_scaler, "
-        "dynamic_loss_scale, "
-        "overflow, partition_count (int 2), optimizer_state_dict (base AdamW), fp32_flat_groups "
-        "(per "
-        "group one flat fp32 tensor)}, ds_config, ds_version.",
+        "fc1.weight and fc2.weight are empty placeholders torch.empty(0, dtype). weights = fp32 "
+        "full weights as zero_to_fp32 produces them (buffers from 'module' cast to float32, "
+        "num_batches_tracked int64; params from the fp32 partitions). Optim files (prefix "
+        "'bf16_' when bf16 is enabled): optimizer_state_dict = {zero_stage "
+        "(ZeroStageEnum.weights), loss_scaler, dynamic_loss_scale, overflow, partition_count "
+        "(int 2), optimizer_state_dict (base AdamW), fp32_flat_groups (per group one flat fp32 "
+        "tensor)}, ds_config, ds_version.",
     )
 
 
@@ -1376,12 +1349,10 @@ def build_ddp(
         notes=f"Step: file name ckpt_<step>.pt only (unpadded: natural order needed). File = the "
         f"bare "
         "DDP state dict (an OrderedDict; loads with weights_only=True): every key prefixed "
-        "'module.' "
-        "(module.fc1.weight, module.norm.running_mean, module.norm.num_batches_tracked int64 0-d, "
-        "...). "
+        "'module.' (module.fc1.weight, module.norm.running_mean, module.norm.num_batches_tracked "
+        "int64 0-d, ...). "
         f"TinyMLP with BatchNorm1d, AdamW, {save_every} steps apart. load_back/load_back_native "
-        "load into "
-        "a DDP-wrapped fresh model (one-rank gloo group) with strict=True.",
+        "load into a DDP-wrapped fresh model (one-rank gloo group) with strict=True.",
     )
 
 
@@ -1435,10 +1406,9 @@ def build_compile(
         load_back_native=load_back_native,
         notes="Step: file name step_<step>.pt and the int under 'step' (equal). File = {'model', "
         "'optimizer', 'step'} (loads with weights_only=True); weights = the 'model' sub-dict, "
-        "every key "
-        "prefixed '_orig_mod.' (OptimizedModule wrapper: _orig_mod.fc1.weight ...). TinyMLP with "
-        "LayerNorm, AdamW. load_back loads into a fresh torch.compile(..., backend='eager') "
-        "module, strict.",
+        "every key prefixed '_orig_mod.' (OptimizedModule wrapper: _orig_mod.fc1.weight ...). "
+        "TinyMLP with LayerNorm, AdamW. load_back loads into a fresh torch.compile(..., "
+        "backend='eager') module, strict.",
     )
 
 
@@ -1791,24 +1761,17 @@ def build_dino_style(tmp_path: Path, *, n_checkpoints: int = 6, seed: int = 0) -
         f"checkpoint{{epoch:04}}.pth for epoch % saveckp_freq == 0 (saveckp_freq={saveckp_freq}, "
         "epochs="
         f"{epochs}, 0-based epoch), log.txt (json lines). Step = the number in the file name = "
-        "0-based epoch "
-        "just finished; the 'epoch' key inside holds epoch + 1 (the epoch to resume at). File "
-        "keys: student, "
-        "teacher, optimizer, epoch (int), args (argparse.Namespace -> "
-        "torch.load(weights_only=True) fails "
-        "unless argparse.Namespace is allowed; DINO's own restart_from_checkpoint uses torch.load "
-        "without "
-        "weights_only, which fails on torch >= 2.6 for the same reason), dino_loss ({'center': "
-        "(1, out_dim)}). "
+        "0-based epoch just finished; the 'epoch' key inside holds epoch + 1 (the epoch to "
+        "resume at). File keys: student, teacher, optimizer, epoch (int), args "
+        "(argparse.Namespace -> torch.load(weights_only=True) fails unless argparse.Namespace is "
+        "allowed; DINO's own restart_from_checkpoint uses torch.load without weights_only, which "
+        "fails on torch >= 2.6 for the same reason), dino_loss ({'center': (1, out_dim)}). "
         "weights = 'student' (DDP-wrapped: 'module.backbone.*', 'module.head.*'); "
-        "alternatives['teacher'] = "
-        "'teacher' (EMA, no DDP in DINO for ViTs: 'backbone.*', 'head.*' -- the two sets differ "
-        "by the "
-        "'module.' prefix). head.last_layer is weight_norm: head.last_layer.weight_g (frozen, "
-        "constant 1) and "
+        "alternatives['teacher'] = 'teacher' (EMA, no DDP in DINO for ViTs: 'backbone.*', "
+        "'head.*' -- the two sets differ by the 'module.' prefix). head.last_layer is "
+        "weight_norm: head.last_layer.weight_g (frozen, constant 1) and "
         "head.last_layer.weight_v. load_back loads into a DDP(MultiCropWrapper) student, strict "
-        "(DINO itself "
-        "loads with strict=False).",
+        "(DINO itself loads with strict=False).",
     )
 
 
@@ -2006,22 +1969,17 @@ def build_dit_style(
         load_back=lambda p: _into_model(_read_default_form(p)),
         load_back_native=load_back_native,
         notes="DiT train.py layout: results/000-DiT-S-2/{log.txt, checkpoints/0000002.pt, ...}; "
-        "root = the "
-        "checkpoints/ folder (what a user passes; the experiment dir above it holds log.txt "
-        "only). Step = "
-        "file name {train_steps:07d}.pt (zero-padded, not stored inside). File keys: model "
-        "(model.module.state_dict(): no 'module.' prefix although trained under DDP), ema (same "
-        "names), opt "
-        "(AdamW state dict), args (argparse.Namespace -> weights_only=True needs Namespace "
-        "allowed; DiT's own "
-        "sample.py find_model uses torch.load without weights_only, failing on torch >= 2.6). "
-        "weights = "
-        "'model', alternatives['ema'] = 'ema' (decay 0.9999: after k steps it has moved ~k*1e-4 of the way; "
-        "DiT's "
-        "sample.py loads 'ema' in preference to 'model'). pos_embed is a frozen sin-cos parameter "
-        "(constant "
-        "in 'model'; in 'ema' EMA-averaged with itself, so equal up to float rounding, not "
-        "bit-equal); adaLN_modulation and final_layer start at zero. lr 1e-4.",
+        "root = the checkpoints/ folder (what a user passes; the experiment dir above it holds "
+        "log.txt only). Step = file name {train_steps:07d}.pt (zero-padded, not stored inside). "
+        "File keys: model (model.module.state_dict(): no 'module.' prefix although trained under "
+        "DDP), ema (same names), opt (AdamW state dict), args (argparse.Namespace -> "
+        "weights_only=True needs Namespace allowed; DiT's own sample.py find_model uses "
+        "torch.load without weights_only, failing on torch >= 2.6). weights = 'model', "
+        "alternatives['ema'] = 'ema' (decay 0.9999: after k steps it has moved ~k*1e-4 of the "
+        "way; DiT's sample.py loads 'ema' in preference to 'model'). pos_embed is a frozen "
+        "sin-cos parameter (constant in 'model'; in 'ema' EMA-averaged with itself, so equal up "
+        "to float rounding, not bit-equal); adaLN_modulation and final_layer start at zero. lr "
+        "1e-4.",
     )
 
 
@@ -2160,18 +2118,17 @@ def build_guided_diffusion_style(
         load_back=lambda p: _into_model(_read_default_form(p)),
         load_back_native=load_back_native,
         notes=f"guided-diffusion logger dir (root; also log.txt and progress.csv): "
-        f"model{{step:06d}}.pt, "
-        f"ema_{rate}_{{step:06d}}.pt, opt{{step:06d}}.pt per save. Step = the 6-digit number in "
+        f"model{{step:06d}}.pt, ema_{rate}_{{step:06d}}.pt, opt{{step:06d}}.pt per save. Step = "
+        f"the 6-digit number in "
         "the file name "
-        f"(parse_resume_step_from_filename); saved when step % save_interval == 0 (save_interval="
-        f"{save_interval}) after that step's optimizer update, counting from 0: model000000.pt "
+        f"(parse_resume_step_from_filename); saved when step % save_interval == 0 "
+        f"(save_interval={save_interval}) after that step's optimizer update, counting from 0: "
+        f"model000000.pt "
         "already holds "
         f"the weights after 1 update, model{{k:06d}}.pt after k+1. Each file is a bare state dict "
-        "(OrderedDict; "
-        "weights_only=True works); values are nn.Parameter objects (requires_grad=True), not "
-        "plain tensors, "
-        "because master_params_to_state_dict puts the parameters themselves into "
-        "model.state_dict(). "
+        "(OrderedDict; weights_only=True works); values are nn.Parameter objects "
+        "(requires_grad=True), not plain tensors, because master_params_to_state_dict puts the "
+        "parameters themselves into model.state_dict(). "
         f"weights = model*.pt, alternatives['ema_{rate}'] = ema_{rate}_*.pt (same names, EMA "
         f"decay {rate}), "
         "opt*.pt = optimizer state dicts (never weights) -> skipped. Names: time_embed.0/2, "
