@@ -1,10 +1,8 @@
 # tests/frameworks/common.py
 from __future__ import annotations
-
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Callable
 import torch
 
 StateDict = dict[str, torch.Tensor]
