@@ -169,9 +169,31 @@ def _reject_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _check_unicode(value: Any, where: str) -> None:
+    """No lone surrogate (``\\udcff``, from a file name that is not UTF-8) in any string."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, v in items:
+        for s in (k, v):
+            if isinstance(s, str):
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{where}: lone surrogate in {s!r}") from None
+        if isinstance(v, (dict, list)):
+            _check_unicode(v, where)
+
+
+def strict_json_text(text: str, where: str = "JSON") -> Any:
+    """Parse strict JSON: NaN, Infinity and -Infinity refused, and lone surrogates."""
+    data = json.loads(text, parse_constant=_reject_constant)
+    if isinstance(data, (dict, list)):
+        _check_unicode(data, where)
+    return data
+
+
 def strict_json(path: Path) -> Any:
-    """Parse ``path`` as strict JSON: NaN, Infinity and -Infinity are refused."""
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    """Parse the file ``path`` (UTF-8) as strict JSON (see :func:`strict_json_text`)."""
+    return strict_json_text(path.read_text(encoding="utf-8"), str(path))
 
 
 def assert_json_strict(root: Path) -> list[Path]:

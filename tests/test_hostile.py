@@ -63,6 +63,7 @@ from tests.hostile import (
     rewrite_header,
     run_subprocess,
     strict_json,
+    strict_json_text,
     write_eval_fn,
     write_evil_raw_pickle,
     write_evil_torch,
@@ -389,9 +390,36 @@ def test_reconstructed_symlink_out_of_out_is_not_followed(pt_fit, tmp_path, guar
     (out / "reconstructed").symlink_to(guard, target_is_directory=True)
     watch = _watch(tmp_path, out)
     outcome = invoke("reconstruct", out, "--step", "last", "--overwrite")
-    if outcome.code != 0:
-        assert_refused(outcome, ["reconstructed"])
+    if outcome.code != 0:  # refused: the link, or a foreign file found behind it
+        assert_refused(outcome, ["reconstructed", "guarded", *os.listdir(guard)])
     watch.check()  # guarded/epoch_5.safetensors untouched either way
+
+
+def test_plots_symlink_out_of_out_is_not_followed(pt_fit, tmp_path, guard):
+    run, out = pt_fit
+    (out / "plots").symlink_to(guard, target_is_directory=True)
+    watch = _watch(tmp_path, out)
+    outcome = invoke("plot", "modes", out, "--quiet")
+    if outcome.code != 0:
+        assert_refused(outcome, ["plots", "guarded"])
+    watch.check()
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "evaluate"])
+def test_names_from_the_model_file_are_printed_escaped(pt_fit, tmp_path, command):
+    run, out = pt_fit
+    _set_last_name(out, "epoch_5\x1b]0;pwned\x07\x1b[2J.pt")
+    watch = _watch(tmp_path, tmp_path / "dest", out)
+    if command == "reconstruct":
+        outcome = invoke("reconstruct", out, "--step", "last", "--dest", tmp_path / "dest")
+    else:
+        spec = write_eval_fn(_evals(tmp_path), EVAL_OK)
+        outcome = invoke("evaluate", out, "--eval-fn", spec, "--checkpoints", "last")
+    if outcome.code != 0:
+        assert_refused(outcome, ["checkpoints", "epoch_5"])
+    text = outcome.stdout + outcome.stderr
+    assert "\x1b" not in text and "\x07" not in text, f"raw control characters: {text!r}"
+    watch.check()
 
 
 def test_evaluation_json_symlink_is_not_followed(pt_fit, tmp_path, guard):
@@ -503,8 +531,11 @@ def test_reconstruct_leaves_a_users_staging_like_sibling_alone(pt_fit, tmp_path)
     staging.mkdir()
     (staging / "user.txt").write_text("not cmd's\n")
     watch = _watch(tmp_path, dest)
-    assert_ok(invoke("reconstruct", out, "--step", "last", "--dest", dest, "--quiet"))
-    assert (dest / "epoch_5.safetensors").is_file()
+    outcome = invoke("reconstruct", out, "--step", "last", "--dest", dest, "--quiet")
+    if outcome.code == 0:
+        assert (dest / "epoch_5.safetensors").is_file()
+    else:  # refusing to touch it is safe too
+        assert_refused(outcome, [".dest.staging"])
     watch.check()
 
 
@@ -636,6 +667,7 @@ def test_fit_copies_only_regular_side_files_inside_the_checkpoint(tmp_path, kind
     watch = _watch(tmp_path, out)
     assert_ok(invoke("fit", run, "--out", out, *FAST))
     _assert_no_secret(out, planted)
+    assert_json_strict(out)
     assert (out / "reconstructed" / "checkpoint-5" / "config.json").is_file()
     watch.check()
 
@@ -649,6 +681,7 @@ def test_reconstruct_copies_only_regular_side_files_inside_the_checkpoint(hf_fit
     assert_ok(invoke("reconstruct", out, "--step", "last", "--dest", dest, "--quiet"))
     _assert_no_secret(dest, planted)
     assert (dest / "checkpoint-5" / "config.json").is_file()
+    assert_json_strict(dest)
     watch.check()
 
 
@@ -939,8 +972,16 @@ INF = float("inf")
 
 TAMPERED = [
     ("format-missing", _m(_delete_key("format")), ["format"]),
-    ("format-version-999", _m(_set("format_version", "999")), ["format_version", "999"]),
-    ("format-version-garbage", _m(_set("format_version", "one")), ["format_version"]),
+    (
+        "format-version-999",
+        _m(_set("format_version", "999")),
+        ["format_version", "format version", "999"],
+    ),
+    (
+        "format-version-garbage",
+        _m(_set("format_version", "one")),
+        ["format_version", "format version"],
+    ),
     ("tensors-missing", _m(_delete_key("tensors")), ["tensors"]),
     ("tensors-not-a-list", _m(_set("tensors", {"fc1.weight": 1})), ["tensors"]),
     ("tensors-not-strings", _m(_tensors_not_strings), ["tensors"]),
@@ -971,7 +1012,7 @@ TAMPERED = [
     ),
     ("specs-not-a-list", _m(_set("tensor_specs", {"x": 1})), ["tensor_specs"]),
     ("spec-missing", _m(_no_spec("fc2.bias")), ["tensor_specs", "fc2.bias"]),
-    ("fit-n-modes-garbage", _m(_fit_field("n_modes", "lots")), ["fit", "n_modes"]),
+    ("fit-n-modes-garbage", _m(_fit_field("n_modes", "lots")), ["n_modes"]),
     (
         "reference-locations-bad",
         _m(_set("reference_locations", [["fc1.weight", 10**6]])),
@@ -1312,6 +1353,7 @@ def test_a_killed_fits_temporary_directory_is_removed_by_the_next_run(slow_run, 
     small = tmp_path / "small"
     write_safetensors_run(small, tiny_state_dicts(5), STEPS)
     assert_ok(invoke("fit", small, "--out", tmp_path / "out2", *FAST))
+    assert_json_strict(tmp_path / "out2")
     assert not [n for n in stale if (tmp_path / n).exists()], "stale temporary data remains"
     _no_leftovers(tmp_path)
 
@@ -1369,6 +1411,28 @@ def test_inspect_escapes_control_characters_in_names(tmp_path, case, name):
     text = outcome.stdout + outcome.stderr
     for ch in ("\x1b", "\x07", "\r", "\u009b"):
         assert ch not in text, f"raw {ch!r} printed: {text!r}"
+
+
+@pytest.mark.parametrize("command", ["fit", "inspect"])
+def test_file_names_that_are_not_utf8(tmp_path, command):
+    """A name with an invalid UTF-8 byte: escaped wherever it is printed or written."""
+    run, out = _st_run(tmp_path), tmp_path / "out"
+    os.rename(run / "step_5.safetensors", os.fsencode(run) + b"/step_5\xff.safetensors")
+    watch = _watch(tmp_path, out)
+    if command == "fit":
+        outcome = invoke("fit", run, "--out", out, "--reconstruct", "all", *FAST)
+    else:
+        outcome = invoke("inspect", run, "--json")
+    if outcome.code == 0:
+        assert_ok(outcome)
+        if command == "inspect":
+            strict_json_text(outcome.stdout, "cmd inspect --json")
+        assert_json_strict(out)  # read as UTF-8: no lone surrogates written raw
+        for p in out.rglob("*.md"):
+            p.read_text(encoding="utf-8")
+    else:
+        assert_refused(outcome, ["step_5"])
+    watch.check()
 
 
 @pytest.mark.parametrize(
