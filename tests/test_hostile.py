@@ -1303,22 +1303,26 @@ def test_fit_when_the_disk_fills_while_writing_the_report(pt_template, tmp_path)
 # ---------------------------------------------------------------------------------- 9. left behind
 
 
-def _hidden_new(parent: Path, before: set[str]) -> list[str]:
-    return sorted(n for n in set(os.listdir(parent)) - before if n.startswith("."))
+def _new_entries(parent: Path, before: set[str]) -> list[str]:
+    return sorted(set(os.listdir(parent)) - before)
 
 
-def _pause_mid_fit(proc: subprocess.Popen, parent: Path, before: set[str]) -> list[str]:
-    """Wait until the fit's temporary directory exists, then stop the process there."""
+def _pause_mid_fit(
+    proc: subprocess.Popen, parent: Path, before: set[str], delay: float = 0.25
+) -> list[str]:
+    """Wait until the fit puts its first entry (its temporary directory) beside OUT, let it
+    work ``delay`` seconds more (into the fit proper: the slow run takes a second or more
+    from there), then stop it (SIGSTOP), so that a signal reliably arrives mid-fit."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        hidden = _hidden_new(parent, before)
-        if hidden:
-            os.kill(proc.pid, signal.SIGSTOP)
-            return hidden
+        new = _new_entries(parent, before)
+        if new:
+            time.sleep(delay)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGSTOP)
+                return new
         if proc.poll() is not None:
-            pytest.fail(
-                f"the fit ended (status {proc.returncode}) before its temporary dir was seen"
-            )
+            pytest.fail(f"the fit ended (status {proc.returncode}) before it could be stopped")
         time.sleep(0.001)
     proc.kill()
     pytest.fail("no temporary directory appeared")
@@ -1337,7 +1341,7 @@ def test_interrupted_fit_leaves_nothing(slow_run, tmp_path, sig):
     assert proc.returncode in expected, (proc.returncode, stderr)
     assert b"Traceback" not in stderr, stderr
     assert not out.exists()
-    assert not _hidden_new(tmp_path, before)
+    assert not _new_entries(tmp_path, before)
     _no_leftovers(tmp_path)
 
 
@@ -1348,7 +1352,7 @@ def test_a_killed_fits_temporary_directory_is_removed_by_the_next_run(slow_run, 
     _pause_mid_fit(proc, tmp_path, before)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    stale = _hidden_new(tmp_path, before)
+    stale = _new_entries(tmp_path, before)
     assert stale, "SIGKILL left nothing: the premise of this test is gone"
     small = tmp_path / "small"
     write_safetensors_run(small, tiny_state_dicts(5), STEPS)
