@@ -1451,3 +1451,35 @@ def test_error_lines_escape_control_characters_in_names(tmp_path, name):
     outcome = invoke("fit", run, "--out", tmp_path / "out", *FAST)
     assert_refused(outcome, ["step_9"])
     watch.check()
+
+
+def test_landscape_json_is_strict_with_non_finite_metrics(pt_fit, tmp_path):
+    run, out = pt_fit
+    body = "def evaluate(sd):\n    return {'loss': float('nan'), 'acc': float('inf')}\n"
+    spec = write_eval_fn(_evals(tmp_path), body)
+    watch = _watch(tmp_path, out)
+    outcome = invoke("plot", "landscape", out, "--eval-fn", spec, "--grid", "2", "--quiet")
+    if outcome.code == 0:
+        assert_ok(outcome)
+        assert_json_strict(out)
+    else:
+        assert_refused(outcome, ["loss", "acc", "landscape"])
+    watch.check()
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot"])
+def test_reconstruct_refuses_a_checkpoint_path_outside_the_run(hf_fit, tmp_path, guard, how):
+    """A tampered path leads to a directory of the user's: its files must not be copied
+    into the reconstruction (which the user may share back) nor read."""
+    run, out = hf_fit
+    target = str(guard) if how == "absolute" else f"{run}/../guarded"
+
+    def change(m: dict) -> None:
+        m["checkpoints"][-1]["path"] = target
+
+    edit_metadata(out / MODEL_FILE, change)
+    dest = tmp_path / "dest"
+    watch = _watch(tmp_path)
+    outcome = invoke("reconstruct", out, "--step", "last", "--dest", dest)
+    assert_refused(outcome, ["checkpoints", "guarded"])
+    watch.check()  # in particular no dest/checkpoint-5/notes.txt
