@@ -1453,6 +1453,9 @@ def test_error_lines_escape_control_characters_in_names(tmp_path, name):
     watch.check()
 
 
+# ------------------------------------------------------------- 10. more that an attacker would try
+
+
 def test_landscape_json_is_strict_with_non_finite_metrics(pt_fit, tmp_path):
     run, out = pt_fit
     body = "def evaluate(sd):\n    return {'loss': float('nan'), 'acc': float('inf')}\n"
