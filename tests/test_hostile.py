@@ -616,12 +616,20 @@ def _popen_fit(run: Path, out: Path) -> subprocess.Popen:
 
 
 def test_two_fit_processes_on_one_out_one_wins(slow_run, tmp_path):
+    """Fit A is stopped mid-fit (past any check at its start); fit B to the same OUT runs
+    to its end; then A goes on. Exactly one may succeed, the other exits 2 with one line
+    (B, if A holds OUT; A, if B got there first)."""
     out = tmp_path / "out"
-    procs = [_popen_fit(slow_run, out) for _ in range(2)]
-    results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=120)
-        results.append((p.returncode, stderr.decode("utf-8", "replace")))
+    a = _popen_fit(slow_run, out)
+    _pause_mid_fit(a, tmp_path, set(os.listdir(tmp_path)))
+    try:
+        b = _popen_fit(slow_run, out)
+        _, b_err = b.communicate(timeout=120)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    _, a_err = a.communicate(timeout=120)
+    results = [(a.returncode, a_err.decode("utf-8", "replace"))]
+    results.append((b.returncode, b_err.decode("utf-8", "replace")))
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, err in results if code == 2)
