@@ -30,7 +30,7 @@ from .fitting import Progress, Segment
 from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
 from .io.jsonio import dumps, non_finite_paths
 from .io.names import MODEL_FILE, RECONSTRUCTED_DIR, REPORT_JSON, REPORT_MD
-from .io.paths import printable
+from .io.paths import is_inside, printable
 from .io.registry import get_format
 from .io.safetensors import SafetensorsWriter, TensorEntry
 from .model import CMD, DEFAULT_MAX_MEMORY, MAX_AUTO_MODES, REFERENCE_KINDS
@@ -629,8 +629,8 @@ def fit_run(
                 f"{len(bad)} figure(s) of the report are not finite numbers (e.g. {bad[0]}: the "
                 f"weights' sums overflow or a variance is zero) and are written as null"
             )
-        (tmp / REPORT_JSON).write_text(dumps(report) + "\n", encoding="utf-8")
-        (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
+        outdir.write_text(tmp / REPORT_JSON, dumps(report) + "\n")
+        outdir.write_text(tmp / REPORT_MD, render_markdown(report))
     report["out"] = str(out)
     for rec in report["reconstructed"]:
         rec["path"] = str(out / rec["path"])
@@ -1074,12 +1074,10 @@ def reconstruct_run(
     root, prefix = (Path(dest), "") if dest else (model_path.parent, RECONSTRUCTED_DIR)
     target = (root / prefix).resolve()
     run_root = ckpts[0].path.parent.resolve()
-    if target == run_root or any(
-        target == c.path.resolve() or target in c.path.resolve().parents for c in ckpts
-    ):
+    if is_inside(target, run_root) or any(is_inside(target, c.path.resolve()) for c in ckpts):
         raise InputError(
-            f"{printable(target)}: is the run directory or one of its checkpoints; choose "
-            f"another --dest"
+            f"{printable(target)}: is the run directory or inside it ({printable(run_root)}); "
+            f"reconstructions go elsewhere, choose another --dest"
         )
     if target.exists() and not target.is_dir():
         raise InputError(f"{printable(target)}: exists and is not a directory")

@@ -6,7 +6,6 @@ failures of the tool itself exit with status 1.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -78,6 +77,13 @@ def _main(
     ] = None,
 ) -> None:
     """Correlation Mode Decomposition of a training run, from its checkpoints."""
+
+
+def _json(data: object) -> str:
+    """Strict JSON for stdout (non-finite figures as null, as in the files)."""
+    from .io.jsonio import dumps
+
+    return dumps(data)
 
 
 def _line(text: object) -> str:
@@ -399,14 +405,14 @@ def fit(
 
             plan = plan_fit(run_dir, options, out=target)
             if as_json:
-                print(json.dumps(plan, indent=2))
+                print(_json(plan))
             else:
                 _print_plan(plan)
             return
         with _progress(not quiet) as progress:
             report = fit_run(run_dir, target, options, progress=progress)
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(_json(report))
     elif not quiet:
         _print_fit_summary(report)
 
@@ -427,9 +433,9 @@ def _size(n: float) -> str:
 
 def _print_plan(plan: dict) -> None:
     for note in plan.get("notices", []):
-        err.print(f"note: {note}", markup=False)
+        err.print(f"note: {_line(note)}", markup=False)
     for s in plan.get("skipped", []):
-        err.print(f"skipped {s['name']}: {s['reason']}", markup=False)
+        err.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
     table = Table(
         title="cmd fit --dry-run (nothing read or written)", show_header=False, title_justify="left"
     )
@@ -492,9 +498,9 @@ def _parse_modes(text: str) -> int | str:
 
 def _print_fit_summary(report: dict) -> None:
     for note in report.get("notices", []):
-        err.print(f"note: {note}", markup=False)
+        err.print(f"note: {_line(note)}", markup=False)
     for s in report.get("skipped", []):
-        err.print(f"skipped {s['name']}: {s['reason']}", markup=False)
+        err.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
     table = Table(title="CMD fit", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -517,7 +523,7 @@ def _print_fit_summary(report: dict) -> None:
     table.add_row("relative error", _fmt(report["relative_error"], 6))
     table.add_row("compression", f"{report['compression_ratio']:.1f}×")
     table.add_row("time", f"{report['seconds']['total']:.1f} s")
-    table.add_row("output", str(report["out"]))
+    table.add_row("output", _line(report["out"]))
     out.print(table)
 
 
@@ -571,10 +577,10 @@ def reconstruct_cmd(
                 trust_pickle=trust_pickle,
             )
     if as_json:
-        print(json.dumps(written, indent=2))
+        print(_json(written))
     elif not quiet:
         for rec in written:
-            out.print(f"step {rec['step']}: {rec['path']}", markup=False)
+            out.print(f"step {rec['step']}: {_line(rec['path'])}", markup=False)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -642,11 +648,13 @@ def evaluate(
                 run=run,
                 trust_pickle=trust_pickle,
             )
+    for note in result.get("notices", []):
+        err.print(f"note: {_line(note)}", markup=False)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(_json(result))
     elif not quiet:
         _print_evaluation(result)
-        out.print(f"wrote {Path(out_dir) / 'evaluation.json'}", markup=False)
+        out.print(f"wrote {_line(Path(out_dir) / 'evaluation.json')}", markup=False)
 
 
 def _print_evaluation(result: dict, max_rows: int = 20) -> None:
@@ -667,7 +675,7 @@ def _print_evaluation(result: dict, max_rows: int = 20) -> None:
         cells = []
         for n in names:
             cells += [_fmt(r["original"][n]), _fmt(r["cmd"][n])]
-        table.add_row(r["name"], str(r["step"]), *cells)
+        table.add_row(_line(r["name"]), str(r["step"]), *cells)
     for key, label in (("last", "last checkpoint"), ("ema", "EMA"), ("swa", "SWA")):
         base = result.get("baselines", {}).get(key)
         if not base:
@@ -778,7 +786,7 @@ def plot(
             written = [plots.save_plot(kind, out_dir, fmt=fmt, **options)]
     if not quiet:
         for path in written:
-            out.print(str(path), markup=False)
+            out.print(_line(path), markup=False)
 
 
 def _parse_pair(text: str) -> tuple[int, int]:
@@ -810,7 +818,7 @@ def report(
         images = plots.plot_all(out_dir, fmt="png")
         path = build_html(out_dir, images=images)
     if not quiet:
-        out.print(str(path), markup=False)
+        out.print(_line(path), markup=False)
 
 
 # --------------------------------------------------------------------------- inspect
@@ -832,9 +840,9 @@ def inspect(
 
         info = inspect_run(run_dir, trust_pickle=trust_pickle, weights=weights, files=files)
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(_json(info))
         return
-    table = Table(title=f"{info['run_dir']}", title_justify="left")
+    table = Table(title=_line(info["run_dir"]), title_justify="left")
     for col in ("step", "checkpoint", "format", "tensors", "weights", "dtype", "step from"):
         table.add_column(
             col,
@@ -847,8 +855,8 @@ def inspect(
         fmt = c["format"] + (f" [{c['state_key']}]" if c["state_key"] else "")
         table.add_row(
             str(c["step"]),
-            c["name"],
-            fmt,
+            _line(c["name"]),
+            _line(fmt),
             str(c["n_tensors"]),
             f"{c['n_weights']:,}",
             c["dtype"],
@@ -862,9 +870,9 @@ def inspect(
         markup=False,
     )
     for note in info["notices"]:
-        out.print(f"note: {note}", markup=False)
+        out.print(f"note: {_line(note)}", markup=False)
     for s in info["skipped"]:
-        out.print(f"skipped {s['name']}: {s['reason']}", markup=False)
+        out.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
 
 
 def main() -> None:

@@ -180,11 +180,13 @@ def _as_number(value: object) -> float | None:
         try:
             return float(value)
         except OverflowError:  # an int beyond the float range, such as 10**400
-            return math.inf if value > 0 else -math.inf
+            return None
     return None
 
 
 def _describe_value(value: object) -> str:
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return "an integer beyond the range of a float"
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
         return f"a tensor of shape {tuple(value.shape)} and dtype {dtype}"

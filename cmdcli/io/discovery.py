@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from . import names
 from .base import Checkpoint, CheckpointFormat, Entry, Run, TensorSpec
 from .formats.huggingface import regular_files
-from .paths import printable
+from .paths import is_utf8, printable
 from .registry import FORMATS, claim
 from .steps import (
     alias_token,
@@ -240,6 +240,9 @@ def _scan(
         name = e.name
         shown = printable(name)
         if name.startswith("."):
+            continue
+        if not is_utf8(name):
+            skipped.append((shown, "name is not valid UTF-8 (rename the file to use it)"))
             continue
         is_link = e.is_symlink()
         try:

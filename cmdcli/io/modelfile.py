@@ -497,11 +497,6 @@ def _check_specs(v: Any, w: _Where) -> None:
             raise w.fail(f"has an invalid row {printable(str(row))[:80]}")
 
 
-def _check_dict(v: Any, w: _Where) -> None:
-    if not isinstance(v, dict):
-        raise w.fail("must be an object")
-
-
 def _check_bool(v: Any, w: _Where) -> None:
     if not isinstance(v, bool):
         raise w.fail("must be true or false")
@@ -513,8 +508,34 @@ def _check_text(v: Any, w: _Where) -> None:
 
 
 def _check_run_dir(v: Any, w: _Where) -> None:
-    if not isinstance(v, str) or not v or len(v) > 4096 or "\x00" in v:
-        raise w.fail("must be a path")
+    if not isinstance(v, str) or not v or len(v) > 4096 or "\x00" in v or not os.path.isabs(v):
+        raise w.fail("must be the absolute path of the run directory")
+
+
+_SETTINGS: dict[str, Callable[[Any], bool]] = {
+    "online": lambda v: v is None or (isinstance(v, dict) and _is_int(v.get("warmup"))),
+    "n_modes": lambda v: v == "auto" or (_is_int(v) and v >= 1),
+    "references": lambda v: v in REFERENCE_KINDS,
+    "target_variance": lambda v: v is None or (_is_num(v) and 0 < v <= 1),
+    "n_samples": lambda v: _is_int(v) and v >= 1,
+    "seed": lambda v: _is_int(v) and v >= 0,
+    "steps": lambda v: v is None or isinstance(v, str),
+    "include": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "exclude": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "weights": lambda v: v is None or isinstance(v, str),
+    "files": lambda v: v is None or isinstance(v, str),
+    "max_memory": lambda v: _is_int(v) and v >= 1,
+    "trust_pickle": lambda v: isinstance(v, bool),  # recorded by version 1; never acted on
+}
+"""The fit settings a model file records (shown in reports, never acted on)."""
+
+
+def _check_settings(v: Any, w: _Where) -> None:
+    if not isinstance(v, dict):
+        raise w.fail("must be an object")
+    for key, ok in _SETTINGS.items():
+        if key in v and not ok(v[key]):
+            raise w.fail(f"has an invalid {key!r}: {printable(repr(v[key]))[:60]}")
 
 
 _TEXT_KEYS = frozenset({"format", "format_version", "references_kind", "cmdcli_version", "run_dir"})
@@ -534,7 +555,7 @@ _OPTIONAL: dict[str, Callable[[Any, _Where], None]] = {
     "run_dir": _check_run_dir,
     "checkpoints": _check_checkpoints,
     "tensor_specs": _check_specs,
-    "settings": _check_dict,
+    "settings": _check_settings,
     "extras_stored": _check_bool,
 }
 """Metadata written by ``cmd fit`` (absent from a model saved with ``CMD.save`` alone)."""

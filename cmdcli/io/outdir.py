@@ -46,6 +46,7 @@ __all__ = [
     "place",
     "read_manifest",
     "write_file",
+    "write_text",
 ]
 
 _MANIFEST_VERSION = 1
@@ -197,9 +198,10 @@ def check_replaceable(
         return
     listed = read_manifest(root)
     if listed is None:
+        first = printable(present[0]) if present else printable(target.name)
         raise InputError(
-            f"{shown}: exists and was not written by cmd (no {names.MANIFEST}); refusing to "
-            f"replace it, choose another {what}"
+            f"{shown}: {first} was not written by cmd (there is no {names.MANIFEST}); refusing "
+            f"to replace it, choose another {what}"
         )
     for rel in present:
         if rel != names.MANIFEST and rel not in listed:
@@ -412,6 +414,11 @@ def _commit(tmp: Path, target: Path, before: _State, *, model_required: bool, wh
 # --------------------------------------------------------------------------- files and entries
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary sibling, rename); a failure is an InputError."""
+    _atomic_text(path, text)
+
+
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}{names.TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
     try:
@@ -444,6 +451,7 @@ def write_file(root: Path, rel: str, write: Callable[[Path], None] | str) -> Pat
     """
     check_relative(rel, "output file")
     target = root / rel
+    _check_no_links(root, target.parent)
     with _locked(root):
         if os.path.lexists(target):
             check_replaceable(target, root=root, what="output file")
@@ -488,10 +496,50 @@ def place(
     the directory as it was.
     """
     dest = root / prefix if prefix else root
+    _check_no_links(root, dest)
+    created = next((p for p in reversed(dest.parents) if not p.exists()), None)
+    if created is None and not dest.exists():
+        created = dest
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{printable(dest)}: cannot create ({exc.strerror or exc})") from None
+    try:
+        return _place(root, prefix, dest, build, overwrite=overwrite)
+    except BaseException:
+        if created is not None:  # leave no directory of ours behind an error
+            _remove_empty(dest, stop=created.parent)
+        raise
+
+
+def _remove_empty(path: Path, *, stop: Path) -> None:
+    """Remove ``path`` and its parents up to ``stop`` while they are empty."""
+    while path != stop and is_inside(path, stop):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        path = path.parent
+
+
+def _check_no_links(root: Path, path: Path) -> None:
+    """Every directory from ``root`` down to ``path`` is a real directory, not a link."""
+    if not is_inside(path, root):
+        raise InputError(f"{printable(path)}: outside {printable(root)}")
+    rel = os.path.relpath(path, root)
+    current = root
+    for part in [] if rel == "." else Path(rel).parts:
+        current = current / part
+        if os.path.islink(current):
+            raise InputError(
+                f"{printable(current)}: is a symbolic link; cmd writes only into real "
+                f"directories it made"
+            )
+
+
+def _place(
+    root: Path, prefix: str, dest: Path, build: Callable[[Path], list[str]], *, overwrite: bool
+) -> list[Path]:
     clean_stale(dest)
     placed: list[Path] = []
     with _tmp_directory(dest / "x") as (tmp, _lock):

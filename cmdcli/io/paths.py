@@ -17,12 +17,27 @@ from ..errors import InputError
 __all__ = ["check_plain_name", "check_relative", "is_plain_name", "printable", "safe_join"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _MAX_NAME = 255
 
 
 def printable(text: object) -> str:
-    """``text`` with control characters (terminal escapes among them) shown as ``\\xNN``."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    """``text`` with control characters (terminal escapes among them) shown as ``\\xNN``.
+
+    Lone surrogates (bytes of a file name that are not UTF-8) are shown as ``\\udcNN``,
+    so that the result can always be printed and written as UTF-8.
+    """
+
+    def escape(m: re.Match) -> str:
+        code = ord(m.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNPRINTABLE.sub(escape, str(text))
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the file system is valid UTF-8 (no surrogate escapes)."""
+    return not re.search(r"[\ud800-\udfff]", name)
 
 
 def is_plain_name(name: object) -> bool:

@@ -501,6 +501,7 @@ def test_deepspeed_against_real_zero_to_fp32(
             "DeepSpeed source not available "
             "(set CMDCLI_DEEPSPEED_SRC to an sdist or its unpacked folder)"
         )
+    pytest.importorskip("tqdm", reason="DeepSpeed's zero_to_fp32.py imports tqdm")
     run, _ = _run(f"deepspeed_zero{stage}", tmp_path_factory)
     with tn.deepspeed_pickle_modules():
         added = {}

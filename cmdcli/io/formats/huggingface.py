@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from ...errors import CheckpointError, InputError
+from ...errors import CheckpointError
 from .. import names
 from ..base import Checkpoint, CheckpointFormat, CheckpointReader, Entry, Probe, TensorSpec
 from ..jsonio import read_json
@@ -212,11 +212,16 @@ class HuggingFace(CheckpointFormat):
         index_name = names.HF_BIN_INDEX if as_bin else names.HF_SAFETENSORS_INDEX
         if len(ckpt.weight_files) == 1 and ckpt.weight_files[0].name == single:
             return {single: list(specs)}
-        try:
-            _, weight_map = read_index(ckpt.path, index_name, ckpt.name)
-        except InputError:
-            # The original is gone or changed since the fit: one file is always loadable.
+        if not (ckpt.path / index_name).is_file():
+            # The original is gone since the fit: one file is always loadable.
             return {single: list(specs)}
+        shards, weight_map = read_index(ckpt.path, index_name, ckpt.name)
+        recorded = {p.name for p in ckpt.weight_files}
+        if {p.name for p in shards} != recorded:
+            raise CheckpointError(
+                f"{ckpt.name}/{index_name}: lists other shards than at the fit "
+                f"({', '.join(sorted(printable(p.name) for p in shards))[:200]})"
+            )
         groups: dict[str, list[str]] = {}
         for tensor in specs:
             groups.setdefault(weight_map.get(tensor, single), []).append(tensor)
