@@ -36,6 +36,15 @@ def _hf(name: str) -> Callable[..., FrameworkRun]:
     return build
 
 
+def _tn(name: str) -> Callable[..., FrameworkRun]:
+    def build(tmp_path: Path) -> FrameworkRun:
+        from tests.frameworks import torch_native
+
+        return getattr(torch_native, name)(tmp_path)
+
+    return build
+
+
 # builder, the framework packages it needs
 BUILDERS: dict[str, tuple[Callable[[Path], FrameworkRun], tuple[str, ...]]] = {
     "hf_trainer": (_hf("build_hf_trainer"), ("transformers",)),
@@ -45,6 +54,11 @@ BUILDERS: dict[str, tuple[Callable[[Path], FrameworkRun], tuple[str, ...]]] = {
     "accelerate_bin": (_hf("build_accelerate_bin"), ("accelerate",)),
     "lightning": (_hf("build_lightning"), ("lightning",)),
     "timm_style": (_hf("build_timm_style"), ()),
+    "ddp": (_tn("build_ddp"), ()),
+    "compile": (_tn("build_compile"), ()),
+    "dino_style": (_tn("build_dino_style"), ()),
+    "dit_style": (_tn("build_dit_style"), ()),
+    "guided_diffusion_style": (_tn("build_guided_diffusion_style"), ()),
 }
 
 
@@ -143,4 +157,34 @@ def test_timm_ema_weights_are_named_and_selectable(tmp_path):
     ema = discover(run.root, weights="state_dict_ema")
     assert {c.state_key for c in ema.checkpoints} == {"state_dict_ema"}
     for ckpt, want in zip(ema.checkpoints, run.alternatives["state_dict_ema"], strict=True):
+        _assert_equal(load_state_dict(ckpt), want)
+
+
+@pytest.mark.parametrize(
+    "builder, key",
+    [("dino_style", "teacher"), ("dit_style", "ema")],
+)
+def test_other_sets_of_weights_are_named_and_selectable(tmp_path, builder, key):
+    run = BUILDERS[builder][0](tmp_path / "runs")
+    found = discover(run.root)
+    assert any(repr(key) in n and f"--weights {key}" in n for n in found.notices), found.notices
+    chosen = discover(run.root, weights=key)
+    assert {c.state_key for c in chosen.checkpoints} == {key}
+    for ckpt, want in zip(chosen.checkpoints, run.alternatives[key], strict=True):
+        _assert_equal(load_state_dict(ckpt), want)
+
+
+def test_guided_diffusion_families(tmp_path):
+    from tests.frameworks.torch_native import build_guided_diffusion_style
+
+    run = build_guided_diffusion_style(tmp_path / "runs")
+    found = discover(run.root)
+    skipped = dict(found.skipped)
+    for name in run.skipped:  # the optimizer files: named, never read as weights
+        assert "training state" in skipped[name]
+    (key,) = run.alternatives
+    assert any("--files 'ema_*_*.pt'" in n for n in found.notices), found.notices
+    ema = discover(run.root, files="ema_*")
+    assert [c.step for c in ema.checkpoints] == run.steps
+    for ckpt, want in zip(ema.checkpoints, run.alternatives[key], strict=True):
         _assert_equal(load_state_dict(ckpt), want)
