@@ -623,6 +623,16 @@ def fit_run(
             seconds=time.perf_counter() - started,
             fit_seconds=fit_seconds,
         )
+        curve = model.modes_curve_
+        if opts.n_modes == "auto" and curve:
+            last = curve[-1]
+            if last["explained_variance"] < opts.target_variance:
+                report["notices"].append(
+                    f"--modes auto stopped at {last['n_modes']} modes, the most it tries (up to "
+                    f"{MAX_AUTO_MODES}, and no more than --samples), with explained variance "
+                    f"{last['explained_variance']:.4f} on the refinement sample, short of "
+                    f"--target-variance {opts.target_variance:g}; pass --modes M for more modes"
+                )
         bad = list(non_finite_paths(report))
         if bad:
             report.setdefault("notices", []).append(

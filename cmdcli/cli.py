@@ -254,7 +254,8 @@ def fit(
         typer.Option(
             "--modes",
             "-m",
-            help="Maximum number of modes, or 'auto': the fewest that reach --target-variance.",
+            help="Maximum number of modes, or 'auto': the fewest that reach --target-variance "
+            "(auto tries up to 20 modes and says so when it stops short).",
             metavar="M|auto",
         ),
     ] = "10",

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from cmdcli import CMD
 from cmdcli.api import FitOptions, fit_run
@@ -126,6 +127,25 @@ def test_auto_modes_picks_the_smallest_m_reaching_the_target(planted):
     assert model.n_modes_ == 4  # four planted modes; three cannot reach 0.99
     assert curve[-1] >= 0.99 and all(ev < 0.99 for ev in curve[:-1])
     assert len(curve) == 4
+
+
+def test_auto_modes_says_when_it_stops_at_its_cap(tmp_path):
+    # Pure noise never reaches 0.999: auto stops at the most it tries and says so.
+    W = np.random.default_rng(0).normal(size=(400, 12))
+    run = tmp_path / "run"
+    from tests.builders import write_safetensors_run
+
+    write_safetensors_run(
+        run,
+        [{"w": torch.from_numpy(W[:, t].astype(np.float32))} for t in range(12)],
+        list(range(1, 13)),
+    )
+    report = fit_run(
+        run, tmp_path / "out", FitOptions(n_modes="auto", target_variance=0.999, n_samples=50)
+    )
+    (note,) = [n for n in report["notices"] if n.startswith("--modes auto stopped")]
+    assert f"at {report['n_modes']} modes" in note and "--target-variance 0.999" in note
+    assert report["n_modes"] <= 20
 
 
 def test_same_seed_same_file_and_small_seed_spread_on_a_sample_run(tmp_path):
