@@ -122,7 +122,13 @@ def test_discovery_from_the_run_directory(run: FrameworkRun) -> None:
     # latest and the recovery scripts are not candidates; no optimizer file is a checkpoint
     assert found.skipped == []
     used = {f.resolve() for c in found.checkpoints for f in c.weight_files}
-    assert not any(f.name.endswith("_optim_states.pt") for f in used) or _stage(run) == 3
+    if _stage(run) == 2:  # the module weights: the model-states file alone
+        assert {f.name for f in used} == {"mp_rank_00_model_states.pt"}
+    else:  # the fp32 gathering: rank 0's model states (buffers) and every partition
+        assert {f.name for f in used} == {
+            "zero_pp_rank_0_mp_rank_00_model_states.pt",
+            *(_optim_name(run, r) for r in range(2)),
+        }
     for entry in run.skipped:
         assert (run.root / entry).resolve() not in used
     if _stage(run) == 2:
@@ -141,6 +147,14 @@ def test_weights_are_the_frameworks(run: FrameworkRun) -> None:
     found = discover(run.root)
     for ckpt, want in zip(found.checkpoints, run.weights, strict=True):
         _assert_same(load_state_dict(ckpt), want)
+
+
+def test_model_states_with_trust_pickle(run: FrameworkRun) -> None:
+    """--trust-pickle unpickles the model states fully; DeepSpeed's classes stay stand-ins."""
+    found = discover(run.root / run.names[-1], trust_pickle=True)
+    with found.checkpoints[0].open(trust_pickle=True) as reader:
+        got = {n: reader.read(n).reshape(s.shape) for n, s in reader.specs().items()}
+    _assert_same(got, run.weights[-1])
 
 
 def test_fp32_master_weights_of_zero2(z2: FrameworkRun) -> None:

@@ -1005,7 +1005,10 @@ def _frozen(
                 f"each rank ({sorted(map(str, dtypes))})"
             )
         layout.add(
-            name, shape, parts[0][0].dtype, _Sharded(parts, [0, per_rank], 0, per_rank, numel)
+            name,
+            shape,
+            parts[0][0].dtype,
+            _Sharded(parts, [0, per_rank], 0, max(per_rank, 1), numel),
         )
 
 
