@@ -853,7 +853,10 @@ def inspect(
             no_wrap=col != "checkpoint",
         )
     for c in info["checkpoints"]:
-        fmt = c["format"] + (f" [{c['state_key']}]" if c["state_key"] else "")
+        # the variant where it adds something ("deepspeed ZeRO-3", not "lightning lightning")
+        detail = c["detail"] if c["detail"] and c["detail"] != c["format"] else None
+        fmt = c["format"] + (f" {detail}" if detail else "")
+        fmt += f" [{c['state_key']}]" if c["state_key"] else ""
         table.add_row(
             str(c["step"]),
             _line(c["name"]),

@@ -59,10 +59,16 @@ ACCELERATE_STATE = re.compile(
 DCP_METADATA = ".metadata"
 DCP_SHARD = re.compile(r"__\d+_\d+\.distcp")
 
-# DeepSpeed
+# DeepSpeed (engine.save_checkpoint): ZeRO-1/2 write one mp_rank_00_model_states.pt, ZeRO-3
+# one zero_pp_rank_<dp>_mp_rank_00_model_states.pt per data-parallel rank; the optimizer
+# partitions are one (bf16_)zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt per rank.
 DS_STEP_DIR = re.compile(r"global_step(\d+)")
-DS_MODEL_STATES = re.compile(r"mp_rank_(\d+)_model_states\.pt")
-DS_OPTIM_STATES = re.compile(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+DS_MODEL_STATES = re.compile(r"(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt")
+DS_OPTIM_STATES = re.compile(
+    r"(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt"
+)
+DS_LAYER_STATES = re.compile(r"layer_\d+-model_\d+-model_states\.pt")
+"""Pipeline-parallel layer files: their weights are not in the model-states file."""
 DS_LATEST = "latest"
 
 # The weight files of a directory checkpoint: when a run's own folder holds them (a
@@ -71,7 +77,8 @@ DS_LATEST = "latest"
 LAYOUT_FILE = re.compile(
     r"(model|pytorch_model|adapter_model)(-\d+-of-\d+|_\d+)?\.(safetensors|bin)"
     r"|(model|pytorch_model)\.(safetensors|bin)\.index\.json"
-    r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt|(layer_\d+-)?mp_rank_\d+_model_states\.pt"
+    r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt"
+    r"|(layer_\d+-|zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt"
     r"|__\d+_\d+\.distcp"
 )
 

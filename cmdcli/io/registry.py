@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import CheckpointError
 from .base import CheckpointFormat, Entry
 from .formats.accelerate import Accelerate
+from .formats.deepspeed import DeepSpeed
 from .formats.files import LightningFile, SafetensorsFile, TorchFile
 from .formats.huggingface import HuggingFace, Peft
 
@@ -17,6 +18,7 @@ __all__ = ["FORMATS", "claim", "get_format"]
 
 FORMATS: tuple[CheckpointFormat, ...] = (
     # directories
+    DeepSpeed(),
     Peft(),
     Accelerate(),
     HuggingFace(),
