@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import numbers
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +31,11 @@ __all__ = ["SAFE_GLOBALS", "TorchFile", "TorchReader", "load_torch", "load_weigh
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 """Classes allowed in a pickle beyond what ``weights_only=True`` allows."""
 
+SAFE_LOAD_LOCK = threading.Lock()
+"""Held around every restricted ``torch.load``: torch keeps the allowed classes of
+``safe_globals`` in one process-wide list, so two loads in two threads must not
+interleave their additions and removals."""
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -41,7 +47,7 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _load_failure(exc: BaseException) -> str:
+def load_failure(exc: BaseException) -> str:
     """What went wrong in torch.load, without torch's generic weights_only preamble."""
     text = _ANSI.sub("", str(exc))
     marker = "WeightsUnpickler error:"
@@ -53,7 +59,7 @@ def _load_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
-def _weights_only_refusal(exc: BaseException) -> str | None:
+def weights_only_refusal(exc: BaseException) -> str | None:
     """Why ``weights_only=True`` refused the pickle, or None if the file is just corrupt."""
     msg = _ANSI.sub("", str(exc))
     if "Weights only load failed" not in msg:
@@ -97,19 +103,19 @@ def load_torch(path: Path, display: str, *, trust_pickle: bool, mmap: bool = Tru
             return torch.load(
                 path, map_location="cpu", mmap=mmap and not legacy, weights_only=False
             )
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with SAFE_LOAD_LOCK, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", mmap=mmap and not legacy, weights_only=True)
     except MemoryError:
         raise
     except Exception as exc:  # torch raises many types for bad files; all are the user's
-        reason = None if trust_pickle else _weights_only_refusal(exc)
+        reason = None if trust_pickle else weights_only_refusal(exc)
         if reason is not None:
             raise CheckpointError(
                 f"{display}: this checkpoint needs more than weights to unpickle ({reason}); "
                 f"pass --trust-pickle if you trust its source"
             ) from exc
         raise CheckpointError(
-            f"{display}: not a readable torch checkpoint ({_load_failure(exc)}); "
+            f"{display}: not a readable torch checkpoint ({load_failure(exc)}); "
             f"is the file complete?"
         ) from exc
 

@@ -59,7 +59,6 @@ import numbers
 import os
 import pickle
 import stat
-import threading
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -84,7 +83,7 @@ from ..base import (
     check_range,
 )
 from ..paths import printable
-from ..torchfile import _load_failure, _weights_only_refusal, is_zip
+from ..torchfile import SAFE_LOAD_LOCK, load_failure, weights_only_refusal, is_zip
 from .huggingface import regular_files
 
 __all__ = ["STANDINS", "DeepSpeed", "DeepSpeedObject", "DeepSpeedReader", "save_deepspeed_file"]
@@ -162,10 +161,9 @@ STANDINS: dict[str, type[DeepSpeedObject]] = {q: _standin(q) for q in _DS_CLASSE
 """Stand-in class for each DeepSpeed class, by DeepSpeed's qualified name."""
 
 # Registered only for the duration of one load (torch keeps one process-wide list,
-# so concurrent loads of ours are serialised by _LOAD_LOCK; see _load).
+# so every restricted load of cmd's is serialised by torchfile.SAFE_LOAD_LOCK).
 _STANDIN_GLOBALS: list = [(cls, qualified) for qualified, cls in STANDINS.items()]
 _MODEL_STATES_GLOBALS: list = [argparse.Namespace, *_STANDIN_GLOBALS]
-_LOAD_LOCK = threading.Lock()
 
 
 class _DeepSpeedPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
@@ -256,13 +254,13 @@ def _load(
                 f"{torch.__version__})"
             )
         allowed = _MODEL_STATES_GLOBALS if model_states else _STANDIN_GLOBALS
-        with _LOAD_LOCK, torch.serialization.safe_globals(allowed):
+        with SAFE_LOAD_LOCK, torch.serialization.safe_globals(allowed):
             obj = torch.load(path, map_location="cpu", mmap=mapped, weights_only=True)
         return obj, legacy
     except (MemoryError, CheckpointError):
         raise
     except Exception as exc:  # torch raises many types for bad files; all are the file's
-        reason = _weights_only_refusal(exc) if restricted else None
+        reason = weights_only_refusal(exc) if restricted else None
         if reason is not None:
             hint = (
                 "pass --trust-pickle if you trust its source"
@@ -274,7 +272,7 @@ def _load(
                 f"to unpickle ({reason}); {hint}"
             ) from exc
         raise CheckpointError(
-            f"{display}: not a readable torch checkpoint ({_load_failure(exc)}); "
+            f"{display}: not a readable torch checkpoint ({load_failure(exc)}); "
             f"is the file complete?"
         ) from exc
 
