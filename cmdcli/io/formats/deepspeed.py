@@ -83,7 +83,7 @@ from ..base import (
     check_range,
 )
 from ..paths import printable
-from ..torchfile import SAFE_LOAD_LOCK, load_failure, weights_only_refusal, is_zip
+from ..torchfile import SAFE_LOAD_LOCK, is_zip, load_failure, weights_only_refusal
 from .huggingface import regular_files
 
 __all__ = ["STANDINS", "DeepSpeed", "DeepSpeedObject", "DeepSpeedReader", "save_deepspeed_file"]
