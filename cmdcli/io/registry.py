@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import CheckpointError
 from .base import CheckpointFormat, Entry
 from .formats.accelerate import Accelerate
+from .formats.dcp import Dcp
 from .formats.deepspeed import DeepSpeed
 from .formats.files import LightningFile, SafetensorsFile, TorchFile
 from .formats.huggingface import HuggingFace, Peft
@@ -21,6 +22,7 @@ FORMATS: tuple[CheckpointFormat, ...] = (
     DeepSpeed(),
     Peft(),
     Accelerate(),
+    Dcp(),
     HuggingFace(),
     # files
     SafetensorsFile(),

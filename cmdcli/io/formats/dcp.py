@@ -1,0 +1,1548 @@
+"""torch.distributed.checkpoint (DCP) directories: ``.metadata`` beside ``__<rank>_<i>.distcp``.
+
+``torch.distributed.checkpoint.save`` writes one directory per checkpoint. Its
+``.metadata`` is a pickle of a ``Metadata`` object that lists, for every flattened
+key (FQN, ``model.fc1.weight``), either a tensor (global size, dtype, and its
+*chunks*: boxes ``offsets … offsets + sizes``, one per rank holding part of it) or a
+bytes item (any other value); where each chunk or bytes item is stored (file, byte
+offset, length); and, as ``planner_data``, the key path of each FQN in the nested
+dict that was saved (``("model", "fc1.weight")``). Every stored item is a complete
+``torch.save`` archive, written back to back with the others in the ``.distcp`` files.
+
+Trust
+    ``.metadata`` is never unpickled with :mod:`pickle` plainly. A restricted
+    unpickler knows exactly the classes DCP writes there and hands back inert
+    stand-ins for them (never the classes themselves, nor any other callable), so
+    no code named by the file runs, and no object of torch is touched; what it
+    recorded is then checked: storage files are plain names of regular files in
+    the directory, byte ranges lie inside them, and the chunks of every tensor read
+    cover it exactly. Reading tensors needs no process group and does not import
+    ``torch.distributed``.
+
+Sets of weights
+    The first component of each FQN's key path is the set it belongs to
+    (``model``, ``optimizer``, ``ema``, …); a flat ``dcp.save(model.state_dict())``
+    is one set, ``None``. Sets are chosen by the rule of :mod:`cmdcli.io.weights`:
+    optimizer and scheduler state are never weights, the raw training weights are
+    the default, ``--weights`` takes another. Tensors are named relative to their
+    set (``fc1.weight``), so that the rebuilt ``model.safetensors`` loads into the
+    bare model.
+
+Lazy reads
+    A ``torch.save`` archive stores a tensor's storage uncompressed in its record
+    ``<archive>/data/<key>``. The first time an item is read, its zip directory and
+    its ``data.pkl`` (read by a second restricted unpickler) give the record's byte
+    range inside the item and the tensor's storage offset, shape and strides; from
+    then on only the bytes asked for are read, with ``pread``. A flat range of a
+    sharded tensor is mapped to the chunks it crosses (in each chunk, the elements
+    of the range are one contiguous run of its storage). Items that are compressed
+    or do not hold one plain contiguous tensor are loaded whole with
+    ``torch.load(weights_only=True)`` and kept for the life of the reader.
+    Parsed ``.metadata`` files and item locations are cached across readers (keyed
+    by the files' identity, size and times), since fitting opens every checkpoint
+    once per block.
+
+Writing
+    The default reconstruction is ``<name>/model.safetensors``. The native writer
+    writes a DCP directory with ``torch.distributed.checkpoint.save`` in this one
+    process: the modelled set's tensors rebuilt, every other item (other sets,
+    optimizer state, bytes items) copied. A checkpoint saved by several ranks
+    becomes a one-rank checkpoint; ``dcp.load`` reshards it to any world size.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import stat
+import sys
+import threading
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+
+from ...dtypes import itemsize
+from ...errors import CheckpointError, InputError
+from .. import names
+from ..base import (
+    Checkpoint,
+    CheckpointFormat,
+    CheckpointReader,
+    Entry,
+    Probe,
+    TensorSource,
+    TensorSpec,
+    check_index,
+    check_range,
+)
+from ..paths import is_plain_name, printable
+from ..safetensors import _ELEMENT_TYPES, _gather_plan, pread_into
+from ..steps import natural_key
+from ..weights import RAW_KEYS, default_key, describe, is_ema_name, is_state_name
+
+__all__ = ["MAX_METADATA_BYTES", "Dcp", "DcpReader", "load_metadata"]
+
+MAX_METADATA_BYTES = 256 * 1024 * 1024
+"""A ``.metadata`` larger than this is refused unread (real ones are far smaller)."""
+
+_MAX_DATA_PKL = 1 << 20  # a tensor's data.pkl is ~200 bytes; larger ones are loaded by torch
+_MAX_STEP_ITEM = 1 << 16  # a bytes item holding a step is a few hundred bytes
+_MAX_DIMS = 64
+_MAX_INT = 1 << 62  # sizes, offsets and element counts stay far from int64 overflow
+_MAX_GRID_CELLS = 1 << 22  # chunk cover check: cells of the grid the chunk edges make
+_MAX_PAIRWISE = 2048  # chunk cover check without a grid: chunks compared pairwise
+_SCATTER_LOOP = 64  # fewer runs than this are copied one by one, more with one index
+_PREADV_RUN_BYTES = 4096  # runs at least this long (on average) are read straight to place
+_IOV_MAX = 1024
+_STEP_KEYS = ("global_step", "step", "global_steps")
+_ZIP_LOCAL = b"PK\x03\x04"
+
+
+# --------------------------------------------------------------------------- .metadata
+
+
+_MD = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS: dict[tuple[str, str], str] = {
+    (_MD, "Metadata"): "Metadata",
+    (_MD, "TensorStorageMetadata"): "TensorStorageMetadata",
+    (_MD, "BytesStorageMetadata"): "BytesStorageMetadata",
+    (_MD, "ChunkStorageMetadata"): "ChunkStorageMetadata",
+    (_MD, "TensorProperties"): "TensorProperties",
+    (_MD, "MetadataIndex"): "MetadataIndex",
+    (_MD, "StorageMeta"): "StorageMeta",
+    (_MD, "_MEM_FORMAT_ENCODING"): "_MEM_FORMAT_ENCODING",
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): "_StorageInfo",
+    ("torch", "Size"): "Size",
+    ("torch.serialization", "_get_layout"): "layout",
+    ("pathlib", "PosixPath"): "PosixPath",
+}
+"""Every global a DCP ``.metadata`` names (besides dtypes), and the stand-in kind for it."""
+
+# From the module's own namespace: a name read from a file is looked up here and never
+# with getattr(torch, name), which could import a submodule.
+_DTYPES: dict[str, torch.dtype] = {
+    k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype) and not k.startswith("_")
+}
+
+
+class _Stub:
+    """An inert stand-in for a class named in a pickle: it records arguments and state.
+
+    Calling it (REDUCE, NEWOBJ) and building it (BUILD) only store what the pickle
+    passes; nothing else can be reached through it.
+    """
+
+    kind: ClassVar[str] = ""
+    args: tuple = ()
+    state: Any = None
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+_STUBS: dict[str, type[_Stub]] = {
+    kind: type(f"_{kind.strip('_')}Stub", (_Stub,), {"kind": kind})
+    for kind in sorted(set(_METADATA_GLOBALS.values()))
+}
+
+
+class _Named:
+    """A module attribute named in a pickle (a dtype, a storage type): its name only."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError(f"{self.name} cannot be given a state")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` into stand-ins; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        kind = _METADATA_GLOBALS.get((module, name))
+        if kind is not None:
+            return _STUBS[kind]
+        if module == "torch" and name in _DTYPES:
+            return _Named(name)
+        raise pickle.UnpicklingError(
+            f"it names {printable(module)[:80]}.{printable(name)[:80]}, which a DCP "
+            f".metadata never holds; refused without running anything"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("it holds a persistent id, which a DCP .metadata never does")
+
+
+class _Bad(Exception):
+    """A check of the metadata failed: the message, and the file it is about."""
+
+    def __init__(self, message: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class _Stored(NamedTuple):
+    """Where one item (a tensor chunk or a bytes value) is stored."""
+
+    file: str  # plain name of a regular file in the checkpoint directory
+    offset: int
+    length: int
+    transforms: tuple[str, ...]
+
+
+class _Chunk(NamedTuple):
+    """One chunk of a tensor: the box ``offsets … offsets + sizes``, and its item."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    stored: _Stored
+
+
+@dataclass(frozen=True)
+class _TensorMeta:
+    fqn: str
+    path: tuple[str | int, ...]
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    layout: str
+    chunks: tuple[_Chunk, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class _BytesMeta:
+    fqn: str
+    path: tuple[str | int, ...]
+    stored: _Stored
+
+
+@dataclass
+class _Metadata:
+    """A checked ``.metadata``: every item in order, and the items grouped into sets."""
+
+    items: dict[str, _TensorMeta | _BytesMeta]
+    planned: bool  # key paths came from planner_data (else from FQNs)
+    groups: dict[str, dict[str, _TensorMeta]]  # first path component -> set-relative name
+    top: dict[str, _TensorMeta]  # tensors at the top level (one-component paths)
+    checked: set[str] = field(default_factory=set)  # FQNs whose chunks were checked
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _show(value: Any) -> str:
+    """A short, printable rendering of a value read from a file (no repr of containers)."""
+    if isinstance(value, str):
+        return printable(repr(value[:100]))
+    if value is None or type(value) in (int, bool, float):
+        return repr(value)[:40]
+    return f"a {_what(value)}"
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, _Stub):
+        return value.kind
+    if isinstance(value, _Named):
+        return printable(value.name)
+    return type(value).__name__
+
+
+def _fields(obj: Any, kind: str, fields: Sequence[str]) -> dict[str, Any]:
+    """The fields of a stand-in of ``kind``: from its state dict, else its arguments."""
+    if not isinstance(obj, _STUBS[kind]):
+        raise _Bad(f"expected a {kind}, found a {_what(obj)}")
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+        state = {**(state[0] or {}), **state[1]}  # (dict state, slot state)
+    if isinstance(state, dict):
+        return {f: state.get(f) for f in fields}
+    if state is None:
+        return {f: (obj.args[i] if i < len(obj.args) else None) for i, f in enumerate(fields)}
+    raise _Bad(f"a {kind} with a state of type {_what(state)}")
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < _MAX_INT:
+        raise _Bad(f"{what} is {_show(value)}, expected a non-negative integer")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise _Bad(f"{what} is a {_what(value)}, expected a string")
+    return value
+
+
+def _dims(value: Any, what: str) -> tuple[int, ...]:
+    """A ``torch.Size`` (or a plain sequence of ints, as older versions wrote)."""
+    if isinstance(value, _Stub):
+        if value.kind != "Size" or len(value.args) != 1 or value.state is not None:
+            raise _Bad(f"{what} is a {_what(value)}, expected a torch.Size")
+        value = value.args[0]
+    if type(value) not in (tuple, list) or len(value) > _MAX_DIMS:
+        raise _Bad(f"{what} is a {_what(value)}, expected a size")
+    return tuple(_int(v, what) for v in value)
+
+
+def _properties(value: Any, fqn: str) -> tuple[torch.dtype, str]:
+    """dtype and layout name of a ``TensorProperties`` (a 5-tuple state, or a dict)."""
+    what = f"tensor {printable(fqn)!r}"
+    if not isinstance(value, _STUBS["TensorProperties"]):
+        raise _Bad(f"{what}: expected TensorProperties, found a {_what(value)}")
+    state = value.state
+    if isinstance(state, tuple) and len(state) == 5:
+        dtype, layout = state[0], state[1]
+    elif isinstance(state, dict):
+        dtype, layout = state.get("dtype"), state.get("layout")
+    else:
+        raise _Bad(f"{what}: TensorProperties of an unknown form")
+    if not isinstance(dtype, _Named) or dtype.name not in _DTYPES:
+        raise _Bad(f"{what}: dtype is a {_what(dtype)}, expected a torch dtype")
+    if isinstance(layout, _STUBS["layout"]) and len(layout.args) == 1:
+        layout_name = _str(layout.args[0], f"{what}: layout")
+    elif layout is None:
+        layout_name = "torch.strided"  # the dataclass default
+    else:
+        raise _Bad(f"{what}: layout is a {_what(layout)}, expected a torch layout")
+    return _DTYPES[dtype.name], layout_name
+
+
+def _transforms(value: Any, fqn: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if type(value) not in (list, tuple) or not all(type(v) is str for v in value):
+        raise _Bad(f"item {printable(fqn)!r}: transform_descriptors is a {_what(value)}")
+    return tuple(value)
+
+
+def _key_path(value: Any, fqn: str) -> tuple[str | int, ...]:
+    """A planner_data key path: strings (dict keys) and list indices joining to ``fqn``."""
+    if type(value) not in (tuple, list) or not value or len(value) > 1024:
+        raise _Bad(f"planner_data maps {printable(fqn)!r} to a {_what(value)}, expected a key path")
+    for part in value:
+        if type(part) is not str and (type(part) is not int or part < 0):
+            raise _Bad(f"planner_data key path of {printable(fqn)!r} holds a {_what(part)}")
+    if type(value[0]) is not str or ".".join(map(str, value)) != fqn:
+        raise _Bad(
+            f"planner_data maps {printable(fqn)!r} to {printable(repr(tuple(value)))[:120]}, "
+            f"which is not its key path"
+        )
+    return tuple(value)
+
+
+def _split_fqn(fqn: str) -> tuple[str, ...]:
+    """Key path without planner_data: a known wrapper or state key, then the rest."""
+    first, dot, rest = fqn.partition(".")
+    if dot and rest and (first in RAW_KEYS or is_ema_name(first) or is_state_name(first)):
+        return (first, rest)
+    return (fqn,)
+
+
+def _join(parts: Sequence[str | int]) -> str:
+    return ".".join(map(str, parts))
+
+
+def _file_size(directory: Path, name: str, sizes: dict[str, int]) -> int:
+    """Size of storage file ``name``, a regular file directly in ``directory``."""
+    if name in sizes:
+        return sizes[name]
+    try:
+        st = os.lstat(directory / name)
+    except OSError:
+        raise _Bad(f"lists storage file {printable(name)}, which is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Bad(f"storage file {printable(name)} is not a regular file in the directory")
+    sizes[name] = st.st_size
+    return st.st_size
+
+
+def _convert(obj: Any, directory: Path) -> _Metadata:
+    """Check the unpickled stand-ins and turn them into a :class:`_Metadata`."""
+    top = _fields(obj, "Metadata", ("state_dict_metadata", "planner_data", "storage_data"))
+    sdm, planner, storage = top["state_dict_metadata"], top["planner_data"], top["storage_data"]
+    if type(sdm) is not dict or not sdm:
+        raise _Bad(f"state_dict_metadata is a {_what(sdm)}, expected a dict of items")
+    if type(storage) is not dict:
+        raise _Bad(f"storage_data is a {_what(storage)}, expected a dict")
+    if planner is not None and type(planner) is not dict:
+        raise _Bad(f"planner_data is a {_what(planner)}, expected a dict")
+
+    sizes: dict[str, int] = {}
+    stored: dict[tuple[str, tuple[int, ...] | None], _Stored] = {}
+    for key, info in storage.items():
+        index = _fields(key, "MetadataIndex", ("fqn", "offset", "index"))
+        fqn = _str(index["fqn"], "a storage_data key")
+        offset = None if index["offset"] is None else _dims(index["offset"], "a chunk offset")
+        where = _fields(
+            info, "_StorageInfo", ("relative_path", "offset", "length", "transform_descriptors")
+        )
+        rel = where["relative_path"]
+        if not is_plain_name(rel):
+            raise _Bad(
+                f"item {printable(fqn)!r} is stored in {_show(rel)}, which is "
+                f"not a file name in the checkpoint directory"
+            )
+        size = _file_size(directory, rel, sizes)
+        start = _int(where["offset"], f"the offset of item {printable(fqn)!r}")
+        length = _int(where["length"], f"the length of item {printable(fqn)!r}")
+        if start + length > size:
+            raise _Bad(
+                f"file is truncated: item {printable(fqn)!r} is recorded at bytes "
+                f"{start}…{start + length}, but the file has {size} bytes",
+                file=rel,
+            )
+        if (fqn, offset) in stored:
+            raise _Bad(f"item {printable(fqn)!r} at offsets {offset} is stored twice")
+        transforms = _transforms(where["transform_descriptors"], fqn)
+        stored[(fqn, offset)] = _Stored(rel, start, length, transforms)
+
+    planned = bool(planner)
+    items: dict[str, _TensorMeta | _BytesMeta] = {}
+    groups: dict[str, dict[str, _TensorMeta]] = {}
+    tops: dict[str, _TensorMeta] = {}
+    for fqn, meta in sdm.items():
+        fqn = _str(fqn, "an item name")
+        path = _key_path(planner.get(fqn), fqn) if planned else _split_fqn(fqn)
+        if isinstance(meta, _STUBS["BytesStorageMetadata"]):
+            where = stored.get((fqn, None))
+            if where is None:
+                raise _Bad(f"no stored data for item {printable(fqn)!r}")
+            items[fqn] = _BytesMeta(fqn, path, where)
+            continue
+        t = _fields(meta, "TensorStorageMetadata", ("properties", "size", "chunks"))
+        dtype, layout = _properties(t["properties"], fqn)
+        shape = _dims(t["size"], f"the size of tensor {printable(fqn)!r}")
+        if math.prod(shape) >= _MAX_INT:
+            raise _Bad(f"tensor {printable(fqn)!r} of shape {shape} is too large")
+        if type(t["chunks"]) not in (list, tuple):
+            raise _Bad(f"tensor {printable(fqn)!r}: chunks is a {_what(t['chunks'])}")
+        chunks = []
+        for c in t["chunks"]:
+            box = _fields(c, "ChunkStorageMetadata", ("offsets", "sizes"))
+            offsets = _dims(box["offsets"], f"a chunk offset of {printable(fqn)!r}")
+            sizes_ = _dims(box["sizes"], f"a chunk size of {printable(fqn)!r}")
+            if len(offsets) != len(shape) or len(sizes_) != len(shape):
+                raise _Bad(
+                    f"tensor {printable(fqn)!r} of shape {shape} has a chunk at offsets "
+                    f"{offsets} of sizes {sizes_}"
+                )
+            if any(o + z > s for o, z, s in zip(offsets, sizes_, shape, strict=True)):
+                raise _Bad(
+                    f"tensor {printable(fqn)!r} of shape {shape} has a chunk at offsets "
+                    f"{offsets} of sizes {sizes_}, outside the tensor"
+                )
+            where = stored.get((fqn, offsets))
+            if where is None:
+                raise _Bad(f"no stored data for tensor {printable(fqn)!r} at offsets {offsets}")
+            chunks.append(_Chunk(offsets, sizes_, where))
+        tensor = _TensorMeta(fqn, path, dtype, shape, layout, tuple(chunks))
+        items[fqn] = tensor
+        if len(path) == 1:
+            tops[fqn] = tensor
+        else:
+            groups.setdefault(str(path[0]), {})[_join(path[1:])] = tensor
+    return _Metadata(items, planned, groups, tops)
+
+
+def _parse_metadata(raw: bytes, directory: Path, display: str) -> _Metadata:
+    shown = f"{display}/{names.DCP_METADATA}"
+    try:
+        obj = _MetadataUnpickler(io.BytesIO(raw)).load()
+    except Exception as exc:  # a hostile or corrupt pickle fails in many ways; all refused
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{shown}: not a readable DCP metadata file ({printable(reason)[:200]})"
+        ) from None
+    try:
+        return _convert(obj, directory)
+    except _Bad as exc:
+        where = f"{display}/{printable(exc.file)}" if exc.file else shown
+        raise CheckpointError(f"{where}: {exc}") from None
+    except Exception as exc:  # a structure no DCP version writes
+        raise CheckpointError(
+            f"{shown}: not a DCP metadata file ({type(exc).__name__}: {printable(str(exc))[:120]})"
+        ) from None
+
+
+# Parsed metadata, by the identity of the .metadata file: pass 2 of a fit opens every
+# checkpoint once per block, and unpickling a large .metadata each time would cost more
+# than reading the block.
+_METADATA_CACHE: OrderedDict[tuple, tuple[_Metadata, int]] = OrderedDict()
+_METADATA_CACHE_ENTRIES = 1024
+_METADATA_CACHE_BYTES = 256 * 1024 * 1024
+_metadata_cache_bytes = 0
+_cache_lock = threading.Lock()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def load_metadata(directory: Path, display: str) -> _Metadata:
+    """The checked ``.metadata`` of DCP directory ``directory`` (cached by file identity).
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, not a regular file, larger than
+        :data:`MAX_METADATA_BYTES`, not a DCP metadata pickle, names anything else
+        than DCP's own classes, or records storage outside the directory's files.
+    """
+    global _metadata_cache_bytes
+    display = printable(display)
+    shown = f"{display}/{names.DCP_METADATA}"
+    path = Path(directory) / names.DCP_METADATA
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{shown}: not a regular file")
+        if st.st_size > MAX_METADATA_BYTES:
+            raise CheckpointError(
+                f"{shown}: {st.st_size} bytes, more than a DCP metadata file holds "
+                f"(at most {MAX_METADATA_BYTES // 2**20} MiB); refused unread"
+            )
+        key = (str(Path(directory).absolute()), *_identity(st))
+        with _cache_lock:
+            hit = _METADATA_CACHE.get(key)
+            if hit is not None:
+                _METADATA_CACHE.move_to_end(key)
+                return hit[0]
+        raw = bytearray(st.st_size)
+        if pread_into(fd, memoryview(raw), 0) != st.st_size:
+            raise CheckpointError(f"{shown}: truncated while reading")
+    except OSError as exc:
+        raise CheckpointError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    md = _parse_metadata(bytes(raw), Path(directory), display)
+    with _cache_lock:
+        if key not in _METADATA_CACHE:
+            _METADATA_CACHE[key] = (md, len(raw))
+            _metadata_cache_bytes += len(raw)
+        while len(_METADATA_CACHE) > 1 and (
+            len(_METADATA_CACHE) > _METADATA_CACHE_ENTRIES
+            or _metadata_cache_bytes > _METADATA_CACHE_BYTES
+        ):
+            _, (_, size) = _METADATA_CACHE.popitem(last=False)
+            _metadata_cache_bytes -= size
+    return md
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_tensor(md: _Metadata, meta: _TensorMeta, display: str) -> None:
+    """A tensor about to be read: dense, stored plainly, its chunks covering it exactly."""
+    if meta.fqn in md.checked:
+        return
+    shown = f"{display}/{names.DCP_METADATA}"
+    name = printable(meta.fqn)
+    if meta.layout != "torch.strided":
+        raise CheckpointError(
+            f"{shown}: tensor {name!r} has layout {printable(meta.layout)[:40]}; only dense "
+            f"tensors can be read"
+        )
+    for c in meta.chunks:
+        if c.stored.transforms:
+            raise CheckpointError(
+                f"{display}/{printable(c.stored.file)}: tensor {name!r} is stored through "
+                f"transforms ({printable(', '.join(c.stored.transforms))[:80]}), which cmd "
+                f"does not read"
+            )
+    problem = _cover_problem(meta.shape, [(c.offsets, c.sizes) for c in meta.chunks])
+    if problem:
+        raise CheckpointError(f"{shown}: tensor {name!r} of shape {meta.shape}: {problem}")
+    with md.lock:
+        md.checked.add(meta.fqn)
+
+
+def _cover_problem(
+    shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> str | None:
+    """Why the boxes (inside ``shape``) do not cover it exactly once, or None."""
+    numel = math.prod(shape)
+    full = [(o, z) for o, z in boxes if math.prod(z) > 0]
+    total = sum(math.prod(z) for _, z in full)
+    if numel == 0:
+        return None
+    if not full:
+        return "no chunk holds any of it"
+    if len(full) == 1:
+        return None if total == numel else f"its one chunk holds {total} of {numel} elements"
+    d = len(shape)
+    edges = [
+        sorted({0, shape[j], *(o[j] for o, _ in full), *(o[j] + z[j] for o, z in full)})
+        for j in range(d)
+    ]
+    cells = math.prod(len(e) - 1 for e in edges)
+    if cells <= _MAX_GRID_CELLS:
+        grid = np.zeros([len(e) - 1 for e in edges], dtype=np.int32)
+        at_edge = [{v: i for i, v in enumerate(e)} for e in edges]
+        for o, z in full:
+            box = tuple(slice(at_edge[j][o[j]], at_edge[j][o[j] + z[j]]) for j in range(d))
+            grid[box] += 1
+        if int(grid.max()) > 1:
+            cell = np.unravel_index(int(np.argmax(grid > 1)), grid.shape)
+            at = tuple(edges[j][int(cell[j])] for j in range(d))
+            inside = [o for o, z in full if all(o[j] <= at[j] < o[j] + z[j] for j in range(d))]
+            return f"chunks at offsets {inside[0]} and {inside[1]} overlap"
+        if int(grid.min()) == 0:
+            cell = np.unravel_index(int(np.argmin(grid)), grid.shape)
+            at = tuple(edges[j][int(cell[j])] for j in range(d))
+            return f"no chunk holds element {at} (the chunks leave a gap)"
+        return None
+    if len(full) > _MAX_PAIRWISE:
+        return f"{len(full)} chunks in an irregular layout, too many to check"
+    lo = np.array([o for o, _ in full], dtype=np.int64)
+    hi = lo + np.array([z for _, z in full], dtype=np.int64)
+    for i in range(len(full) - 1):
+        hit = np.all((lo[i + 1 :] < hi[i]) & (lo[i] < hi[i + 1 :]), axis=1)
+        if hit.any():
+            j = i + 1 + int(np.argmax(hit))
+            return f"chunks at offsets {full[i][0]} and {full[j][0]} overlap"
+    if total != numel:
+        return f"its chunks hold {total} of its {numel} elements (they leave a gap)"
+    return None
+
+
+# --------------------------------------------------------------------------- sets
+
+
+def _weight_sets(md: _Metadata) -> dict[str | None, dict[str, _TensorMeta]]:
+    """The sets of weights, by the rule of :mod:`cmdcli.io.weights`."""
+    sets: dict[str | None, dict[str, _TensorMeta]] = {
+        k: v for k, v in md.groups.items() if not is_state_name(k)
+    }
+    if not sets and md.top:
+        sets[None] = dict(md.top)
+    return sets
+
+
+def _exact_set(md: _Metadata, key: str | None) -> dict[str, _TensorMeta]:
+    """The tensors of set ``key`` (``None``: the top level; ``a/b``: one level down)."""
+    if key is None:
+        return dict(md.top)
+    if key in md.groups:
+        return dict(md.groups[key])
+    if "/" not in key:
+        return {}
+    parts = key.split("/")
+    n = len(parts)
+    found = {}
+    for item in md.items.values():
+        if isinstance(item, _TensorMeta) and len(item.path) > n:
+            if [str(p) for p in item.path[:n]] == parts:
+                found[_join(item.path[n:])] = item
+    return found
+
+
+def _choose(
+    md: _Metadata, requested: str | None, display: str
+) -> tuple[str | None, dict[str, _TensorMeta], dict[str, str]]:
+    """Set taken, its tensors, and the other sets (key → what they are)."""
+    sets = _weight_sets(md)
+    have = ", ".join(repr(printable(k)) for k in sets if k is not None) or "none"
+    if requested is not None:
+        tensors = sets.get(requested)
+        if tensors is None and "/" in requested:
+            tensors = _exact_set(md, requested)
+        if not tensors:
+            state = " (optimizer and scheduler state are not weights)"
+            raise CheckpointError(
+                f"{display}: no weights under {printable(requested)!r} (--weights)"
+                f"{state if is_state_name(requested) else ''}; sets of weights found: {have}"
+            )
+        others = {k: describe(k) for k in sets if k is not None and k != requested}
+        return requested, tensors, others
+    if not sets:
+        found = ", ".join(repr(printable(k)) for k in md.groups) or "none"
+        raise CheckpointError(
+            f"{display}: no weights found (expected tensors saved under a key such as "
+            f"'model'; keys holding tensors: {found})"
+        )
+    key = default_key(list(sets))
+    others = {k: describe(k) for k in sets if k is not None and k != key}
+    return key, sets[key], others
+
+
+# --------------------------------------------------------------------------- items
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexDoubleStorage": torch.complex128,
+    "ComplexFloatStorage": torch.complex64,
+}
+"""The typed storages ``torch.save`` names in ``data.pkl`` (``_rebuild_tensor_v2``)."""
+
+
+class _NotPlain(Exception):
+    """The item is not one plain tensor: torch.load reads it whole instead."""
+
+
+class _Rebuild(_Stub):
+    kind = "rebuild"
+    version: ClassVar[str] = "v2"
+
+
+class _RebuildV3(_Rebuild):
+    version = "v3"
+
+
+class _Hooks(_Stub):
+    kind = "OrderedDict"
+
+
+class _StorageRef(NamedTuple):
+    type_name: str
+    key: str
+    numel: int  # elements of the typed storage (v2), bytes of an untyped one (v3)
+
+
+class _TensorPickle(pickle.Unpickler):
+    """Reads a tensor item's ``data.pkl`` into stand-ins: which storage, where, what shape."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _Rebuild
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _RebuildV3
+        if (module, name) == ("collections", "OrderedDict"):
+            return _Hooks
+        if module == "torch" and (name in _STORAGE_DTYPES or name in _DTYPES):
+            return _Named(name)
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _Named("UntypedStorage")
+        raise _NotPlain(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if (
+            type(pid) is tuple
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _Named)
+            and type(pid[2]) is str
+            and type(pid[4]) is int
+        ):
+            return _StorageRef(pid[1].name, pid[2], pid[4])
+        raise _NotPlain("persistent id")
+
+
+class _Plain(NamedTuple):
+    """A plain tensor in a torch.save archive."""
+
+    dtype: torch.dtype
+    key: str  # record name under <archive>/data/
+    storage_numel: int  # elements
+    offset: int  # storage offset, elements
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _plain_tensor(raw: bytes) -> _Plain:
+    """What a ``data.pkl`` holding one tensor says about it; :class:`_NotPlain` otherwise."""
+    try:
+        obj = _TensorPickle(io.BytesIO(raw)).load()
+    except _NotPlain:
+        raise
+    except Exception as exc:  # torch.load will say what is wrong with it
+        raise _NotPlain(type(exc).__name__) from None
+    if not isinstance(obj, _Rebuild):
+        raise _NotPlain(_what(obj))
+    args = obj.args
+    v3 = type(obj).version == "v3"
+    if len(args) not in ((7, 8) if v3 else (6, 7)) or not isinstance(args[0], _StorageRef):
+        raise _NotPlain("arguments")
+    storage, offset, shape, stride = args[0], args[1], args[2], args[3]
+    extra = args[7 if v3 else 6] if len(args) == (8 if v3 else 7) else None
+    if extra:  # tensor metadata (conjugate, negative bits, …)
+        raise _NotPlain("tensor metadata")
+    if v3:
+        dtype_ref = args[6]
+        if storage.type_name != "UntypedStorage" or not isinstance(dtype_ref, _Named):
+            raise _NotPlain("storage")
+        dtype = _DTYPES.get(dtype_ref.name)
+        if dtype is None or storage.numel % itemsize(dtype):
+            raise _NotPlain("storage")
+        numel = storage.numel // itemsize(dtype)
+    else:
+        dtype = _STORAGE_DTYPES.get(storage.type_name)
+        if dtype is None:
+            raise _NotPlain("storage")
+        numel = storage.numel
+    ok = type(offset) is int and offset >= 0
+    ok = ok and type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride)
+    ok = ok and all(type(v) is int and v >= 0 for v in (*shape, *stride))
+    if not ok:
+        raise _NotPlain("shape")
+    return _Plain(dtype, storage.key, numel, offset, shape, stride)
+
+
+def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for size, st in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and st != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Window(io.RawIOBase):
+    """A read-only file object over bytes ``start … start + length`` of ``fd`` (pread)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        if base + offset < 0:
+            raise OSError("seek before the start of the item")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._length - self._pos))
+        got = pread_into(self._fd, view[:n], self._start + self._pos) if n else 0
+        self._pos += got
+        return got
+
+
+_WHOLE = -1  # an item location meaning "load it whole with torch.load"
+
+# Item locations (byte of element 0 within the item, or _WHOLE), by file identity, item
+# range and the tensor expected: readers of the same checkpoint parse each item once.
+_LOCATIONS: OrderedDict[tuple, int] = OrderedDict()
+_LOCATIONS_SIZE = 1 << 18
+
+
+def _locate(
+    fd: int, stored: _Stored, dtype: torch.dtype, shape: tuple[int, ...], shown: str, fqn: str
+) -> int:
+    """Byte offset, within the item, of the tensor's first element; ``_WHOLE`` if not plain.
+
+    Raises
+    ------
+    CheckpointError
+        The item is not a zip archive, or holds a tensor other than the one expected.
+    """
+    what = f"{shown}: item {printable(fqn)!r} at bytes {stored.offset}…"
+    what += f"{stored.offset + stored.length}"
+    try:
+        with zipfile.ZipFile(_Window(fd, stored.offset, stored.length)) as zf:
+            pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{what}: not a torch.save archive (no data.pkl)")
+            prefix = pickles[0][: -len("data.pkl")]
+            if zf.getinfo(pickles[0]).file_size > _MAX_DATA_PKL:
+                return _WHOLE
+            raw = zf.read(pickles[0])
+            order = b"little"
+            if f"{prefix}byteorder" in zf.NameToInfo:
+                order = zf.read(f"{prefix}byteorder")
+            try:
+                plain = _plain_tensor(raw)
+            except _NotPlain:
+                return _WHOLE
+            if order != b"little" or sys.byteorder != "little":
+                return _WHOLE
+            if plain.dtype != dtype or plain.shape != shape:
+                got = f"a {str(plain.dtype).removeprefix('torch.')} tensor of shape {plain.shape}"
+                raise CheckpointError(
+                    f"{what}: holds {got}, but the metadata says "
+                    f"{str(dtype).removeprefix('torch.')} of shape {shape}"
+                )
+            if not _contiguous(plain.shape, plain.stride):
+                return _WHOLE
+            if plain.offset + math.prod(shape) > plain.storage_numel:
+                raise CheckpointError(f"{what}: the tensor runs past the end of its storage")
+            record = zf.NameToInfo.get(f"{prefix}data/{plain.key}")
+            if record is None:
+                raise CheckpointError(f"{what}: record data/{printable(plain.key)} is missing")
+            if record.compress_type != zipfile.ZIP_STORED or record.flag_bits & 0x1:
+                return _WHOLE
+            size = plain.storage_numel * itemsize(dtype)
+            if record.file_size != size or record.compress_size != size:
+                raise CheckpointError(
+                    f"{what}: record data/{printable(plain.key)} holds {record.file_size} bytes, "
+                    f"its storage needs {size}"
+                )
+            head = bytearray(30)
+            if pread_into(fd, memoryview(head), stored.offset + record.header_offset) != 30:
+                raise CheckpointError(f"{what}: truncated")
+            if bytes(head[:4]) != _ZIP_LOCAL:
+                raise CheckpointError(f"{what}: corrupt zip archive (bad local header)")
+            name_len = int.from_bytes(head[26:28], "little")
+            extra_len = int.from_bytes(head[28:30], "little")
+            data = record.header_offset + 30 + name_len + extra_len
+            if data + size > stored.length:
+                raise CheckpointError(
+                    f"{what}: record data/{printable(plain.key)} runs past the item"
+                )
+            return data + plain.offset * itemsize(dtype)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # zipfile raises many types for a corrupt archive
+        raise CheckpointError(
+            f"{what}: not a readable torch.save archive ({type(exc).__name__}: "
+            f"{printable(str(exc))[:100]})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _FileItem(NamedTuple):
+    fd: int
+    data: int  # absolute byte offset of element 0 in the file
+    file: str
+
+
+class _MemoryItem(NamedTuple):
+    flat: torch.Tensor  # the whole chunk, flat and contiguous
+
+
+def _chunk_runs(
+    shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The elements of flat range ``[start, stop)`` of a tensor that lie in one chunk.
+
+    In C order a chunk is a sequence of *runs*, each contiguous in the full tensor
+    and, one after the other, in the chunk's own storage: for ``k`` the last
+    dimension the chunk does not span whole, one run per index of the dimensions
+    before ``k``, of ``sizes[k] * prod(shape[k+1:])`` elements. The runs the range
+    crosses are found by bisection, so the work is proportional to the runs read.
+
+    Returns
+    -------
+    (local, count, out) : arrays of int64, or None if the range misses the chunk
+        Each run read: its first element in the chunk's storage, its length and its
+        position in the range's result. The runs are consecutive in the chunk's storage.
+    """
+    if any(z == 0 for z in sizes) or start >= stop:
+        return None
+    d = len(shape)
+    if d == 0:
+        return np.zeros(1, np.int64), np.ones(1, np.int64), np.zeros(1, np.int64)
+    k = max((j for j in range(d) if sizes[j] != shape[j]), default=0)
+    strides = [math.prod(shape[j + 1 :]) for j in range(d)]
+    run = sizes[k] * strides[k]
+    outer = sizes[:k]
+    count = math.prod(outer)
+    base = sum(offsets[j] * strides[j] for j in range(k + 1))
+
+    def first(r: int) -> int:  # flat position of run r's first element
+        pos = base
+        for j in range(k - 1, -1, -1):
+            r, m = divmod(r, outer[j])
+            pos += m * strides[j]
+        return pos
+
+    lo, hi = 0, count
+    while lo < hi:  # first run ending after start
+        mid = (lo + hi) // 2
+        if first(mid) + run > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    r_lo, hi = lo, count
+    while lo < hi:  # first run starting at or after stop
+        mid = (lo + hi) // 2
+        if first(mid) >= stop:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo <= r_lo:
+        return None
+    r = np.arange(r_lo, lo, dtype=np.int64)
+    pos = np.full(r.size, base, dtype=np.int64)
+    if k:
+        for j, idx in enumerate(np.unravel_index(r, outer)):
+            pos += idx.astype(np.int64) * strides[j]
+    begin = np.maximum(pos, start)
+    end = np.minimum(pos + run, stop)
+    return r * run + (begin - pos), end - begin, begin - start
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous 1-D CPU tensor, writable."""
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _scatter(src: torch.Tensor, out: torch.Tensor, count: np.ndarray, where: np.ndarray) -> None:
+    """Copy consecutive runs of ``src`` (lengths ``count``) to positions ``where`` of ``out``."""
+    if count.size <= _SCATTER_LOOP:
+        s = 0
+        for c, w in zip(count.tolist(), where.tolist(), strict=True):
+            out[w : w + c] = src[s : s + c]
+            s += c
+        return
+    first = np.cumsum(count) - count
+    dest = np.repeat(where - first, count) + np.arange(int(count.sum()), dtype=np.int64)
+    out[torch.from_numpy(dest)] = src
+
+
+class DcpReader(CheckpointReader):
+    """Reads one set of weights of a DCP directory, in parts, with ``pread``.
+
+    Parameters
+    ----------
+    directory : pathlib.Path
+        The checkpoint directory.
+    display : str
+        Its name in messages (relative to the run directory).
+    state_key : str or None
+        The set of weights to read (``Checkpoint.state_key``).
+    trust_pickle : bool
+        Load items that are not plain tensors with ``weights_only=False``.
+    """
+
+    def __init__(
+        self, directory: Path, display: str, state_key: str | None, *, trust_pickle: bool
+    ) -> None:
+        self._dir = Path(directory)
+        self._display = printable(display)
+        self._md = load_metadata(self._dir, display)
+        self._tensors = _exact_set(self._md, state_key)
+        if not self._tensors:
+            raise CheckpointError(
+                f"{self._display}: no weights under {printable(repr(state_key))} any more "
+                f"(sets of weights now: "
+                f"{', '.join(repr(k) for k in _weight_sets(self._md)) or 'none'})"
+            )
+        for meta in self._tensors.values():
+            _check_tensor(self._md, meta, self._display)
+        self._specs = {n: TensorSpec(n, m.shape, m.dtype) for n, m in self._tensors.items()}
+        self._trust = trust_pickle
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one whole-item load at a time
+        self._fds: dict[str, tuple[int, tuple]] = {}
+        self._items: dict[_Stored, _FileItem | _MemoryItem] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def _meta(self, name: str) -> tuple[_TensorMeta, TensorSpec]:
+        if self._closed:
+            raise ValueError("read from a closed CheckpointReader")
+        try:
+            return self._tensors[name], self._specs[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self._display}") from None
+
+    def _fd(self, file: str) -> tuple[int, tuple]:
+        """An fd of storage file ``file`` and its identity, opened on first use."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("read from a closed CheckpointReader")
+            got = self._fds.get(file)
+            if got is not None:
+                return got
+            shown = f"{self._display}/{printable(file)}"
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            try:
+                fd = os.open(self._dir / file, flags | getattr(os, "O_BINARY", 0))
+            except OSError as exc:
+                raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                os.close(fd)
+                raise CheckpointError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise CheckpointError(f"{shown}: not a regular file")
+            self._fds[file] = got = (fd, _identity(st))
+            return got
+
+    def _item(self, meta: _TensorMeta, chunk: _Chunk) -> _FileItem | _MemoryItem:
+        """How to read a chunk's elements: located in its file, or loaded whole."""
+        item = self._items.get(chunk.stored)
+        if item is not None:
+            return item
+        stored = chunk.stored
+        fd, identity = self._fd(stored.file)
+        shown = f"{self._display}/{printable(stored.file)}"
+        key = (*identity, stored.offset, stored.length, meta.dtype, chunk.sizes)
+        with _cache_lock:
+            data = _LOCATIONS.get(key)
+        if data is None:
+            data = _locate(fd, stored, meta.dtype, chunk.sizes, shown, meta.fqn)
+            with _cache_lock:
+                _LOCATIONS[key] = data
+                while len(_LOCATIONS) > _LOCATIONS_SIZE:
+                    _LOCATIONS.popitem(last=False)
+        if data != _WHOLE:
+            item = _FileItem(fd, stored.offset + data, stored.file)
+        else:
+            with self._load_lock:
+                item = self._items.get(stored)
+                if item is None:
+                    item = _MemoryItem(self._load_whole(meta, chunk))
+        with self._lock:
+            return self._items.setdefault(stored, item)
+
+    def _raw(self, stored: _Stored) -> bytes:
+        """The bytes of one stored item."""
+        fd, _ = self._fd(stored.file)
+        buf = bytearray(stored.length)
+        self._pread(fd, memoryview(buf), stored.offset, stored.file)
+        return bytes(buf)
+
+    def _load_whole(self, meta: _TensorMeta, chunk: _Chunk) -> torch.Tensor:
+        stored = chunk.stored
+        shown = f"{self._display}/{printable(stored.file)}"
+        value = _torch_load(self._raw(stored), shown, meta.fqn, trust_pickle=self._trust)
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.layout != torch.strided
+            or value.dtype != meta.dtype
+            or tuple(value.shape) != chunk.sizes
+        ):
+            found = (
+                f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else f"a {type(value).__name__}"
+            )
+            raise CheckpointError(
+                f"{shown}: item {printable(meta.fqn)!r} holds {found}, but the metadata says "
+                f"{str(meta.dtype).removeprefix('torch.')} of shape {chunk.sizes}"
+            )
+        return value.detach().contiguous().reshape(-1)
+
+    def _pread(self, fd: int, view: memoryview, offset: int, file: str) -> None:
+        try:
+            got = pread_into(fd, view, offset)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self._display}/{printable(file)}: cannot read ({exc.strerror or exc})"
+            ) from None
+        if got != len(view):
+            raise CheckpointError(
+                f"{self._display}/{printable(file)}: file is truncated: needs bytes up to "
+                f"{offset + len(view)}, but it ends at {offset + got}"
+            )
+
+    def _preadv(self, fd: int, views: list[memoryview], offset: int, file: str) -> None:
+        """Fill ``views`` from consecutive bytes of ``fd`` at ``offset`` (scatter read)."""
+        if not hasattr(os, "preadv"):  # pragma: no cover - platforms without preadv
+            for view in views:
+                self._pread(fd, view, offset, file)
+                offset += len(view)
+            return
+        i = 0
+        while i < len(views):
+            batch = views[i : i + _IOV_MAX]
+            want = sum(len(v) for v in batch)
+            try:
+                got = os.preadv(fd, batch, offset)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{self._display}/{printable(file)}: cannot read ({exc.strerror or exc})"
+                ) from None
+            if got < want:  # short read: finish the batch view by view (or report the end)
+                for view in batch:
+                    if got >= len(view):
+                        got -= len(view)
+                    else:
+                        self._pread(fd, view[got:], offset + got, file)
+                        got = 0
+                    offset += len(view)
+            else:
+                offset += want
+            i += _IOV_MAX
+
+    # ------------------------------------------------------------------ reads
+
+    def _fill(self, meta: _TensorMeta, start: int, stop: int, out: torch.Tensor) -> None:
+        """Elements ``[start, stop)`` of the tensor into ``out`` (contiguous, same dtype)."""
+        isz = out.element_size()
+        for chunk in meta.chunks:
+            runs = _chunk_runs(meta.shape, chunk.offsets, chunk.sizes, start, stop)
+            if runs is None:
+                continue
+            local, count, where = runs
+            a = int(local[0])
+            n = int(local[-1] + count[-1]) - a
+            item = self._item(meta, chunk)
+            if isinstance(item, _MemoryItem):
+                _scatter(item.flat[a : a + n], out, count, where)
+            elif local.size == 1:
+                w = int(where[0])
+                self._pread(
+                    item.fd,
+                    _byte_view(out)[w * isz : (w + n) * isz],
+                    item.data + a * isz,
+                    item.file,
+                )
+            elif n * isz >= _PREADV_RUN_BYTES * local.size:
+                # Long runs: read straight to their places in the result.
+                view = _byte_view(out)
+                views = [
+                    view[w * isz : (w + c) * isz]
+                    for w, c in zip(where.tolist(), count.tolist(), strict=True)
+                ]
+                self._preadv(item.fd, views, item.data + a * isz, item.file)
+            else:
+                scratch = torch.empty(n, dtype=out.dtype)
+                self._pread(item.fd, _byte_view(scratch), item.data + a * isz, item.file)
+                _scatter(scratch, out, count, where)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        meta, spec = self._meta(name)
+        start, stop = check_range(spec, start, stop)
+        out = torch.empty(stop - start, dtype=spec.dtype)
+        self._fill(meta, start, stop, out)
+        return out
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        meta, spec = self._meta(name)
+        start, stop = check_range(spec, start, stop)
+        if (
+            out.dtype != spec.dtype
+            or out.device.type != "cpu"
+            or out.dim() != 1
+            or not out.is_contiguous()
+            or out.numel() != stop - start
+        ):
+            out.copy_(self.read(name, start, stop))
+            return
+        self._fill(meta, start, stop, out)
+
+    def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
+        meta, spec = self._meta(name)
+        idx = check_index(spec, index)
+        out = torch.empty(idx.size, dtype=spec.dtype)
+        if idx.size == 0:
+            return out
+        whole = [c for c in meta.chunks if c.sizes == meta.shape]
+        if whole:
+            self._gather_chunk(meta, whole[0], idx, out)
+            return out
+        multi = np.unravel_index(idx, meta.shape)
+        for chunk in meta.chunks:
+            if math.prod(chunk.sizes) == 0:
+                continue
+            mask = np.ones(idx.size, dtype=bool)
+            for j, (o, z) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+                mask &= (multi[j] >= o) & (multi[j] < o + z)
+            sel = np.flatnonzero(mask)
+            if sel.size == 0:
+                continue
+            local = np.ravel_multi_index(
+                tuple(multi[j][sel] - o for j, o in enumerate(chunk.offsets)), chunk.sizes
+            )
+            part = torch.empty(sel.size, dtype=spec.dtype)
+            self._gather_chunk(meta, chunk, local.astype(np.int64), part)
+            out[torch.from_numpy(sel)] = part
+        return out
+
+    def _gather_chunk(
+        self, meta: _TensorMeta, chunk: _Chunk, local: np.ndarray, out: torch.Tensor
+    ) -> None:
+        """Elements ``local`` of one chunk's storage into ``out``."""
+        item = self._item(meta, chunk)
+        if isinstance(item, _MemoryItem):
+            out.copy_(item.flat[torch.from_numpy(local)])
+            return
+        isz = out.element_size()
+        elem = _ELEMENT_TYPES.get(isz) or np.dtype((np.void, isz))
+        result = _byte_view(out)
+        out_elems = np.frombuffer(result, dtype=elem)
+        plan = _gather_plan(local, isz)
+        scratch = None
+        for part in plan:
+            if part.src is None:  # the runs back to back are the result, in order
+                buf = result
+            else:
+                if scratch is None:
+                    scratch = np.empty(max(p.nbytes for p in plan), np.uint8)
+                buf = memoryview(scratch)[: part.nbytes]
+            for tensor_byte, buf_byte, length in part.runs:
+                self._pread(
+                    item.fd, buf[buf_byte : buf_byte + length], item.data + tensor_byte, item.file
+                )
+            if part.src is None:
+                continue
+            values = np.frombuffer(buf, dtype=elem)
+            if part.dest is None:
+                np.take(values, part.src, out=out_elems, mode="clip")
+            else:
+                out_elems[part.dest] = values[part.src]
+
+    def _full(self, meta: _TensorMeta) -> torch.Tensor:
+        """A whole tensor of the checkpoint (any set), in its shape."""
+        _check_tensor(self._md, meta, self._display)
+        out = torch.empty(meta.numel, dtype=meta.dtype)
+        self._fill(meta, 0, meta.numel, out)
+        return out.reshape(meta.shape)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, {}
+            self._items = {}
+        for fd, _ in fds.values():
+            os.close(fd)
+
+
+def _torch_load(raw: bytes, shown: str, fqn: str, *, trust_pickle: bool) -> Any:
+    """One stored item, unpickled by torch: weights only unless ``trust_pickle``."""
+    from ..torchfile import SAFE_GLOBALS, _load_failure, _weights_only_refusal
+
+    try:
+        if trust_pickle:
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch raises many types for bad bytes; all are the user's
+        reason = None if trust_pickle else _weights_only_refusal(exc)
+        if reason is not None:
+            raise CheckpointError(
+                f"{shown}: item {printable(fqn)!r} needs more than weights to unpickle "
+                f"({reason}); pass --trust-pickle if you trust its source"
+            ) from None
+        raise CheckpointError(
+            f"{shown}: item {printable(fqn)!r} is not a readable torch.save archive "
+            f"({_load_failure(exc)})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Leaf(NamedTuple):
+    value: Any
+
+
+def _nest(md: _Metadata, flat: dict[str, Any], display: str) -> dict[str, Any]:
+    """The nested state dict that was saved, rebuilt from the items' key paths.
+
+    A container whose keys are the list indices ``0 … n-1`` becomes a list, as
+    ``dcp.save`` had flattened a list; every other one a dict.
+    """
+    if not md.planned:
+        return dict(flat)
+    root: dict = {}
+    for fqn, value in flat.items():
+        path = md.items[fqn].path
+        node = root
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CheckpointError(
+                    f"{display}/{names.DCP_METADATA}: the key path of {printable(fqn)!r} "
+                    f"runs through another item"
+                )
+        if path[-1] in node:
+            raise CheckpointError(
+                f"{display}/{names.DCP_METADATA}: the key path of {printable(fqn)!r} is "
+                f"also another item's"
+            )
+        node[path[-1]] = _Leaf(value)
+
+    def build(node: Any) -> Any:
+        if isinstance(node, _Leaf):
+            return node.value
+        keys = list(node)
+        if keys and all(type(k) is int for k in keys) and sorted(keys) == list(range(len(keys))):
+            return [build(node[i]) for i in range(len(keys))]
+        return {k: build(v) for k, v in node.items()}
+
+    return build(root)
+
+
+def _dcp_save(state: dict[str, Any], target: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        target.mkdir()
+    except OSError as exc:
+        raise InputError(f"{printable(target)}: cannot create ({exc.strerror or exc})") from None
+    with warnings.catch_warnings():
+        # "no process group: saving in one process" is what is meant here
+        warnings.simplefilter("ignore")
+        try:
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(target)), no_dist=True)
+        except OSError as exc:
+            raise InputError(f"{printable(target)}: cannot write ({exc.strerror or exc})") from None
+
+
+# --------------------------------------------------------------------------- the format
+
+
+class Dcp(CheckpointFormat):
+    """A ``torch.distributed.checkpoint`` directory (``dcp.save``, FSDP, torchtitan).
+
+    Claimed by its ``.metadata`` beside ``__<rank>_<i>.distcp`` files; read lazily,
+    without a process group, whatever number of ranks saved it. The native writer
+    saves the checkpoint again with ``dcp.save`` in this one process: the rebuilt
+    weights and every other item of the original (other sets, optimizer state,
+    bytes items), as one rank's files. A checkpoint that several (FSDP) ranks saved
+    is thus rewritten as a one-rank checkpoint, which ``dcp.load`` reshards to any
+    number of ranks.
+    """
+
+    name = "dcp"
+    is_directory = True
+    has_native_writer = True
+    looked_for = "torch.distributed.checkpoint directories (.metadata beside *.distcp files)"
+
+    def claims(self, entry: Entry) -> bool:
+        return (
+            entry.is_dir
+            and names.DCP_METADATA in entry.files
+            and any(names.DCP_SHARD.fullmatch(f) for f in entry.files)
+        )
+
+    def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
+        display = printable(entry.name)
+        md = load_metadata(entry.path, entry.name)
+        key, tensors, others = _choose(md, weights, display)
+        for meta in tensors.values():
+            _check_tensor(md, meta, display)
+        files = sorted({c.stored.file for m in tensors.values() for c in m.chunks}, key=natural_key)
+        sharded = any(len(m.chunks) > 1 for m in tensors.values())
+        return Probe(
+            weight_files=(entry.path / names.DCP_METADATA, *(entry.path / f for f in files)),
+            specs={n: TensorSpec(n, m.shape, m.dtype) for n, m in tensors.items()},
+            state_key=key,
+            other_sets=others,
+            step=_stored_step(entry.path, entry.name, md, key) if key is not None else None,
+            lazy=True,
+            detail=f"sharded, {len(files)} files" if sharded else None,
+        )
+
+    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
+        return DcpReader(ckpt.path, ckpt.name, ckpt.state_key, trust_pickle=trust_pickle)
+
+    def output_files(
+        self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
+    ) -> dict[str, list[str]] | None:
+        return {names.HF_SAFETENSORS: list(specs)}
+
+    def side_files(self, ckpt: Checkpoint) -> list[str]:
+        return []
+
+    def write_native(
+        self,
+        ckpt: Checkpoint,
+        target: Path,
+        specs: dict[str, TensorSpec],
+        pieces: TensorSource,
+        *,
+        trust_pickle: bool,
+    ) -> None:
+        """Save ``ckpt`` again with DCP at ``target``, the modelled set's tensors rebuilt.
+
+        The whole checkpoint is held in memory while it is written (as ``dcp.save``
+        needs it); it is written as one rank's files, whatever number of ranks
+        saved the original.
+        """
+        from ..layout import full_tensor
+
+        display = printable(ckpt.name)
+        with DcpReader(ckpt.path, ckpt.name, ckpt.state_key, trust_pickle=trust_pickle) as reader:
+            md = reader._md
+            modelled = {m.fqn: n for n, m in reader._tensors.items()}
+            gone = [n for n in specs if n not in reader._tensors]
+            if gone:
+                raise CheckpointError(
+                    f"{display}: tensor {printable(gone[0])!r} is no longer in the original "
+                    f"checkpoint"
+                )
+            flat: dict[str, Any] = {}
+            for fqn, item in md.items.items():
+                if isinstance(item, _BytesMeta):
+                    shown = f"{display}/{printable(item.stored.file)}"
+                    if item.stored.transforms:
+                        raise CheckpointError(
+                            f"{shown}: item {printable(fqn)!r} is stored through transforms, "
+                            f"which cmd does not read"
+                        )
+                    raw = reader._raw(item.stored)
+                    flat[fqn] = _torch_load(raw, shown, fqn, trust_pickle=trust_pickle)
+                elif fqn in modelled and modelled[fqn] in specs:
+                    name = modelled[fqn]
+                    flat[fqn] = full_tensor(pieces, name, specs[name])
+                else:
+                    flat[fqn] = reader._full(item)
+        _dcp_save(_nest(md, flat, display), target)
+
+
+def _stored_step(directory: Path, display: str, md: _Metadata, key: str | None) -> int | None:
+    """An integer ``global_step``/``step`` saved at the top level beside the weights."""
+    for step_key in _STEP_KEYS:
+        item = md.items.get(step_key)
+        if item is None or len(item.path) != 1:
+            continue
+        try:
+            if isinstance(item, _TensorMeta):
+                if item.numel != 1 or item.dtype.is_floating_point or item.dtype == torch.bool:
+                    continue
+                if item.dtype.is_complex:
+                    continue
+                with DcpReader(directory, display, None, trust_pickle=False) as reader:
+                    value: Any = int(reader._full(item).reshape(-1)[0])
+            else:
+                if item.stored.length > _MAX_STEP_ITEM or item.stored.transforms:
+                    continue
+                fd = os.open(
+                    directory / item.stored.file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                )
+                try:
+                    raw = bytearray(item.stored.length)
+                    if pread_into(fd, memoryview(raw), item.stored.offset) != len(raw):
+                        continue
+                finally:
+                    os.close(fd)
+                value = _torch_load(bytes(raw), display, step_key, trust_pickle=False)
+        except (CheckpointError, OSError):
+            continue  # a step is a hint; the name still gives one
+        if type(value) is int and value >= 0:
+            return value
+    return None
