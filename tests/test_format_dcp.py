@@ -719,6 +719,7 @@ def test_truncated_or_garbled_files_are_refused(
     dcp_run: FrameworkRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     directory = _copy_checkpoint(dcp_run, tmp_path)
+    discover(tmp_path / "run")  # read once whole: a truncation later is still seen
     shard = directory / "__0_0.distcp"
     data = shard.read_bytes()
     shard.write_bytes(data[:-100])
@@ -760,6 +761,26 @@ def test_items_that_are_not_what_the_metadata_says(tmp_path: Path) -> None:
         load_state_dict(ckpt)
     assert "--trust-pickle" in _one_line(exc, "step-1/__0_0.distcp: item 'model.w'")
     assert not marker.exists()
+
+
+def test_two_tensors_claiming_the_same_bytes(dcp_run: FrameworkRun, tmp_path: Path) -> None:
+    directory = _copy_checkpoint(dcp_run, tmp_path)
+
+    def alias(md: Any) -> None:
+        bias = _model_item(md, "model.fc1.bias")
+        md.storage_data[bias] = md.storage_data[_model_item(md)]
+
+    _rewrite_metadata(directory, alias)
+    (ckpt,) = discover(tmp_path / "run").checkpoints
+    with ckpt.open() as reader:
+        assert torch.equal(reader.read("fc1.weight"), dcp_run.weights[0]["fc1.weight"].reshape(-1))
+        with pytest.raises(CheckpointError) as exc:
+            reader.read("fc1.bias")
+    text = _one_line(exc, f"{directory.name}/__0_0.distcp: item 'model.fc1.bias'")
+    assert (
+        "holds a float32 tensor of shape (9, 6), but the metadata says float32 of shape (9,)"
+        in text
+    )
 
 
 def test_claims_only_dcp_directories(tmp_path: Path) -> None:

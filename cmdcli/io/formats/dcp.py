@@ -494,8 +494,11 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def load_metadata(directory: Path, display: str) -> _Metadata:
+def load_metadata(directory: Path, display: str, *, fresh: bool = False) -> _Metadata:
     """The checked ``.metadata`` of DCP directory ``directory`` (cached by file identity).
+
+    ``fresh`` parses and checks it again even when cached (discovery does, so that the
+    storage files are checked as they are now; readers then find a reads' failure).
 
     Raises
     ------
@@ -524,7 +527,7 @@ def load_metadata(directory: Path, display: str) -> _Metadata:
             )
         key = (str(Path(directory).absolute()), *_identity(st))
         with _cache_lock:
-            hit = _METADATA_CACHE.get(key)
+            hit = None if fresh else _METADATA_CACHE.get(key)
             if hit is not None:
                 _METADATA_CACHE.move_to_end(key)
                 return hit[0]
@@ -537,9 +540,11 @@ def load_metadata(directory: Path, display: str) -> _Metadata:
         os.close(fd)
     md = _parse_metadata(bytes(raw), Path(directory), display)
     with _cache_lock:
-        if key not in _METADATA_CACHE:
-            _METADATA_CACHE[key] = (md, len(raw))
-            _metadata_cache_bytes += len(raw)
+        old = _METADATA_CACHE.pop(key, None)
+        if old is not None:
+            _metadata_cache_bytes -= old[1]
+        _METADATA_CACHE[key] = (md, len(raw))
+        _metadata_cache_bytes += len(raw)
         while len(_METADATA_CACHE) > 1 and (
             len(_METADATA_CACHE) > _METADATA_CACHE_ENTRIES
             or _metadata_cache_bytes > _METADATA_CACHE_BYTES
@@ -1056,7 +1061,7 @@ class DcpReader(CheckpointReader):
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # one whole-item load at a time
         self._fds: dict[str, tuple[int, tuple]] = {}
-        self._items: dict[_Stored, _FileItem | _MemoryItem] = {}
+        self._items: dict[tuple, _FileItem | _MemoryItem] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ plumbing
@@ -1099,7 +1104,10 @@ class DcpReader(CheckpointReader):
 
     def _item(self, meta: _TensorMeta, chunk: _Chunk) -> _FileItem | _MemoryItem:
         """How to read a chunk's elements: located in its file, or loaded whole."""
-        item = self._items.get(chunk.stored)
+        # Keyed by what is expected too: two chunks claiming the same bytes as different
+        # tensors are each checked against what they claim.
+        slot = (chunk.stored, meta.dtype, chunk.sizes)
+        item = self._items.get(slot)
         if item is not None:
             return item
         stored = chunk.stored
@@ -1118,11 +1126,11 @@ class DcpReader(CheckpointReader):
             item = _FileItem(fd, stored.offset + data, stored.file)
         else:
             with self._load_lock:
-                item = self._items.get(stored)
+                item = self._items.get(slot)
                 if item is None:
                     item = _MemoryItem(self._load_whole(meta, chunk))
         with self._lock:
-            return self._items.setdefault(stored, item)
+            return self._items.setdefault(slot, item)
 
     def _raw(self, stored: _Stored) -> bytes:
         """The bytes of one stored item."""
@@ -1441,7 +1449,7 @@ class Dcp(CheckpointFormat):
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         display = printable(entry.name)
-        md = load_metadata(entry.path, entry.name)
+        md = load_metadata(entry.path, entry.name, fresh=True)
         key, tensors, others = _choose(md, weights, display)
         for meta in tensors.values():
             _check_tensor(md, meta, display)
