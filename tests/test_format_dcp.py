@@ -513,6 +513,53 @@ def test_native_rebuild_of_hand_built_sharding(hand_built, tmp_path: Path) -> No
     assert _torch_save_form(tmp_path / "out", tmp_path)["optimizer"] == {"lr": 0.1}
 
 
+class Opaque:
+    """A value that ``torch.load(weights_only=True)`` refuses to unpickle."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Opaque) and other.x == self.x
+
+
+def test_native_rebuild_needs_trust_for_opaque_items(tmp_path: Path) -> None:
+    full = torch.randn(3, 2)
+    write_dcp(
+        tmp_path / "run" / "step-1",
+        {"model.w": (full, [((0, 0), (3, 2), 0)])},
+        {"extra.note": Opaque(3)},
+    )
+    (ckpt,) = discover(tmp_path / "run").checkpoints
+    specs = ckpt.open().specs()
+
+    def pieces(name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        yield 0, full.reshape(-1) * 2
+
+    fmt = dcp_format.Dcp()
+    with pytest.raises(CheckpointError) as exc:
+        fmt.write_native(ckpt, tmp_path / "a", specs, pieces, trust_pickle=False)
+    text = _one_line(exc, "step-1/__0_0.distcp: item 'extra.note' needs more than weights")
+    assert "Opaque" in text and "--trust-pickle" in text
+    fmt.write_native(ckpt, tmp_path / "b", specs, pieces, trust_pickle=True)
+    saved = _torch_save_form(tmp_path / "b", tmp_path)
+    assert saved["extra"] == {"note": Opaque(3)} and torch.equal(saved["model"]["w"], full * 2)
+
+
+def test_safetensors_serialized_dcp_is_refused_clearly(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    writer = dcp.FileSystemWriter(
+        str(tmp_path / "run" / "step-1"), serialization_format=SerializationFormat.SAFETENSORS
+    )
+    dcp.save({"model": {"w": torch.ones(2, 3)}}, storage_writer=writer, no_dist=True)
+    (ckpt,) = discover(tmp_path / "run").checkpoints
+    with pytest.raises(CheckpointError) as exc:
+        load_state_dict(ckpt)
+    assert "serialization_format=SAFETENSORS" in _one_line(exc, "step-1/__0_0.distcp: ")
+
+
 # --------------------------------------------------------------------------- efficiency
 
 

@@ -873,6 +873,21 @@ def _locate(
     what = f"{shown}: item {printable(fqn)!r} at bytes {stored.offset}…"
     what += f"{stored.offset + stored.length}"
     try:
+        head = bytearray(9)
+        got = pread_into(fd, memoryview(head), stored.offset)
+        if bytes(head[:4]) != _ZIP_LOCAL:
+            # dcp.save(storage_writer=FileSystemWriter(serialization_format=SAFETENSORS))
+            # appends one safetensors blob per file instead of torch.save archives.
+            blob = got == 9 and head[8:9] == b"{"
+            raise CheckpointError(
+                f"{what}: "
+                + (
+                    "stored as safetensors (DCP's serialization_format=SAFETENSORS), which "
+                    "cmd does not read; save with the default torch_save format"
+                    if blob
+                    else "not a torch.save archive (no zip header)"
+                )
+            )
         with zipfile.ZipFile(_Window(fd, stored.offset, stored.length)) as zf:
             pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
