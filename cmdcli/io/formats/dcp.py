@@ -87,6 +87,7 @@ from ..base import (
 from ..paths import is_plain_name, printable
 from ..safetensors import _ELEMENT_TYPES, _gather_plan, pread_into
 from ..steps import natural_key
+from ..torchfile import SAFE_GLOBALS, SAFE_LOAD_LOCK, load_failure, weights_only_refusal
 from ..weights import RAW_KEYS, default_key, describe, is_ema_name, is_state_name
 
 __all__ = ["MAX_METADATA_BYTES", "Dcp", "DcpReader", "load_metadata"]
@@ -1353,17 +1354,16 @@ class DcpReader(CheckpointReader):
 
 def _torch_load(raw: bytes, shown: str, fqn: str, *, trust_pickle: bool) -> Any:
     """One stored item, unpickled by torch: weights only unless ``trust_pickle``."""
-    from ..torchfile import SAFE_GLOBALS, _load_failure, _weights_only_refusal
-
     try:
         if trust_pickle:
             return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        # safe_globals is one process-wide list: every restricted load of cmd's holds the lock
+        with SAFE_LOAD_LOCK, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except MemoryError:
         raise
-    except Exception as exc:  # torch raises many types for bad bytes; all are the user's
-        reason = None if trust_pickle else _weights_only_refusal(exc)
+    except Exception as exc:  # torch raises many types for bad bytes; all are the file's
+        reason = None if trust_pickle else weights_only_refusal(exc)
         if reason is not None:
             raise CheckpointError(
                 f"{shown}: item {printable(fqn)!r} needs more than weights to unpickle "
@@ -1371,7 +1371,7 @@ def _torch_load(raw: bytes, shown: str, fqn: str, *, trust_pickle: bool) -> Any:
             ) from None
         raise CheckpointError(
             f"{shown}: item {printable(fqn)!r} is not a readable torch.save archive "
-            f"({_load_failure(exc)})"
+            f"({load_failure(exc)})"
         ) from None
 
 
