@@ -425,14 +425,15 @@ def _inside_larger_storage(_: str, part: torch.Tensor) -> bytes:
 
 @pytest.mark.parametrize(
     ("encode", "loads_whole"),
-    # (the (6, 1) chunk transposed is still contiguous: read in place)
+    # (the (100, 1) chunk transposed is still contiguous: read in place)
     [(_deflated, 2), (_column_major, 1), (_inside_larger_storage, 0)],
 )
 def test_items_that_are_not_plain(
     encode: Callable, loads_whole: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    full = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
-    boxes = [((0, 0), (6, 3), 0), ((0, 3), (6, 1), 1)]
+    # 100 rows: ranges of many rows scatter many runs at once
+    full = torch.randn(100, 4, generator=torch.Generator().manual_seed(2))
+    boxes = [((0, 0), (100, 3), 0), ((0, 3), (100, 1), 1)]
     directory = write_dcp(tmp_path / "run" / "step-1", {"model.w": (full, boxes)}, encode=encode)
     assert torch.equal(_dcp_load(directory, "model.w", full), full)
     loads = []
@@ -601,7 +602,15 @@ def test_reads_touch_only_the_bytes_needed(tmp_path: Path, monkeypatch: pytest.M
     rows = [((0, 0), (600, 1024), 0), ((600, 0), (424, 1024), 1)]  # Shard(0), uneven
     write_dcp(
         tmp_path / "run" / "step-1",
-        {"model.cols": (big, halves), "model.rows": (big * 2, rows)},
+        {
+            "model.cols": (big, halves),
+            "model.rows": (big * 2, rows),
+            # rows of 2 x 8 KiB: a range's runs are read straight to their places (preadv)
+            "model.wide": (
+                big.reshape(256, 4096),
+                [((0, 0), (256, 2048), 0), ((0, 2048), (256, 2048), 1)],
+            ),
+        },
     )
     (ckpt,) = discover(tmp_path / "run").checkpoints
     dcp_format._LOCATIONS.clear()
@@ -621,6 +630,8 @@ def test_reads_touch_only_the_bytes_needed(tmp_path: Path, monkeypatch: pytest.M
         crossing = counter.take()
         assert torch.equal(reader.read("cols", a, b), flat[a:b])
         crossing_warm = counter.take()
+        assert torch.equal(reader.read("cols", 5, 300 * 1024 + 7), flat[5 : 300 * 1024 + 7])
+        counter.take()
         # across the boundary of two Shard(0) chunks (row 600)
         a2, b2 = 599 * 1024, 601 * 1024
         assert torch.equal(reader.read("rows", a2, b2), (big * 2).reshape(-1)[a2:b2])
@@ -628,11 +639,17 @@ def test_reads_touch_only_the_bytes_needed(tmp_path: Path, monkeypatch: pytest.M
         idx = np.linspace(0, flat.numel() - 1, 24).astype(np.int64)
         assert torch.equal(reader.gather("cols", idx), flat[torch.from_numpy(idx)])
         gathered = counter.take()
+        a3, b3 = 10 * 4096 + 1000, 20 * 4096 + 3000
+        assert torch.equal(reader.read("wide", a3, b3), flat[a3:b3])
+        counter.take()  # both items located
+        assert torch.equal(reader.read("wide", a3, b3), flat[a3:b3])
+        wide = counter.take()
     locate = 4096  # at most, per item located
     assert warm == 200 * 4 and first < 200 * 4 + locate
     assert crossing_warm == (b - a) * 4 and crossing < (b - a) * 4 + locate
     assert boundary < (b2 - a2) * 4 + 2 * locate
     assert gathered == 24 * 4
+    assert wide == (b3 - a3) * 4
     assert max(first, crossing, boundary, gathered) < big.numel() * 4 // 100
 
 
