@@ -59,6 +59,7 @@ BUILDERS: dict[str, tuple[Callable[[Path], FrameworkRun], tuple[str, ...]]] = {
     "dino_style": (_tn("build_dino_style"), ()),
     "dit_style": (_tn("build_dit_style"), ()),
     "guided_diffusion_style": (_tn("build_guided_diffusion_style"), ()),
+    "dcp": (_tn("build_dcp"), ()),
     "deepspeed_zero2": (_tn("build_deepspeed_zero2"), ()),
     "deepspeed_zero3": (_tn("build_deepspeed_zero3"), ()),
 }
