@@ -35,10 +35,12 @@ app = typer.Typer(
     help=(
         "Correlation Mode Decomposition of a training run, from its checkpoints.\n\n"
         "Example:\n\n"
-        "    cmd inspect sample_runs/digits_mlp\n\n"
-        "    cmd fit sample_runs/digits_mlp --out digits-cmd\n\n"
-        "    cmd evaluate digits-cmd --eval-fn sample_runs/digits_mlp/evaluate.py:evaluate\n\n"
-        "    cmd report digits-cmd"
+        "    cmd inspect runs/my-run\n\n"
+        "    cmd fit runs/my-run --out my-run-cmd\n\n"
+        "    cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate\n\n"
+        "    cmd report my-run-cmd\n\n"
+        "(runs/my-run: a directory of your run's checkpoints; my_eval.py: a file with "
+        "evaluate(state_dict) -> dict of metrics.)"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -169,7 +171,7 @@ ShardSize = Annotated[
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  cmd fit sample_runs/digits_mlp --out digits-cmd\n\n"
+        "  cmd fit runs/my-run --out my-run-cmd\n\n"
         "  cmd fit runs/resnet --out resnet-cmd --modes auto --target-variance 0.97\n\n"
         "  cmd fit runs/resnet --out resnet-paper --references sampled --modes 10 --seed 0\n\n"
         "  cmd fit runs/resnet --out resnet-cmd --modes 10 --seed 0 --steps 1000:50000 "
@@ -478,8 +480,8 @@ def _print_fit_summary(report: dict) -> None:
 @app.command(
     name="reconstruct",
     epilog=(
-        "Examples:\n\n  cmd reconstruct digits-cmd --step all\n\n"
-        "  cmd reconstruct digits-cmd --step 10,20"
+        "Examples:\n\n  cmd reconstruct my-run-cmd --step all\n\n"
+        "  cmd reconstruct my-run-cmd --step 10,20"
     ),
 )
 def reconstruct_cmd(
@@ -533,7 +535,7 @@ EvalFn = Annotated[
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  cmd evaluate digits-cmd --eval-fn sample_runs/digits_mlp/evaluate.py:evaluate\n\n"
+        "  cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate\n\n"
         "  cmd evaluate resnet-cmd --eval-fn eval.py:score --checkpoints last "
         "--ema-decay 0.95 --swa-start 30000"
     )
@@ -621,9 +623,9 @@ def _print_evaluation(result: dict) -> None:
         "Kinds: correlation, trajectories, error, modes, accuracy (needs `cmd evaluate`), "
         "landscape (needs --eval-fn, or an earlier landscape.json), all.\n\n"
         "Examples:\n\n"
-        "  cmd plot correlation digits-cmd\n\n"
-        "  cmd plot all digits-cmd --format svg\n\n"
-        "  cmd plot landscape digits-cmd --eval-fn sample_runs/digits_mlp/evaluate.py:evaluate "
+        "  cmd plot correlation my-run-cmd\n\n"
+        "  cmd plot all my-run-cmd --format svg\n\n"
+        "  cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate "
         "--grid 15 --span 0.5"
     )
 )
@@ -719,7 +721,9 @@ def _parse_pair(text: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- report
 
 
-@app.command(epilog="Examples:\n\n  cmd report digits-cmd\n\n  firefox digits-cmd/report.html")
+@app.command(
+    epilog="Examples:\n\n  cmd report my-run-cmd\n\n  python -m webbrowser my-run-cmd/report.html"
+)
 def report(
     out_dir: OutDir,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
@@ -742,9 +746,7 @@ def report(
 # --------------------------------------------------------------------------- inspect
 
 
-@app.command(
-    epilog="Examples:\n\n  cmd inspect sample_runs/digits_cnn\n\n  cmd inspect runs/bert --json"
-)
+@app.command(epilog="Examples:\n\n  cmd inspect runs/my-run\n\n  cmd inspect runs/my-run --json")
 def inspect(
     run_dir: RunDir,
     trust_pickle: TrustPickle = False,

@@ -599,3 +599,15 @@ def test_messages_that_point_at_the_fix(tmp_path):
     garbage = cmd("fit", tmp_path / "bad", "-o", tmp_path / "out")
     assert_input_error(garbage, "epoch_4.pt: not a readable torch checkpoint (")
     assert "unpickling failed: Unsupported operand" in garbage.stderr  # not a bare number
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["fit"], ["reconstruct"], ["evaluate"], ["plot"], ["report"], ["inspect"]]
+)
+def test_help_examples_need_nothing_from_a_clone(command):
+    # A `pip install` user has no sample_runs/: examples name the user's own run.
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    assert "sample_runs" not in result.stdout and "digits" not in result.stdout
+    if command:
+        assert "Examples:" in result.stdout and "my-run" in result.stdout
