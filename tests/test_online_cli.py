@@ -74,7 +74,7 @@ def test_online_records_robust_references_and_refuses_others(tmp_path):
     # plots and the HTML page say what an online fit cannot show
     from cmdcli.plots import error_figure
 
-    fig = error_figure(tmp_path / "o")
+    fig = error_figure(CMD.load(tmp_path / "o" / "cmd.safetensors"), tmp_path / "o" / "report.json")
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert any("not" in t and "online" in t for t in texts)
     r = CliRunner().invoke(app, ["report", str(tmp_path / "o"), "--quiet"])

@@ -20,7 +20,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from cmdcli import plots  # noqa: E402
 from cmdcli.api import FitOptions, fit_run  # noqa: E402
-from cmdcli.errors import InputError  # noqa: E402
+from cmdcli.errors import InputError, NotFittedError  # noqa: E402
 from cmdcli.model import CMD  # noqa: E402
 from tests.builders import write_safetensors_run  # noqa: E402
 from tests.planted import planted_modes  # noqa: E402
@@ -117,6 +117,10 @@ def _landscape() -> dict:
     }
 
 
+def _model(out: Path) -> CMD:
+    return CMD.load(out / "cmd.safetensors")
+
+
 def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
 
@@ -155,7 +159,7 @@ def _blocks(n: int, cuts: list[float]) -> list[slice]:
 
 
 def test_correlation_blocks_follow_the_planted_modes(out):
-    fig = plots.correlation_figure(out)
+    fig = plots.correlation_figure(_model(out))
     _assert_labelled(fig)
     ax = _main_axes(fig)
     image = ax.images[0]
@@ -186,7 +190,7 @@ def test_correlation_blocks_follow_the_planted_modes(out):
 
 
 def test_correlation_absolute_is_drawn_on_0_to_1(out):
-    fig = plots.correlation_figure(out, absolute=True)
+    fig = plots.correlation_figure(_model(out), absolute=True)
     image = _main_axes(fig).images[0]
     assert image.get_clim() == (0.0, 1.0)
     data = np.asarray(image.get_array())
@@ -204,7 +208,7 @@ def test_correlation_subsamples_every_mode_in_proportion(out, max_points):
     order = np.argsort(-np.bincount(model.modes_, minlength=3), kind="stable")
     per_mode = np.bincount(model.modes_[flat], minlength=3)[order]
 
-    fig = plots.correlation_figure(out, max_points=max_points)
+    fig = plots.correlation_figure(_model(out), max_points=max_points)
     ax = _main_axes(fig)
     corr = np.asarray(ax.images[0].get_array())
     assert corr.shape[0] <= max_points
@@ -221,7 +225,7 @@ def test_correlation_subsamples_every_mode_in_proportion(out, max_points):
         for block in _blocks(len(corr), horizontal):
             signs = np.sign(corr[block, block][0])
             assert (signs > 0).any() and (signs < 0).any()
-    again = plots.correlation_figure(out, max_points=max_points)
+    again = plots.correlation_figure(_model(out), max_points=max_points)
     np.testing.assert_array_equal(np.asarray(_main_axes(again).images[0].get_array()), corr)
 
 
@@ -240,7 +244,7 @@ def test_correlation_of_constant_trajectories_is_zero_not_nan(tmp_path):
     model = CMD(n_modes=3, n_samples=600, seed=0, references="sampled").fit(W)
     (tmp_path / "out").mkdir()
     model.save(tmp_path / "out" / "cmd.safetensors")
-    fig = plots.correlation_figure(tmp_path / "out")
+    fig = plots.correlation_figure(CMD.load(tmp_path / "out" / "cmd.safetensors"))
     corr = np.asarray(_main_axes(fig).images[0].get_array())
     assert np.isfinite(corr).all()
     zero_rows = ~np.any(corr != 0, axis=1)
@@ -257,7 +261,7 @@ def _trajectory_panels(fig):
 
 def test_trajectories_show_one_planted_mode_per_panel(out):
     W, labels, _ = _planted()
-    fig = plots.trajectories_figure(out, per_mode=3)
+    fig = plots.trajectories_figure(_model(out), per_mode=3)
     _assert_labelled(fig)
     panels = _trajectory_panels(fig)
     assert len(panels) == N_MODES
@@ -287,7 +291,7 @@ def test_trajectories_show_one_planted_mode_per_panel(out):
 
 def test_trajectories_limits_and_refined_references(tmp_path):
     out = _fit(tmp_path, "refined")
-    fig = plots.trajectories_figure(out, per_mode=2, max_modes=2)
+    fig = plots.trajectories_figure(_model(out), per_mode=2, max_modes=2)
     panels = _trajectory_panels(fig)
     assert len(panels) == 2
     for ax in panels:
@@ -312,7 +316,7 @@ def _bar_widths(ax, container) -> dict[str, float]:
 @pytest.mark.parametrize("max_tensors", [2, 30])
 def test_error_bars_are_the_report_values(out, max_tensors):
     report = json.loads((out / "report.json").read_text())
-    fig = plots.error_figure(out, max_tensors=max_tensors)
+    fig = plots.error_figure(_model(out), out / "report.json", max_tensors=max_tensors)
     _assert_labelled(fig)
     left, right = fig.axes
     (bars,) = right.containers
@@ -338,7 +342,7 @@ def test_error_bars_are_the_report_values(out, max_tensors):
 def test_error_can_rank_tensors_by_error(out):
     report = json.loads((out / "report.json").read_text())
     worst = sorted(report["tensors"], key=lambda t: -t["relative_error"])[:2]
-    fig = plots.error_figure(out, max_tensors=2, rank_by="error")
+    fig = plots.error_figure(_model(out), out / "report.json", max_tensors=2, rank_by="error")
     names = {t.get_text() for t in fig.axes[1].get_yticklabels()}
     assert names == {t["name"] for t in worst}
     assert "highest error" in fig.axes[1].get_title()
@@ -350,7 +354,7 @@ def test_error_can_rank_tensors_by_error(out):
 def test_modes_sizes_and_shares_match_the_planted_split(out):
     _, labels, _ = _planted()
     model = CMD.load(out / "cmd.safetensors")
-    fig = plots.modes_figure(out)
+    fig = plots.modes_figure(_model(out))
     _assert_labelled(fig)
     left, right = fig.axes
     heights = [bar.get_height() for bar in left.containers[0]]
@@ -372,7 +376,7 @@ def test_modes_sizes_and_shares_match_the_planted_split(out):
 
 
 def test_modes_keeps_the_largest_tensors(out):
-    fig = plots.modes_figure(out, max_tensors=1)
+    fig = plots.modes_figure(_model(out), max_tensors=1)
     assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["enc.weight"]
 
 
@@ -381,7 +385,7 @@ def test_modes_keeps_the_largest_tensors(out):
 
 def test_accuracy_lines_are_the_json_values(out):
     _write(out / "evaluation.json", EVALUATION)
-    fig = plots.accuracy_figure(out)
+    fig = plots.accuracy_figure(_model(out), out / "evaluation.json")
     _assert_labelled(fig)
     assert "evaluate.py:evaluate" in _title(fig)
     assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy", "loss"]
@@ -407,7 +411,7 @@ def test_accuracy_without_baselines_or_metric_list(out):
     data["checkpoints"] = [dict(c) for c in data["checkpoints"]]
     data["checkpoints"][3] = {**data["checkpoints"][3], "cmd": {"accuracy": 0.7}}
     _write(out / "evaluation.json", data)
-    fig = plots.accuracy_figure(out)
+    fig = plots.accuracy_figure(_model(out), out / "evaluation.json")
     assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy", "loss"]
     loss = {ln.get_gid(): ln for ln in fig.axes[1].lines}
     assert set(loss) == {"original", "cmd"}
@@ -425,7 +429,7 @@ def _point(ax, gid: str) -> tuple[float, float]:
 def test_landscape_marks_the_cmd_and_best_points(out):
     data = _landscape()
     _write(out / "landscape.json", data)
-    fig = plots.landscape_figure(out)
+    fig = plots.landscape_figure(_model(out), out / "landscape.json")
     _assert_labelled(fig)
     ax = _main_axes(fig)
     assert ax.get_xlabel() == "reference of mode 0"
@@ -444,12 +448,12 @@ def test_landscape_marks_the_cmd_and_best_points(out):
 
 def test_landscape_other_metric_finds_its_own_best(out):
     _write(out / "landscape.json", _landscape())
-    fig = plots.landscape_figure(out, metric="loss")
+    fig = plots.landscape_figure(_model(out), out / "landscape.json", metric="loss")
     ax = _main_axes(fig)
     assert _point(ax, "best-point") == pytest.approx((-0.6, 1.25))  # loss: lower is better
     assert "lower is better" in fig.axes[1].get_ylabel()
     with pytest.raises(InputError, match="no metric 'f1'.*'accuracy', 'loss'"):
-        plots.landscape_figure(out, metric="f1")
+        plots.landscape_figure(_model(out), out / "landscape.json", metric="f1")
 
 
 def test_landscape_with_a_wrong_grid_shape(out):
@@ -457,7 +461,7 @@ def test_landscape_with_a_wrong_grid_shape(out):
     data["metrics"]["accuracy"] = data["metrics"]["accuracy"][:-1]
     _write(out / "landscape.json", data)
     with pytest.raises(InputError, match=r"landscape.json: metrics\['accuracy'\] has shape"):
-        plots.landscape_figure(out)
+        plots.landscape_figure(_model(out), out / "landscape.json")
 
 
 # --------------------------------------------------------------------------- saving
@@ -538,7 +542,7 @@ def test_a_model_without_sampled_trajectories(out):
     save_file(kept, path, metadata=meta)
     for fn in (plots.correlation_figure, plots.trajectories_figure):
         with pytest.raises(InputError, match=r"cmd\.safetensors: holds no sampled trajectories"):
-            fn(out)
+            fn(_model(out))
     assert plots.available_kinds(out) == ["error", "modes"]
 
 
@@ -546,18 +550,103 @@ def test_missing_json_inputs_name_the_command_to_run(out):
     with pytest.raises(
         InputError, match=r"evaluation\.json: missing; run `cmd evaluate OUT --eval-fn FILE"
     ):
-        plots.accuracy_figure(out)
+        plots.accuracy_figure(_model(out), out / "evaluation.json")
     with pytest.raises(
         InputError,
         match=r"landscape\.json: missing; compute it with `cmd plot landscape OUT",
     ):
-        plots.landscape_figure(out)
+        plots.landscape_figure(_model(out), out / "landscape.json")
     (out / "report.json").unlink()
     with pytest.raises(InputError, match=r"report\.json: missing.*`cmd fit`"):
-        plots.error_figure(out)
+        plots.error_figure(_model(out), out / "report.json")
     (out / "evaluation.json").write_text("{not json")
     with pytest.raises(InputError, match=r"evaluation\.json: not a readable JSON file"):
-        plots.accuracy_figure(out)
+        plots.accuracy_figure(_model(out), out / "evaluation.json")
     _write(out / "evaluation.json", {"eval_fn": "e.py:f", "checkpoints": []})
     with pytest.raises(InputError, match="'checkpoints' is empty"):
-        plots.accuracy_figure(out)
+        plots.accuracy_figure(_model(out), out / "evaluation.json")
+
+
+# --------------------------------------------------------------------------- a model in hand
+
+
+@pytest.fixture(scope="module")
+def in_memory():
+    """A fit in a notebook: no output directory, no metadata, no steps."""
+    W, labels, _ = _planted()
+    return CMD(n_modes=N_MODES, n_samples=300, seed=0).fit(W), W
+
+
+@pytest.mark.parametrize("kind", ["correlation", "trajectories", "error", "modes"])
+def test_every_model_only_figure_draws_from_a_fit_in_memory(in_memory, kind):
+    model, _ = in_memory
+    fig = getattr(plots, f"{kind}_figure")(model)
+    title = _title(fig)
+    assert "M = 3 modes" in title and "run " not in title
+    for ax in fig.axes:
+        if ax.get_label() != "<colorbar>":
+            assert ax.get_xlabel() and ax.get_ylabel()
+            assert ax.get_xlabel() != "training step"  # a fit in memory knows no steps
+
+
+def test_error_figure_from_the_fit_statistics_equals_the_report(in_memory, out):
+    model, _ = in_memory
+    fig = plots.error_figure(model)
+    left, right = fig.axes[:2]
+    stats = model.statistics_
+    expected = np.sqrt(stats.sse_per_checkpoint / stats.sumsq_per_checkpoint)
+    np.testing.assert_allclose(left.lines[0].get_ydata(), expected)
+    widths = [p.get_width() for p in right.patches]
+    assert widths == pytest.approx(
+        [np.sqrt(stats.tensor_sse["weights"] / stats.tensor_sumsq["weights"])]
+    )
+    # a loaded model keeps no sums: it needs the report, and says so
+    with pytest.raises(InputError, match=r"error_figure needs the fit's errors: pass report="):
+        plots.error_figure(_model(out))
+
+
+def test_figures_that_need_more_than_the_model_say_what(in_memory):
+    model, _ = in_memory
+    with pytest.raises(InputError, match=r"accuracy_figure needs an evaluation.*cmd evaluate"):
+        plots.accuracy_figure(model)
+    with pytest.raises(InputError, match=r"landscape_figure needs a landscape.*plot landscape"):
+        plots.landscape_figure(model)
+    # with the data, a fit in memory draws them too
+    assert plots.accuracy_figure(model, EVALUATION).axes
+    assert plots.landscape_figure(model, _landscape()).axes
+
+
+def test_figure_functions_take_a_model_not_a_directory(out):
+    with pytest.raises(InputError, match=r"takes a fitted CMD model, not a path.*CMD\.load"):
+        plots.correlation_figure(out)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        plots.modes_figure(CMD())
+
+
+def test_an_online_model_draws_too():
+    from cmdcli.online import OnlineCMD
+
+    W, _, _ = _planted()
+    online = OnlineCMD(n_modes=N_MODES, warmup=5, n_samples=200, seed=0)
+    for t in range(W.shape[1]):
+        online.update_flat(W[:, t])
+    assert plots.modes_figure(online).axes
+    fig = plots.error_figure(online)  # no per-checkpoint errors online: says so
+    assert any("online" in t.get_text() for t in fig.axes[0].texts)
+
+
+def test_the_model_file_is_read_by_cmd_load_only():
+    import inspect
+
+    source = inspect.getsource(plots)
+    assert "safe_open" not in source and "import struct" not in source
+
+
+def test_plot_all_says_what_it_skipped_and_why(out):
+    skipped = []
+    paths = plots.plot_all(out, skipped=skipped)
+    assert [p.stem for p in paths] == ["correlation", "trajectories", "error", "modes"]
+    assert skipped == plots.skipped_kinds(out)
+    reasons = dict(skipped)
+    assert set(reasons) == {"accuracy", "landscape"}
+    assert "cmd evaluate" in reasons["accuracy"] and "cmd plot landscape" in reasons["landscape"]
