@@ -695,8 +695,9 @@ def plot(
                     metric=metric,
                     progress=progress,
                 )
+        skipped: list[tuple[str, str]] = []
         if kind == "all":
-            written = plots.plot_all(out_dir, fmt=fmt)
+            written = plots.plot_all(out_dir, fmt=fmt, skipped=skipped)
         else:
             options: dict = {}
             if kind == "correlation":
@@ -707,6 +708,12 @@ def plot(
     if not quiet:
         for path in written:
             out.print(str(path), markup=False)
+        _say_skipped(skipped)
+
+
+def _say_skipped(skipped: list[tuple[str, str]]) -> None:
+    for kind, reason in skipped:
+        err.print(f"skipped {kind}: {reason}", markup=False)
 
 
 def _parse_pair(text: str) -> tuple[int, int]:
@@ -737,10 +744,12 @@ def report(
         from . import plots
         from .html_report import build_html
 
-        images = plots.plot_all(out_dir, fmt="png")
-        path = build_html(out_dir, images=images)
+        skipped: list[tuple[str, str]] = []
+        images = plots.plot_all(out_dir, fmt="png", skipped=skipped)
+        path = build_html(out_dir, images=images, skipped=skipped)
     if not quiet:
         out.print(str(path), markup=False)
+        _say_skipped(skipped)
 
 
 # --------------------------------------------------------------------------- inspect

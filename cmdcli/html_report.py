@@ -50,7 +50,7 @@ tr.gap td { text-align: center; color: #888; }
 td.better { color: #1a7f37; }
 td.worse { color: #b42318; }
 code { background: #f4f4f4; padding: 0 0.2em; border-radius: 3px; }
-p.note { color: #666; font-size: 0.9em; }
+p.note, ul.note { color: #666; font-size: 0.9em; }
 figure { margin: 1.2em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
@@ -415,7 +415,9 @@ def _figure(path: Path) -> str | None:
     )
 
 
-def _figures(out: Path, images: Sequence[Path] | None) -> str:
+def _figures(
+    out: Path, images: Sequence[Path] | None, skipped: Sequence[tuple[str, str]] = ()
+) -> str:
     if images is None:
         folder = out / "plots"
         paths = (
@@ -429,6 +431,11 @@ def _figures(out: Path, images: Sequence[Path] | None) -> str:
             if not p.is_file():
                 raise InputError(f"{p}: no such image file")
     blocks = [b for b in (_figure(p) for p in paths) if b]
+    if skipped:
+        items = "".join(
+            f"<li><code>{_e(kind)}</code>: {_e(reason)}</li>" for kind, reason in skipped
+        )
+        blocks.append(f'<p class="note">Figures not drawn:</p>\n<ul class="note">{items}</ul>')
     if not blocks:
         return ""
     return "<h2>Figures</h2>\n" + "\n".join(blocks)
@@ -437,7 +444,11 @@ def _figures(out: Path, images: Sequence[Path] | None) -> str:
 # --------------------------------------------------------------------------- page
 
 
-def build_html(out: Path | str, images: Sequence[Path] | None = None) -> Path:
+def build_html(
+    out: Path | str,
+    images: Sequence[Path] | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> Path:
     """Write ``out/report.html``, one self-contained page about a fit.
 
     Parameters
@@ -448,6 +459,9 @@ def build_html(out: Path | str, images: Sequence[Path] | None = None) -> Path:
         Figures to embed, in this order; every ``out/plots/*.png`` and ``*.svg``
         by default. PNG, SVG, JPEG and GIF are embedded as ``data:`` URIs; PDFs
         are skipped.
+    skipped : sequence of (str, str), optional
+        Figures not drawn and why (``plots.plot_all(..., skipped=...)``): listed
+        under the figures.
 
     Returns
     -------
@@ -487,7 +501,7 @@ def build_html(out: Path | str, images: Sequence[Path] | None = None) -> Path:
         body.append(_evaluation(evaluation))
     if landscape is not None:
         body.append(_landscape(landscape))
-    body += [_figures(out, images), _modes(report), _tensors(report), _checkpoints(report)]
+    body += [_figures(out, images, skipped), _modes(report), _tensors(report), _checkpoints(report)]
     skipped = report.get("skipped") or []
     if skipped:
         items = "".join(
