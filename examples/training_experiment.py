@@ -190,7 +190,7 @@ def run_seed(task_name: str, cfg: ExperimentSettings, seed: int) -> dict:
     }
 
     shapes = {k: tuple(v.shape) for k, v in states[0].items()}
-    stacked = {k: np.stack([s[k].numpy() for s in states]) for k in shapes}
+    stacked = {k: np.stack([s[k].numpy() for s in states], axis=-1) for k in shapes}
     for method, kind in (("posthoc_cmd", "sampled"), ("posthoc_cmd_refined", "refined")):
         t0 = time.perf_counter()
         posthoc = CMD(n_modes=cfg.n_modes, n_samples=cfg.n_samples, seed=seed, references=kind).fit(
