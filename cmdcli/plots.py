@@ -82,6 +82,7 @@ REPORT_FILE = "report.json"
 EVALUATION_FILE = "evaluation.json"
 LANDSCAPE_FILE = "landscape.json"
 PNG_DPI = 150
+_FLOAT32_EPS = 2.0**-23
 
 _FIT_HINT = "run `cmd fit RUN_DIR --out OUT` first"
 _EVAL_HINT = "run `cmd evaluate OUT --eval-fn FILE.py:FUNCTION` first"
@@ -345,6 +346,18 @@ def _title(fig: Figure, title: str, subtitle: str) -> None:
     fig.suptitle("\n".join([title, *lines]))
 
 
+def _common_decimals(values: list[float], scale: np.ndarray) -> int:
+    """Decimals to print ``values`` alike: enough for a hundredth of the range of
+    ``scale`` (the grid's values), at least 2, more until unequal values read apart."""
+    finite = np.asarray(scale, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    spread = float(np.ptp(finite)) if finite.size else 0.0
+    digits = 2 if spread <= 0 else int(np.clip(math.ceil(-math.log10(spread / 100)), 2, 6))
+    while digits < 8 and len({f"{v:.{digits}f}" for v in values}) < len(set(values)):
+        digits += 1
+    return digits
+
+
 def _mode_colors(n_modes: int) -> list:
     import matplotlib
 
@@ -450,6 +463,23 @@ def _correlation_layout(
     return np.concatenate(rows), blocks, unit, samples.shape[0]
 
 
+def _spread_labels(centres: list[float], *, low: float, high: float, gap: float) -> list[float]:
+    """Positions near ``centres`` (increasing), at least ``gap`` apart, within
+    [low, high]: pushed down past crowded neighbours, then back up from the end.
+    With more labels than fit, the gap shrinks so that all of them do."""
+    if not centres:
+        return []
+    gap = min(gap, (high - low) / max(len(centres), 1))
+    places = []
+    for c in centres:
+        places.append(max(c, low + gap / 2, places[-1] + gap if places else -math.inf))
+    limit = high - gap / 2
+    for i in range(len(places) - 1, -1, -1):
+        places[i] = min(places[i], limit)
+        limit = places[i] - gap
+    return places
+
+
 @_styled
 def correlation_figure(model: CMD, *, absolute: bool = False, max_points: int = 3000) -> Figure:
     """Pearson correlation of the sampled weight trajectories, ordered by mode.
@@ -500,18 +530,27 @@ def correlation_figure(model: CMD, *, absolute: bool = False, max_points: int = 
     for _, start, _ in blocks[1:]:
         ax.axhline(start - 0.5, color=line_color, lw=0.8, gid="mode-boundary")
         ax.axvline(start - 0.5, color=line_color, lw=0.8, gid="mode-boundary")
-    # Label a mode only where its block is tall enough for the text not to collide.
+    # Every mode gets its label, level with its block where there is room; where
+    # thin blocks crowd together the labels spread apart, each with a leader line to
+    # its block. (Tick labels, so that the layout makes room for them.)
     n = len(rows)
-    ticks, labels, last = [], [], -math.inf
-    for m, start, stop in blocks:
-        centre = (start + stop - 1) / 2
-        if stop - start >= 0.025 * n and centre - last >= 0.035 * n:
-            ticks.append(centre)
-            labels.append(f"m{m}  n={_compact(int(sizes[m]))}")
-            last = centre
-    ax.set_yticks(ticks, labels)
+    centres = [(start + stop - 1) / 2 for _, start, stop in blocks]
+    places = _spread_labels(centres, low=-0.5, high=n - 0.5, gap=0.045 * n)
+    ax.set_yticks(places, [f"m{m}  n={_compact(int(sizes[m]))}" for m, _, _ in blocks])
+    edge = ax.get_yaxis_transform()  # x in axes fraction, y in data
+    for centre, place in zip(centres, places):
+        if abs(place - centre) > 0.01 * n:
+            ax.plot(
+                [0.0, -0.03],
+                [centre, place],
+                transform=edge,
+                clip_on=False,
+                color="0.35",
+                lw=0.6,
+                gid="mode-label-leader",
+            )
     ax.set_xticks([])
-    ax.tick_params(axis="y", length=0)
+    ax.tick_params(axis="y", length=0, pad=14)
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(True)
     ax.set_xlabel("sampled weight (ordered by mode)")
@@ -573,7 +612,9 @@ def trajectories_figure(model: CMD, *, per_mode: int = 3, max_modes: int = 10) -
     order, sizes = _mode_order(model)
     panels = [int(m) for m in order if sizes[m] > 0][:max_modes]
 
-    ncols = min(len(panels), 3 if len(panels) <= 6 else 4)
+    # At most three panels a row: the figure stays 9.4 in wide, the width at which
+    # report.html shows it at full size (its text at print size).
+    ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig = _new_figure(3.0 * ncols + 0.4, 2.3 * nrows + 1.1)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -663,8 +704,18 @@ def error_figure(
             "error_figure needs the fit's errors: pass report= (OUT/report.json, written by "
             "`cmd fit`, or its dict); a model read with CMD.load keeps no error sums"
         )
+    movement: np.ndarray | None  # ‖w − mean_t w‖ / ‖w‖ per tensor (NaN: not known)
     if report is None:
         steps, ckpt_err, names, tensor_err, tensor_size, overall = _errors_of(model)
+        stats = model.statistics_
+        movement = np.array(
+            [
+                float(
+                    _ratio(stats.tensor_variance.get(n, np.nan), stats.tensor_sumsq.get(n, np.nan))
+                )
+                for n in names
+            ]
+        )
     else:
         data, path = _json_input(report, REPORT_FILE, f"it is written by `cmd fit`; {_FIT_HINT}")
         checkpoints = _field(data, "checkpoints", path, list)
@@ -676,6 +727,7 @@ def error_figure(
             names = [str(t["name"]) for t in tensors]
             tensor_err = np.array([_number(t["relative_error"]) for t in tensors])
             tensor_size = np.array([int(t.get("n_params", 0)) for t in tensors])
+            movement = np.array([_number(t.get("relative_movement")) for t in tensors])
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: malformed checkpoint or tensor entry ({exc!r})") from None
     step_label = "training step" if report is not None else _steps(model)[1]
@@ -721,6 +773,31 @@ def error_figure(
 
     ypos = np.arange(len(chosen))[::-1]  # model order, first tensor on top
     right.barh(ypos, tensor_err[chosen], height=0.7, color="C0", gid="tensor-errors")
+    # A tensor that (nearly) does not move is rebuilt (nearly) exactly: its bar is
+    # too thin to see, so say so beside it rather than leave a blank row.
+    shown = tensor_err[chosen]
+    top = float(np.nanmax(shown)) if np.isfinite(shown).any() else 0.0
+    for y, i in zip(ypos, chosen):
+        err = tensor_err[i]
+        if math.isfinite(err) and err < 0.01 * top:
+            move = float(movement[i]) if movement is not None else math.nan
+            if move < _FLOAT32_EPS:  # does not move beyond float32 rounding of its values
+                text = "constant: rebuilt exactly" if err == 0 else f"{err:.1e} (constant)"
+            elif move < 1e-4:  # moves by float32 noise only
+                text = f"{err:.1e} (nearly constant: moves {move:.0e} of its size)"
+            else:
+                text = f"{err:.1e}"
+            right.plot([err], [y], ls="none", marker="|", ms=9, mew=1.6, color="C0", gid="tiny")
+            right.annotate(
+                text,
+                xy=(err, y),
+                xytext=(5, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7.5,
+                color="0.25",
+                gid="tiny-error",
+            )
     right.set_yticks(ypos, [_short(names[i]) for i in chosen])
     right.set_ylim(-0.6, len(chosen) - 0.4)
     right.set_xlabel("relative error ‖w − ŵ‖ / ‖w‖ (all checkpoints)")
@@ -839,6 +916,19 @@ def _baseline_label(key: str, entry: dict) -> str:
     return key
 
 
+def _fit_to_data(ax: Any, values: list[float]) -> None:
+    """Value axis around the values drawn, with a margin of a tenth of their range —
+    or, for a single value (one checkpoint, baselines equal to it), of a small share
+    of the value itself, instead of matplotlib's ±5 % (an accuracy axis up to 1.04)."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    pad = 0.1 * span if span > 1e-9 * max(abs(lo), abs(hi), 1e-300) else 0.0
+    pad = pad or max(0.005 * max(abs(lo), abs(hi)), 1e-6)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
 def _isnum(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -862,6 +952,8 @@ def accuracy_figure(model: CMD, evaluation: dict | str | os.PathLike | None = No
     -------
     matplotlib.figure.Figure
     """
+    from matplotlib.ticker import MaxNLocator
+
     model = _fitted(model, "accuracy_figure")
     if evaluation is None:
         raise InputError(
@@ -901,6 +993,7 @@ def accuracy_figure(model: CMD, evaluation: dict | str | os.PathLike | None = No
     for ax in axes.flat[len(metrics) :]:
         fig.delaxes(ax)
     for ax, metric in zip(axes.flat, metrics):
+        plotted: list[float] = []
         for side, label, style in (
             ("original", "original checkpoints", {"color": "C0", "marker": "o", "ls": "-"}),
             ("cmd", "CMD reconstruction", {"color": "C1", "marker": "s", "ls": "--"}),
@@ -908,6 +1001,7 @@ def accuracy_figure(model: CMD, evaluation: dict | str | os.PathLike | None = No
             values = np.array([_number(checkpoints[i].get(side, {}).get(metric)) for i in order])
             if np.isfinite(values).any():
                 ax.plot(steps, values, ms=3.5, lw=1.3, label=label, gid=side, **style)
+                plotted += values[np.isfinite(values)].tolist()
         for key, entry in baselines.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
                 continue
@@ -915,6 +1009,7 @@ def accuracy_figure(model: CMD, evaluation: dict | str | os.PathLike | None = No
             if not math.isfinite(value):
                 continue
             color, ls = _BASELINE_STYLE.get(key, ("0.4", ":"))
+            plotted.append(value)
             ax.axhline(
                 value,
                 color=color,
@@ -923,6 +1018,10 @@ def accuracy_figure(model: CMD, evaluation: dict | str | os.PathLike | None = No
                 label=_baseline_label(key, entry),
                 gid=f"baseline-{key}",
             )
+        _fit_to_data(ax, plotted)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(steps) == 1:  # one checkpoint: a short axis around its step
+            ax.set_xlim(steps[0] - 1, steps[0] + 1)
         ax.set_xlabel("training step")
         ax.set_ylabel(metric)
         ax.set_title(metric)
@@ -1033,8 +1132,11 @@ def landscape_figure(
     better = "higher is better" if maximize else "lower is better"
     bar.set_label(f"{metric} ({better})")
 
+    shown = [v for v in (cv, bv) if math.isfinite(v)]
+    digits = _common_decimals(shown, finite)
+
     def value_text(v: float) -> str:
-        return f" ({metric} = {v:.4g})" if math.isfinite(v) else ""
+        return f" ({metric} = {v:.{digits}f})" if math.isfinite(v) else ""
 
     ax.plot(
         cx,

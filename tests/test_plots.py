@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -650,3 +651,111 @@ def test_plot_all_says_what_it_skipped_and_why(out):
     reasons = dict(skipped)
     assert set(reasons) == {"accuracy", "landscape"}
     assert "cmd evaluate" in reasons["accuracy"] and "cmd plot landscape" in reasons["landscape"]
+
+
+# --------------------------------------------------------------------------- figure fixes
+
+
+def test_every_mode_has_a_label_even_thin_ones():
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 12)
+    shapes = [1 - np.exp(-4 * t), np.sin(2 * np.pi * t), t**3, np.cos(5 * np.pi * t), t]
+    sizes = [1500, 600, 300, 25, 12]  # the last two are under 2 % of the rows
+    W = np.concatenate(
+        [rng.uniform(0.5, 2, (n, 1)) * s + rng.normal(size=(n, 1)) for n, s in zip(sizes, shapes)]
+    )
+    W += 1e-3 * rng.normal(size=W.shape)
+    model = CMD(n_modes=5, n_samples=2437, seed=0, references="sampled").fit(W)
+    fig = plots.correlation_figure(model)
+    ax = _main_axes(fig)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    present = sorted(
+        {int(m) for m in model.modes_[np.concatenate(list(model.sample_index_.values()))]}
+    )
+    assert sorted(int(text.split()[0][1:]) for text in labels) == present
+    ticks = np.sort(ax.get_yticks())
+    assert np.all(np.diff(ticks) >= 0.04 * len(model.samples_))  # labels do not collide
+    # labels moved away from their thin block point at it
+    assert any(ln.get_gid() == "mode-label-leader" for ln in ax.lines)
+
+
+def test_landscape_legend_values_are_formatted_alike(out):
+    data = _landscape()
+    data["best"] = {"x": 0.2, "y": 0.5, "value": 0.9822}
+    data["metrics"]["accuracy"][4][5] = 0.98  # the CMD point's value (x = 0, y = 0.5)
+    _write(out / "landscape.json", data)
+    fig = plots.landscape_figure(_model(out), out / "landscape.json")
+    texts = [t.get_text() for t in _main_axes(fig).get_legend().get_texts()]
+    values = [re.search(r"= ([0-9.]+)\)", t).group(1) for t in texts]
+    assert values[0] != values[1] and len({len(v.split(".")[1]) for v in values}) == 1
+    assert values == ["0.980", "0.982"]  # as many decimals as it takes, for both
+
+
+def test_accuracy_axis_follows_the_data_with_one_checkpoint(in_memory):
+    model, _ = in_memory
+    one = {
+        "metrics": ["accuracy"],
+        "checkpoints": [
+            {"name": "last", "step": 40, "original": {"accuracy": 0.98}, "cmd": {"accuracy": 0.98}}
+        ],
+        "baselines": {"ema": {"decay": 0.9, "metrics": {"accuracy": 0.98}}},
+    }
+    fig = plots.accuracy_figure(model, one)
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert 0.97 < lo < 0.98 < hi < 0.99  # not matplotlib's 0.93 … 1.03
+    assert all(float(x).is_integer() for x in ax.get_xticks())  # steps, not 39.5
+    assert ax.get_xlim() == (39, 41)
+
+
+def test_constant_and_nearly_constant_tensors_are_marked_not_blank(tmp_path):
+    rng = np.random.default_rng(1)
+    T = 10
+    moving = rng.normal(size=(300, T)).cumsum(axis=1)
+    X = {"w": moving, "frozen": np.full((8, T), 0.25), "b": moving[:20] * 0.5}
+    model = CMD(n_modes=2, n_samples=200, seed=0).fit(X)
+    fig = plots.error_figure(model)
+    notes = {t.get_text() for t in fig.axes[1].texts}
+    assert "constant: rebuilt exactly" in notes
+    # and from report.json, through the tensors' relative movement
+    from cmdcli.api import FitOptions, fit_run
+
+    sds = [
+        {k: torch.from_numpy(v[..., t].astype(np.float32)) for k, v in X.items()} for t in range(T)
+    ]
+    write_safetensors_run(tmp_path / "run", sds, list(range(1, T + 1)))
+    fit_run(tmp_path / "run", tmp_path / "out", FitOptions(n_modes=2, reconstruct="none"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    frozen = next(t for t in report["tensors"] if t["name"] == "frozen")
+    assert frozen["relative_movement"] < EPS32  # still, to float32 rounding
+    fig = plots.error_figure(_model(tmp_path / "out"), report)
+    assert "constant: rebuilt exactly" in {t.get_text() for t in fig.axes[1].texts}
+
+
+def test_report_html_shows_every_figure_at_its_printed_size(out):
+    from html.parser import HTMLParser
+
+    from cmdcli.html_report import build_html
+
+    paths = plots.plot_all(out)
+    page = build_html(out, images=paths).read_text()
+
+    class Images(HTMLParser):
+        widths: dict[str, int] = {}
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.widths[a["alt"].lower()] = int(a["width"])
+
+    parser = Images()
+    parser.feed(page)
+    content = 70 * 16  # the page's max-width (70em) in CSS pixels
+    for path in paths:
+        px = _png_size(path)[0]
+        width = parser.widths[path.stem]
+        assert width == round(px * 96 / plots.PNG_DPI)  # 1 inch of figure = 96 CSS px
+        assert width <= content  # never scaled down to fit: 8-pt text stays ≥ 10 px
+    # the trajectories grid is at most three panels wide
+    fig = plots.trajectories_figure(_model(out), max_modes=10)
+    assert fig.get_figwidth() <= 9.5
