@@ -790,7 +790,7 @@ def inspect(
         ]
         for c in info["checkpoints"]
     ]
-    print_table(out, columns, rows, title=f"{info['run_dir']}", key_columns=1)
+    print_table(out, columns, rows, title=str(run_dir), key_columns=1)  # as the user wrote it
     size = info["bytes_per_checkpoint"] * info["n_checkpoints"] / 2**20
     out.print(
         f"{info['n_checkpoints']} checkpoints, {info['n_weights']:,} floating-point weights in "

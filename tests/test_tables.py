@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import pytest
 from rich.cells import cell_len
@@ -184,3 +185,17 @@ def test_evaluation_table_at_80_columns(monkeypatch):
         else:
             assert shown == NAMES
         assert any(line.lstrip().startswith("SWA (from step 15") for line in lines)
+
+
+def test_readme_inspect_example_is_what_the_tool_prints(monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("$ cmd inspect sample_runs/digits_cnn\n", 1)[1].split("```", 1)[0]
+    buf = io.StringIO()
+    console = Console(file=buf, width=100, force_terminal=True, color_system=None)
+    monkeypatch.setattr(cli, "out", console)
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, ["inspect", "sample_runs/digits_cnn"])
+    assert result.exit_code == 0, result.stderr
+    printed = [line.rstrip() for line in buf.getvalue().splitlines() if line.strip()]
+    assert printed == block.strip("\n").splitlines()
