@@ -24,20 +24,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 from . import __version__
 from .errors import CMDError, InputError
+from .tables import Column, print_table
 
 app = typer.Typer(
     name="cmd",
     help=(
         "Correlation Mode Decomposition of a training run, from its checkpoints.\n\n"
         "Example:\n\n"
-        "    cmd inspect sample_runs/digits_mlp\n\n"
-        "    cmd fit sample_runs/digits_mlp --out digits-cmd\n\n"
-        "    cmd evaluate digits-cmd --eval-fn sample_runs/digits_mlp/evaluate.py:evaluate\n\n"
-        "    cmd report digits-cmd"
+        "    cmd inspect runs/my-run\n\n"
+        "    cmd fit runs/my-run --out my-run-cmd\n\n"
+        "    cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate\n\n"
+        "    cmd report my-run-cmd\n\n"
+        "(runs/my-run: a directory of your run's checkpoints; my_eval.py: a file with "
+        "evaluate(state_dict) -> dict of metrics.)"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -232,7 +234,7 @@ ShardSize = Annotated[
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  cmd fit sample_runs/digits_mlp --out digits-cmd\n\n"
+        "  cmd fit runs/my-run --out my-run-cmd\n\n"
         "  cmd fit runs/resnet --out resnet-cmd --modes auto --target-variance 0.97\n\n"
         "  cmd fit runs/resnet --out resnet-paper --references sampled --modes 10 --seed 0\n\n"
         "  cmd fit runs/resnet --out resnet-cmd --modes 10 --seed 0 --steps 1000:50000 "
@@ -437,52 +439,65 @@ def _print_plan(plan: dict) -> None:
         err.print(f"note: {_line(note)}", markup=False)
     for s in plan.get("skipped", []):
         err.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
-    table = Table(
-        title="cmd fit --dry-run (nothing read or written)", show_header=False, title_justify="left"
-    )
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row(
-        "checkpoints",
-        f"{plan['n_checkpoints']} (steps {plan['first_step']}…{plan['last_step']}; "
-        f"{', '.join(plan['formats'])})",
+    rows: list[list[str]] = []
+    rows.append(
+        [
+            "checkpoints",
+            f"{plan['n_checkpoints']} (steps {plan['first_step']}…{plan['last_step']}; "
+            f"{', '.join(plan['formats'])})",
+        ]
     )
     per_ckpt = _size(plan["modelled_bytes_per_checkpoint"])
-    table.add_row(
-        "weights", f"{plan['n_weights']:,} in {plan['n_tensors']} tensors ({per_ckpt} each step)"
+    rows.append(
+        ["weights", f"{plan['n_weights']:,} in {plan['n_tensors']} tensors ({per_ckpt} each step)"]
     )
     if plan["n_copied_tensors"]:
         n = plan["n_copied_tensors"]
-        table.add_row("copied, not modelled", f"{n} tensor{'s' if n > 1 else ''}")
+        rows.append(["copied, not modelled", f"{n} tensor{'s' if n > 1 else ''}"])
     if plan["online"]:
-        table.add_row("read (one pass)", _size(plan["pass1_bytes"]))
+        rows.append(["read (one pass)", _size(plan["pass1_bytes"])])
     else:
-        table.add_row(
-            "pass 1 reads",
-            f"≈ {_size(plan['pass1_bytes'])} (estimate: {plan['n_sampled_weights']:,} sampled "
-            "weights per checkpoint)",
+        rows.append(
+            [
+                "pass 1 reads",
+                f"≈ {_size(plan['pass1_bytes'])} (estimate: {plan['n_sampled_weights']:,} "
+                "sampled weights per checkpoint)",
+            ]
         )
-        table.add_row("pass 2 reads", f"{_size(plan['pass2_bytes'])} (every modelled byte once)")
+        rows.append(["pass 2 reads", f"{_size(plan['pass2_bytes'])} (every modelled byte once)"])
         if plan["spool_bytes"]:
-            table.add_row("temporary copies", f"{_size(plan['spool_bytes'])} of legacy pickles")
+            rows.append(["temporary copies", f"{_size(plan['spool_bytes'])} of legacy pickles"])
         where = f"on {plan['scheduler']}" if plan["scheduler"] else "local"
-        table.add_row(
-            "blocks",
-            f"{plan['n_blocks']} of ≤ {plan['block_weights']:,} weights, {plan['workers']} "
-            f"at once ({where}; --max-memory {_size(plan['max_memory'])})",
+        rows.append(
+            [
+                "blocks",
+                f"{plan['n_blocks']} of ≤ {plan['block_weights']:,} weights, {plan['workers']} "
+                f"at once ({where}; --max-memory {_size(plan['max_memory'])})",
+            ]
         )
-    table.add_row("peak memory", f"≈ {_size(plan['peak_memory_bytes'])} (estimate)")
+    rows.append(["peak memory", f"≈ {_size(plan['peak_memory_bytes'])} (estimate)"])
     steps = plan["reconstruct_steps"]
-    table.add_row(
-        "reconstruct",
-        "none" if not steps else ", ".join(map(str, steps[:6])) + (", …" if len(steps) > 6 else ""),
+    rows.append(
+        [
+            "reconstruct",
+            "none"
+            if not steps
+            else ", ".join(map(str, steps[:6])) + (", …" if len(steps) > 6 else ""),
+        ]
     )
     if plan["out"] is not None:
         exists = ""
         if plan["out_exists"]:
             exists = " (exists: replaced)" if plan["overwrite"] else " (exists: needs --overwrite)"
-        table.add_row("output", f"{plan['out']}{exists}")
-    out.print(table)
+        rows.append(["output", f"{plan['out']}{exists}"])
+    _key_values("cmd fit --dry-run (nothing read or written)", rows)
+
+
+def _key_values(title: str, rows: list[list[str]]) -> None:
+    """A two-column summary: names, and values that may wrap at a narrow terminal."""
+    print_table(
+        out, [Column("", style="bold"), Column("", wrap=True)], rows, title=title, show_header=False
+    )
 
 
 def _parse_modes(text: str) -> int | str:
@@ -502,30 +517,31 @@ def _print_fit_summary(report: dict) -> None:
         err.print(f"note: {_line(note)}", markup=False)
     for s in report.get("skipped", []):
         err.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
-    table = Table(title="CMD fit", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row(
-        "checkpoints",
-        f"{report['n_checkpoints']} (steps {report['checkpoints'][0]['step']}"
-        f"…{report['checkpoints'][-1]['step']})",
-    )
-    table.add_row("weights", f"{report['n_params']:,} in {report['n_tensors']} tensors")
-    table.add_row("modes", str(report["n_modes"]))
-    table.add_row("explained variance", _fmt(report["explained_variance"]))
+    rows = [
+        [
+            "checkpoints",
+            f"{report['n_checkpoints']} (steps {report['checkpoints'][0]['step']}"
+            f"…{report['checkpoints'][-1]['step']})",
+        ],
+        ["weights", f"{report['n_params']:,} in {report['n_tensors']} tensors"],
+        ["modes", str(report["n_modes"])],
+        ["explained variance", _fmt(report["explained_variance"])],
+    ]
     for row in report.get("comparison", [])[1:]:
         if row.get("references") == "sampled":
-            table.add_row("  paper's procedure", _fmt(row["explained_variance"]))
+            rows.append(["  paper's procedure", _fmt(row["explained_variance"])])
     pca = report["baselines"]["pca"]
     if pca:
-        table.add_row("  PCA, same budget", f"{_fmt(pca[0]['explained_variance'])} (1 component)")
+        rows.append(["  PCA, same budget", f"{_fmt(pca[0]['explained_variance'])} (1 component)"])
         if len(pca) > 1:
-            table.add_row("  PCA, one more number", f"{_fmt(pca[1]['explained_variance'])} (2)")
-    table.add_row("relative error", _fmt(report["relative_error"], 6))
-    table.add_row("compression", f"{report['compression_ratio']:.1f}×")
-    table.add_row("time", f"{report['seconds']['total']:.1f} s")
-    table.add_row("output", _line(report["out"]))
-    out.print(table)
+            rows.append(["  PCA, one more number", f"{_fmt(pca[1]['explained_variance'])} (2)"])
+    rows += [
+        ["relative error", _fmt(report["relative_error"], 6)],
+        ["compression", f"{report['compression_ratio']:.1f}×"],
+        ["time", f"{report['seconds']['total']:.1f} s"],
+        ["output", _line(report["out"])],
+    ]
+    _key_values("CMD fit", rows)
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -534,8 +550,8 @@ def _print_fit_summary(report: dict) -> None:
 @app.command(
     name="reconstruct",
     epilog=(
-        "Examples:\n\n  cmd reconstruct digits-cmd --step all\n\n"
-        "  cmd reconstruct digits-cmd --step 10,20"
+        "Examples:\n\n  cmd reconstruct my-run-cmd --step all\n\n"
+        "  cmd reconstruct my-run-cmd --step 10,20"
     ),
 )
 def reconstruct_cmd(
@@ -601,7 +617,7 @@ EvalFn = Annotated[
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  cmd evaluate digits-cmd --eval-fn sample_runs/digits_mlp/evaluate.py:evaluate\n\n"
+        "  cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate\n\n"
         "  cmd evaluate resnet-cmd --eval-fn eval.py:score --checkpoints last "
         "--ema-decay 0.95 --swa-start 30000"
     )
@@ -658,25 +674,20 @@ def evaluate(
         out.print(f"wrote {_line(Path(out_dir) / 'evaluation.json')}", markup=False)
 
 
-def _print_evaluation(result: dict, max_rows: int = 20) -> None:
+def _print_evaluation(result: dict) -> None:
+    """Every scored checkpoint on its own line, then the baselines."""
     names = result["metrics"]
-    table = Table(title="Evaluation", title_justify="left")
-    table.add_column("checkpoint")
-    table.add_column("step", justify="right")
+    columns = [Column("checkpoint", name=True), Column("step", justify="right")]
     for n in names:
-        table.add_column(f"{n} original", justify="right")
-        table.add_column(f"{n} CMD", justify="right")
-    rows = result["checkpoints"]
-    if len(rows) > max_rows:
-        rows = rows[: max_rows // 2] + [None] + rows[-max_rows // 2 :]
-    for r in rows:
-        if r is None:
-            table.add_row("…", "", *[""] * (2 * len(names)))
-            continue
-        cells = []
+        columns.append(Column(f"{n}\noriginal", justify="right"))
+        columns.append(Column(f"{n}\nCMD", justify="right"))
+    rows = []
+    for r in result["checkpoints"]:
+        cells = [r["name"], str(r["step"])]
         for n in names:
             cells += [_fmt(r["original"][n]), _fmt(r["cmd"][n])]
-        table.add_row(_line(r["name"]), str(r["step"]), *cells)
+        rows.append(cells)
+    footer = []
     for key, label in (("last", "last checkpoint"), ("ema", "EMA"), ("swa", "SWA")):
         base = result.get("baselines", {}).get(key)
         if not base:
@@ -685,11 +696,11 @@ def _print_evaluation(result: dict, max_rows: int = 20) -> None:
             label += f" (decay {base['decay']})"
         elif key == "swa":
             label += f" (from step {base['start_step']}, {base['n_checkpoints']} ckpts)"
-        cells = []
+        cells = [label, ""]
         for n in names:
             cells += [_fmt(base["metrics"][n]), ""]
-        table.add_row(label, "", *cells)
-    out.print(table)
+        footer.append(cells)
+    print_table(out, columns, rows, title="Evaluation", footer=footer, key_columns=2)
 
 
 # --------------------------------------------------------------------------- plot
@@ -700,9 +711,9 @@ def _print_evaluation(result: dict, max_rows: int = 20) -> None:
         "Kinds: correlation, trajectories, error, modes, accuracy (needs `cmd evaluate`), "
         "landscape (needs --eval-fn, or an earlier landscape.json), all.\n\n"
         "Examples:\n\n"
-        "  cmd plot correlation digits-cmd\n\n"
-        "  cmd plot all digits-cmd --format svg\n\n"
-        "  cmd plot landscape digits-cmd --eval-fn sample_runs/digits_mlp/evaluate.py:evaluate "
+        "  cmd plot correlation my-run-cmd\n\n"
+        "  cmd plot all my-run-cmd --format svg\n\n"
+        "  cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate "
         "--grid 15 --span 0.5"
     )
 )
@@ -776,8 +787,9 @@ def plot(
                     run=run,
                     trust_pickle=trust_pickle,
                 )
+        skipped: list[tuple[str, str]] = []
         if kind == "all":
-            written = plots.plot_all(out_dir, fmt=fmt)
+            written = plots.plot_all(out_dir, fmt=fmt, skipped=skipped)
         else:
             options: dict = {}
             if kind == "correlation":
@@ -788,6 +800,19 @@ def plot(
     if not quiet:
         for path in written:
             out.print(_line(path), markup=False)
+        _say_skipped(skipped)
+
+
+def _say_skipped(skipped: list[tuple[str, str]]) -> None:
+    for kind, reason in skipped:
+        err.print(f"skipped {_line(kind)}: {_line(reason)}", markup=False)
+
+
+def _format_cell(c: dict) -> str:
+    """Format, its variant where it adds something ("deepspeed ZeRO-3"), the weights' key."""
+    detail = c.get("detail")
+    text = c["format"] + (f" {detail}" if detail and detail != c["format"] else "")
+    return text + (f" [{c['state_key']}]" if c["state_key"] else "")
 
 
 def _parse_pair(text: str) -> tuple[int, int]:
@@ -802,7 +827,9 @@ def _parse_pair(text: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- report
 
 
-@app.command(epilog="Examples:\n\n  cmd report digits-cmd\n\n  firefox digits-cmd/report.html")
+@app.command(
+    epilog="Examples:\n\n  cmd report my-run-cmd\n\n  python -m webbrowser my-run-cmd/report.html"
+)
 def report(
     out_dir: OutDir,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
@@ -816,18 +843,18 @@ def report(
         from . import plots
         from .html_report import build_html
 
-        images = plots.plot_all(out_dir, fmt="png")
-        path = build_html(out_dir, images=images)
+        skipped: list[tuple[str, str]] = []
+        images = plots.plot_all(out_dir, fmt="png", skipped=skipped)
+        path = build_html(out_dir, images=images, skipped=skipped)
     if not quiet:
         out.print(_line(path), markup=False)
+        _say_skipped(skipped)
 
 
 # --------------------------------------------------------------------------- inspect
 
 
-@app.command(
-    epilog="Examples:\n\n  cmd inspect sample_runs/digits_cnn\n\n  cmd inspect runs/bert --json"
-)
+@app.command(epilog="Examples:\n\n  cmd inspect runs/my-run\n\n  cmd inspect runs/my-run --json")
 def inspect(
     run_dir: RunDir,
     weights: Weights = None,
@@ -843,30 +870,28 @@ def inspect(
     if as_json:
         print(_json(info))
         return
-    table = Table(title=_line(info["run_dir"]), title_justify="left")
-    for col in ("step", "checkpoint", "format", "tensors", "weights", "dtype", "step from"):
-        table.add_column(
-            col,
-            justify="right" if col in ("step", "tensors", "weights") else "left",
-            # the name carries the step: fold it rather than cut it on narrow terminals
-            overflow="fold" if col == "checkpoint" else "ellipsis",
-            no_wrap=col != "checkpoint",
-        )
-    for c in info["checkpoints"]:
-        # the variant where it adds something ("deepspeed ZeRO-3", not "lightning lightning")
-        detail = c["detail"] if c["detail"] and c["detail"] != c["format"] else None
-        fmt = c["format"] + (f" {detail}" if detail else "")
-        fmt += f" [{c['state_key']}]" if c["state_key"] else ""
-        table.add_row(
+    columns = [
+        Column("step", justify="right"),
+        Column("checkpoint", name=True),
+        Column("format"),
+        Column("tensors", justify="right"),
+        Column("weights", justify="right"),
+        Column("dtype"),
+        Column("step from"),
+    ]
+    rows = [
+        [
             str(c["step"]),
-            _line(c["name"]),
-            _line(fmt),
+            c["name"],
+            _format_cell(c),
             str(c["n_tensors"]),
             f"{c['n_weights']:,}",
             c["dtype"],
             c["step_source"],
-        )
-    out.print(table)
+        ]
+        for c in info["checkpoints"]
+    ]
+    print_table(out, columns, rows, title=str(run_dir), key_columns=1)  # as the user wrote it
     size = info["bytes_per_checkpoint"] * info["n_checkpoints"] / 2**20
     out.print(
         f"{info['n_checkpoints']} checkpoints, {info['n_weights']:,} floating-point weights in "

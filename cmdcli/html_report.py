@@ -50,9 +50,9 @@ tr.gap td { text-align: center; color: #888; }
 td.better { color: #1a7f37; }
 td.worse { color: #b42318; }
 code { background: #f4f4f4; padding: 0 0.2em; border-radius: 3px; }
-p.note { color: #666; font-size: 0.9em; }
+p.note, ul.note { color: #666; font-size: 0.9em; }
 figure { margin: 1.2em 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
 """
 
@@ -409,13 +409,44 @@ def _figure(path: Path) -> str | None:
     caption = path.stem.replace("_", " ").replace("-", " ").strip()
     caption = caption[:1].upper() + caption[1:]
     uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    width = _css_width(data) if suffix == ".png" else None
+    size = f' width="{width}"' if width else ""
     return (
-        f'<figure><img src="{uri}" alt="{_e(caption)}">'
+        f'<figure><img src="{uri}" alt="{_e(caption)}"{size}>'
         f"<figcaption>{_e(caption)} <code>{_e(path.name)}</code></figcaption></figure>"
     )
 
 
-def _figures(out: Path, images: Sequence[Path] | None) -> str:
+CSS_PX_PER_INCH = 96
+
+
+def _css_width(png: bytes) -> int | None:
+    """Width at which a PNG shows at its printed size: pixels over its dots per inch
+    (from its pHYs chunk), times 96 CSS pixels per inch. A 150-dpi figure drawn with
+    9-point text then shows that text at 12 CSS pixels, whatever its pixel width,
+    instead of being scaled down to fit the page. None without a resolution."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 33:
+        return None
+    width = int.from_bytes(png[16:20], "big")
+    pos = 8
+    while pos + 12 <= len(png):
+        length = int.from_bytes(png[pos : pos + 4], "big")
+        kind = png[pos + 4 : pos + 8]
+        if kind == b"pHYs" and length >= 9:
+            per_metre = int.from_bytes(png[pos + 8 : pos + 12], "big")
+            unit = png[pos + 16]
+            if unit == 1 and per_metre > 0:
+                return max(1, round(width * CSS_PX_PER_INCH / (per_metre * 0.0254)))
+            return None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
+
+
+def _figures(
+    out: Path, images: Sequence[Path] | None, skipped: Sequence[tuple[str, str]] = ()
+) -> str:
     if images is None:
         folder = out / "plots"
         paths = (
@@ -429,6 +460,11 @@ def _figures(out: Path, images: Sequence[Path] | None) -> str:
             if not p.is_file():
                 raise InputError(f"{p}: no such image file")
     blocks = [b for b in (_figure(p) for p in paths) if b]
+    if skipped:
+        items = "".join(
+            f"<li><code>{_e(kind)}</code>: {_e(reason)}</li>" for kind, reason in skipped
+        )
+        blocks.append(f'<p class="note">Figures not drawn:</p>\n<ul class="note">{items}</ul>')
     if not blocks:
         return ""
     return "<h2>Figures</h2>\n" + "\n".join(blocks)
@@ -437,7 +473,11 @@ def _figures(out: Path, images: Sequence[Path] | None) -> str:
 # --------------------------------------------------------------------------- page
 
 
-def build_html(out: Path | str, images: Sequence[Path] | None = None) -> Path:
+def build_html(
+    out: Path | str,
+    images: Sequence[Path] | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> Path:
     """Write ``out/report.html``, one self-contained page about a fit.
 
     Parameters
@@ -448,6 +488,9 @@ def build_html(out: Path | str, images: Sequence[Path] | None = None) -> Path:
         Figures to embed, in this order; every ``out/plots/*.png`` and ``*.svg``
         by default. PNG, SVG, JPEG and GIF are embedded as ``data:`` URIs; PDFs
         are skipped.
+    skipped : sequence of (str, str), optional
+        Figures not drawn and why (``plots.plot_all(..., skipped=...)``): listed
+        under the figures.
 
     Returns
     -------
@@ -487,7 +530,7 @@ def build_html(out: Path | str, images: Sequence[Path] | None = None) -> Path:
         body.append(_evaluation(evaluation))
     if landscape is not None:
         body.append(_landscape(landscape))
-    body += [_figures(out, images), _modes(report), _tensors(report), _checkpoints(report)]
+    body += [_figures(out, images, skipped), _modes(report), _tensors(report), _checkpoints(report)]
     skipped = report.get("skipped") or []
     if skipped:
         items = "".join(

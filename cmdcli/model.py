@@ -37,27 +37,40 @@ MAX_AUTO_MODES = 20
 class ArraySource:
     """A :class:`~cmdcli.fitting.TrajectorySource` over in-memory trajectories.
 
+    Every array input has the checkpoints on its **last** axis, one trajectory per
+    weight, as in the matrix of all trajectories.
+
     Parameters
     ----------
     trajectories : array-like of shape (n_weights, n_checkpoints), or dict of str to
-        array-like of shape (n_checkpoints, ...)
-        One matrix (seen as a single tensor named ``"weights"``), or named tensors
-        stacked over checkpoints along their first axis.
+        array-like of shape (*tensor_shape, n_checkpoints)
+        One matrix (seen as a single tensor named ``"weights"``), or named tensors,
+        each with its checkpoints stacked along the last axis
+        (``np.stack([sd[name] for sd in state_dicts], axis=-1)``); every tensor must
+        have the same n_checkpoints. Flat weight order: each tensor's elements in
+        row-major order (as ``tensor.reshape(-1)``), tensors in the dict's order.
+
+    Raises
+    ------
+    InputError
+        For arrays that are not floating point, hold NaN/Inf or exceed the float32
+        range, and for tensors whose last axes disagree (the message says which
+        orientation was expected and, when the first axes agree instead, that the
+        checkpoints seem to come first).
     """
 
     def __init__(self, trajectories: np.ndarray | dict[str, np.ndarray]) -> None:
         if isinstance(trajectories, dict):
             arrays = {k: np.asarray(v) for k, v in trajectories.items()}
-            t = {v.shape[0] for v in arrays.values()}
-            if len(t) != 1:
-                raise InputError(f"tensors disagree on the number of checkpoints: {sorted(t)}")
-            self._flat = {k: v.reshape(v.shape[0], -1) for k, v in arrays.items()}
-            self.shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
+            self._check_orientation(arrays)
+            self._flat = {k: v.reshape(-1, v.shape[-1]).T for k, v in arrays.items()}
+            self.shapes = {k: tuple(v.shape[:-1]) for k, v in arrays.items()}
         else:
             w = np.asarray(trajectories)
             if w.ndim != 2:
                 raise InputError(
-                    f"trajectories must have shape (n_weights, n_checkpoints), got shape {w.shape}"
+                    "trajectories must have shape (n_weights, n_checkpoints), one row per "
+                    f"weight, got shape {w.shape}"
                 )
             self._flat = {"weights": w.T}
             self.shapes = {"weights": (w.shape[0],)}
@@ -68,6 +81,34 @@ class ArraySource:
                 raise InputError(f"tensor {name!r}: contains NaN or Inf")
             if v.size and np.abs(v).max() > np.finfo(np.float32).max:
                 raise InputError(f"tensor {name!r}: values beyond the float32 range")
+
+    @staticmethod
+    def _check_orientation(arrays: dict[str, np.ndarray]) -> None:
+        """Every tensor (*shape, n_checkpoints), with the same n_checkpoints."""
+        if not arrays:
+            raise InputError(
+                "no tensors given: expected a dict of arrays (*tensor_shape, n_checkpoints)"
+            )
+        expected = "expected (*tensor_shape, n_checkpoints): checkpoints on the last axis"
+        for name, v in arrays.items():
+            if v.ndim == 0:
+                raise InputError(f"tensor {name!r} is a scalar; {expected}")
+        last = {name: v.shape[-1] for name, v in arrays.items()}
+        if len(set(last.values())) == 1:
+            return
+        (first_name, t), *_ = last.items()
+        other = next(n for n, k in last.items() if k != t)
+        message = (
+            f"tensor {other!r} has shape {arrays[other].shape}; {expected}, the same for every "
+            f"tensor (found {last[other]} here, {t} in {first_name!r})"
+        )
+        firsts = {v.shape[0] for v in arrays.values()}
+        if len(firsts) == 1:
+            message += (
+                f"; every tensor's first axis is {firsts.pop()}: if that is the checkpoints, "
+                "move it last (np.moveaxis(a, 0, -1), or stack with axis=-1)"
+            )
+        raise InputError(message)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -278,8 +319,14 @@ class CMD:
 
         Parameters
         ----------
-        X : ndarray of shape (n_weights, n_checkpoints), dict of tensors stacked over
-            checkpoints, or TrajectorySource
+        X : ndarray of shape (n_weights, n_checkpoints), dict of str to ndarray of shape
+            (*tensor_shape, n_checkpoints), or TrajectorySource
+            The trajectories, checkpoints always on the last axis: one row per weight,
+            or named tensors with their checkpoints stacked last
+            (``{name: np.stack([sd[name] for sd in state_dicts], axis=-1)}``; the
+            same n_checkpoints for every tensor; flat order: each tensor row-major,
+            tensors in the dict's order), or a source that reads them in blocks
+            (what :mod:`cmdcli.api` makes of a run directory).
         progress : callable, optional
             ``progress(task, completed, total)`` for long fits.
         out : path-like, optional

@@ -1,20 +1,38 @@
-"""Figures of a fitted run, drawn from a ``cmd fit`` output directory.
+"""Figures of a fitted CMD model.
 
->>> from cmdcli.plots import save_plot, plot_all
->>> save_plot("correlation", "digits-cmd")          # digits-cmd/plots/correlation.png
->>> plot_all("digits-cmd", fmt="pdf")               # every kind whose inputs exist
+Every figure function takes a fitted :class:`~cmdcli.CMD` — from ``CMD(...).fit(W)``
+in a notebook, or ``CMD.load("OUT/cmd.safetensors")`` — plus, for the figures about
+more than the fit, the dict its JSON file holds, and returns a
+:class:`matplotlib.figure.Figure` (not registered with pyplot, so nothing needs
+closing and no display is touched)::
 
-Each kind has a function returning a :class:`matplotlib.figure.Figure` (not
-registered with pyplot, so nothing needs closing and no display is touched):
+    >>> from cmdcli import CMD
+    >>> from cmdcli.plots import correlation_figure
+    >>> model = CMD(n_modes=4).fit(W)                 # W: (n_weights, n_checkpoints)
+    >>> fig = correlation_figure(model)
+    >>> fig.savefig("correlation.png")
 
-- ``correlation``  — Pearson correlation of the sampled trajectories, ordered by mode
-  (the paper's Fig. 1);
-- ``trajectories`` — sampled weights against their CMD model ``a·r_m(t) + b``, per mode;
-- ``error``        — relative error per checkpoint and per tensor (``report.json``);
-- ``modes``        — mode sizes and how each tensor's weights split across the modes;
-- ``accuracy``     — original against CMD weights per checkpoint (``evaluation.json``);
-- ``landscape``    — a metric over a grid of two mode references (``landscape.json``,
-  the paper's Fig. 4).
+- ``correlation_figure(model)``  — Pearson correlation of the sampled trajectories,
+  ordered by mode (the paper's Fig. 1);
+- ``trajectories_figure(model)`` — sampled weights against their CMD model
+  ``a·r_m(t) + b``, per mode;
+- ``error_figure(model, report=None)`` — relative error per checkpoint and per
+  tensor: from the fit's own statistics, or from ``report.json`` for a loaded model;
+- ``modes_figure(model)``        — mode sizes and how each tensor's weights split;
+- ``accuracy_figure(model, evaluation)`` — original against CMD weights per
+  checkpoint (``evaluation.json``, written by ``cmd evaluate``);
+- ``landscape_figure(model, landscape)`` — a metric over a grid of two mode
+  references (``landscape.json``, the paper's Fig. 4).
+
+For a ``cmd fit`` output directory, :func:`save_plot` and :func:`plot_all` load the
+model once (``CMD.load``, which memory-maps the coefficients), read the JSON files a
+figure needs, and write the files::
+
+    >>> from cmdcli.plots import save_plot, plot_all
+    >>> save_plot("correlation", "digits-cmd")          # digits-cmd/plots/correlation.png
+    >>> plot_all("digits-cmd", fmt="pdf")               # every kind whose inputs exist
+
+:func:`skipped_kinds` says which kinds ``plot_all`` leaves out, and why.
 
 matplotlib is imported here only, and only when a figure is drawn; nothing in the
 package imports this module except the command line.
@@ -34,8 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InputError
-from .model import CMD, FORMAT_NAME
+from .errors import InputError, NotFittedError
+from .model import CMD
 from .reports import lower_is_better
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,17 +70,19 @@ __all__ = [
     "modes_figure",
     "plot_all",
     "save_plot",
+    "skipped_kinds",
     "trajectories_figure",
 ]
 
 KINDS = ("correlation", "trajectories", "error", "modes", "accuracy", "landscape")
 FORMATS = ("png", "svg", "pdf")
-PLOTS_DIR = "plots"
-MODEL_FILE = "cmd.safetensors"
-REPORT_FILE = "report.json"
-EVALUATION_FILE = "evaluation.json"
-LANDSCAPE_FILE = "landscape.json"
+from .io.names import EVALUATION_JSON as EVALUATION_FILE  # noqa: E402
+from .io.names import LANDSCAPE_JSON as LANDSCAPE_FILE  # noqa: E402
+from .io.names import MODEL_FILE, PLOTS_DIR  # noqa: E402
+from .io.names import REPORT_JSON as REPORT_FILE  # noqa: E402
+
 PNG_DPI = 150
+_FLOAT32_EPS = 2.0**-23
 
 _FIT_HINT = "run `cmd fit RUN_DIR --out OUT` first"
 _EVAL_HINT = "run `cmd evaluate OUT --eval-fn FILE.py:FUNCTION` first"
@@ -116,65 +136,70 @@ def _fit_dir(out: str | os.PathLike) -> Path:
     return out
 
 
+def _fitted(model: object, figure: str) -> CMD:
+    """``model`` as a fitted CMD (an ``OnlineCMD`` is converted), or a clear error."""
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(
+            f"{figure} takes a fitted CMD model, not a path ({str(model)!r}); use "
+            f"CMD.load('{Path(model) / MODEL_FILE}'), or save_plot(kind, out) for an output "
+            "directory"
+        )
+    if not isinstance(model, CMD) and callable(getattr(model, "to_cmd", None)):
+        model = model.to_cmd()  # type: ignore[attr-defined]
+    if not isinstance(model, CMD):
+        raise InputError(f"{figure} takes a fitted CMD model, got {type(model).__name__}")
+    if not hasattr(model, "references_"):
+        raise NotFittedError(f"{figure}: the CMD model is not fitted; call fit() or CMD.load()")
+    return model
+
+
 @dataclass(frozen=True)
 class _Header:
-    """What a figure's subtitle says about the run, read from the model header only."""
+    """What a figure's subtitle says about the run."""
 
-    run: str
+    run: str | None
     n_modes: int
     n_checkpoints: int
     n_weights: int
     n_samples: int | None  # None: no sampled trajectories stored
 
     def subtitle(self) -> str:
-        parts = [
-            f"run {self.run}",
-            f"M = {self.n_modes} mode{'s' if self.n_modes != 1 else ''}",
-        ]
+        parts = [f"run {self.run}"] if self.run else []
+        parts.append(f"M = {self.n_modes} mode{'s' if self.n_modes != 1 else ''}")
         if self.n_samples is not None:
             parts.append(f"K = {self.n_samples:,} sampled")
         parts += [f"N = {_compact(self.n_weights)} weights", f"T = {self.n_checkpoints} ckpts"]
         return " · ".join(parts)
 
 
-def _read_header(out: Path) -> _Header:
-    from safetensors import SafetensorError, safe_open
-
-    path = out / MODEL_FILE
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            if raw.get("format") != FORMAT_NAME:
-                raise InputError(
-                    f"{path}: not a cmd model (format {raw.get('format')!r}, "
-                    f"expected {FORMAT_NAME!r}); {_FIT_HINT}"
-                )
-            keys = set(f.keys())
-            if "references" not in keys:
-                raise InputError(f"{path}: not a complete cmd model (no tensor 'references')")
-            n_modes, n_ckpt = f.get_slice("references").get_shape()
-            try:
-                names = json.loads(raw.get("tensors", "[]"))
-            except json.JSONDecodeError:
-                names = []
-            n_weights = sum(
-                math.prod(f.get_slice(f"a/{n}").get_shape()) for n in names if f"a/{n}" in keys
-            )
-            n_samples = (
-                int(f.get_slice("sample/values").get_shape()[0])
-                if "sample/values" in keys
-                else None
-            )
-    except SafetensorError as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
-    run_dir = raw.get("run_dir")
+def _header(model: CMD) -> _Header:
+    """The subtitle's facts, from the model (and its file's metadata, when loaded)."""
+    meta = getattr(model, "metadata_", None) or {}
+    run_dir = meta.get("run_dir") if isinstance(meta, dict) else None
+    path = getattr(model, "path_", None)
+    if run_dir:
+        run: str | None = Path(str(run_dir)).name
+    elif path is not None:
+        run = Path(path).parent.name
+    else:
+        run = None  # a fit in memory: no run to name
+    samples = getattr(model, "samples_", None)
     return _Header(
-        run=Path(run_dir).name if run_dir else out.name,
-        n_modes=int(n_modes),
-        n_checkpoints=int(n_ckpt),
-        n_weights=int(n_weights),
-        n_samples=n_samples,
+        run=run,
+        n_modes=int(model.n_modes_),
+        n_checkpoints=int(model.n_checkpoints_),
+        n_weights=int(sum(model.tensor_sizes_.values())),
+        n_samples=None if samples is None else int(np.shape(samples)[0]),
     )
+
+
+def _steps(model: CMD) -> tuple[np.ndarray, str]:
+    """Training steps of the checkpoints and the axis label; positions for a fit in
+    memory, which knows no steps."""
+    steps = getattr(model, "steps_", None)
+    if steps is not None and len(steps) == model.n_checkpoints_:
+        return np.asarray(steps), "training step"
+    return np.arange(model.n_checkpoints_), "checkpoint"
 
 
 def _load_model(out: Path) -> CMD:
@@ -191,6 +216,42 @@ def _read_json(path: Path, hint: str) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def _json_input(data: object, name: str, hint: str) -> tuple[dict, Path]:
+    """A figure's JSON input, given as its dict or as the file; and what to call it
+    in messages (the file, or its usual name)."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        return _read_json(path, hint), path
+    if not isinstance(data, dict):
+        raise InputError(f"{name}: expected a dict (the file's JSON), found {type(data).__name__}")
+    return data, Path(name)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, np.sqrt(np.clip(num, 0, None) / np.where(den > 0, den, 1)), 0.0)
+
+
+def _errors_of(
+    model: CMD,
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray, float]:
+    """What report.json says about errors, from a fit's own ``statistics_``."""
+    stats = model.statistics_
+    steps, _ = _steps(model)
+    ckpt_err = _ratio(stats.sse_per_checkpoint, stats.sumsq_per_checkpoint)
+    ckpt_err = np.where(np.isnan(stats.sse_per_checkpoint), np.nan, ckpt_err)
+    names = list(model.tensor_sizes_)
+    tensor_err = np.array(
+        [
+            float(_ratio(stats.tensor_sse.get(n, np.nan), stats.tensor_sumsq.get(n, np.nan)))
+            for n in names
+        ]
+    )
+    sizes = np.array([model.tensor_sizes_[n] for n in names])
+    return steps, ckpt_err, names, tensor_err, sizes, float(stats.relative_error)
 
 
 def _field(data: dict, key: str, path: Path, kind: type | tuple[type, ...]) -> Any:
@@ -227,8 +288,8 @@ def _sampled(model: CMD, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     modes : ndarray of shape (n_samples,), int64
         Final mode (after the assignment pass) of each sampled weight.
     """
-    path = getattr(model, "path_", MODEL_FILE)
-    if model.samples_ is None or not model.sample_index_:
+    path = getattr(model, "path_", "the model")
+    if getattr(model, "samples_", None) is None or not getattr(model, "sample_index_", None):
         raise InputError(
             f"{path}: holds no sampled trajectories (sample/* tensors), which the "
             f"{kind} plot needs; refit with `cmd fit` to store them"
@@ -283,6 +344,18 @@ def _title(fig: Figure, title: str, subtitle: str) -> None:
                 line = f"{line} · {piece}" if line else piece
         lines.append(line)
     fig.suptitle("\n".join([title, *lines]))
+
+
+def _common_decimals(values: list[float], scale: np.ndarray) -> int:
+    """Decimals to print ``values`` alike: enough for a hundredth of the range of
+    ``scale`` (the grid's values), at least 2, more until unequal values read apart."""
+    finite = np.asarray(scale, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    spread = float(np.ptp(finite)) if finite.size else 0.0
+    digits = 2 if spread <= 0 else int(np.clip(math.ceil(-math.log10(spread / 100)), 2, 6))
+    while digits < 8 and len({f"{v:.{digits}f}" for v in values}) < len(set(values)):
+        digits += 1
+    return digits
 
 
 def _mode_colors(n_modes: int) -> list:
@@ -390,10 +463,25 @@ def _correlation_layout(
     return np.concatenate(rows), blocks, unit, samples.shape[0]
 
 
+def _spread_labels(centres: list[float], *, low: float, high: float, gap: float) -> list[float]:
+    """Positions near ``centres`` (increasing), at least ``gap`` apart, within
+    [low, high]: pushed down past crowded neighbours, then back up from the end.
+    With more labels than fit, the gap shrinks so that all of them do."""
+    if not centres:
+        return []
+    gap = min(gap, (high - low) / max(len(centres), 1))
+    places = []
+    for c in centres:
+        places.append(max(c, low + gap / 2, places[-1] + gap if places else -math.inf))
+    limit = high - gap / 2
+    for i in range(len(places) - 1, -1, -1):
+        places[i] = min(places[i], limit)
+        limit = places[i] - gap
+    return places
+
+
 @_styled
-def correlation_figure(
-    out: str | os.PathLike, *, absolute: bool = False, max_points: int = 3000
-) -> Figure:
+def correlation_figure(model: CMD, *, absolute: bool = False, max_points: int = 3000) -> Figure:
     """Pearson correlation of the sampled weight trajectories, ordered by mode.
 
     Rows and columns are the sampled weights grouped by their final mode
@@ -403,8 +491,8 @@ def correlation_figure(
 
     Parameters
     ----------
-    out : path-like
-        A ``cmd fit`` output directory.
+    model : CMD
+        A fitted model (``CMD(...).fit(W)``, ``CMD.load(path)``, or an ``OnlineCMD``).
     absolute : bool, default=False
         Draw ``|ρ|`` on 0…1 instead of the signed correlation on −1…1.
     max_points : int, default=3000
@@ -417,9 +505,8 @@ def correlation_figure(
     matplotlib.figure.Figure
     """
     max_points = _positive_int("max_points", max_points)
-    out = _fit_dir(out)
-    header = _read_header(out)
-    model = _load_model(out)
+    model = _fitted(model, "correlation_figure")
+    header = _header(model)
     rows, blocks, unit, n_total = _correlation_layout(model, max_points)
     shown = unit[rows]
     corr = np.clip(shown @ shown.T, -1.0, 1.0)
@@ -443,18 +530,27 @@ def correlation_figure(
     for _, start, _ in blocks[1:]:
         ax.axhline(start - 0.5, color=line_color, lw=0.8, gid="mode-boundary")
         ax.axvline(start - 0.5, color=line_color, lw=0.8, gid="mode-boundary")
-    # Label a mode only where its block is tall enough for the text not to collide.
+    # Every mode gets its label, level with its block where there is room; where
+    # thin blocks crowd together the labels spread apart, each with a leader line to
+    # its block. (Tick labels, so that the layout makes room for them.)
     n = len(rows)
-    ticks, labels, last = [], [], -math.inf
-    for m, start, stop in blocks:
-        centre = (start + stop - 1) / 2
-        if stop - start >= 0.025 * n and centre - last >= 0.035 * n:
-            ticks.append(centre)
-            labels.append(f"m{m}  n={_compact(int(sizes[m]))}")
-            last = centre
-    ax.set_yticks(ticks, labels)
+    centres = [(start + stop - 1) / 2 for _, start, stop in blocks]
+    places = _spread_labels(centres, low=-0.5, high=n - 0.5, gap=0.045 * n)
+    ax.set_yticks(places, [f"m{m}  n={_compact(int(sizes[m]))}" for m, _, _ in blocks])
+    edge = ax.get_yaxis_transform()  # x in axes fraction, y in data
+    for centre, place in zip(centres, places):
+        if abs(place - centre) > 0.01 * n:
+            ax.plot(
+                [0.0, -0.03],
+                [centre, place],
+                transform=edge,
+                clip_on=False,
+                color="0.35",
+                lw=0.6,
+                gid="mode-label-leader",
+            )
     ax.set_xticks([])
-    ax.tick_params(axis="y", length=0)
+    ax.tick_params(axis="y", length=0, pad=14)
     for spine in ("top", "right"):
         ax.spines[spine].set_visible(True)
     ax.set_xlabel("sampled weight (ordered by mode)")
@@ -479,9 +575,7 @@ def correlation_figure(
 
 
 @_styled
-def trajectories_figure(
-    out: str | os.PathLike, *, per_mode: int = 3, max_modes: int = 10
-) -> Figure:
+def trajectories_figure(model: CMD, *, per_mode: int = 3, max_modes: int = 10) -> Figure:
     """Sampled weight trajectories against their CMD model, one panel per mode.
 
     Each panel shows ``per_mode`` sampled weights of one mode (at evenly spaced
@@ -491,8 +585,8 @@ def trajectories_figure(
 
     Parameters
     ----------
-    out : path-like
-        A ``cmd fit`` output directory.
+    model : CMD
+        A fitted model (``CMD(...).fit(W)``, ``CMD.load(path)``, or an ``OnlineCMD``).
     per_mode : int, default=3
         Weights drawn per mode.
     max_modes : int, default=10
@@ -506,11 +600,10 @@ def trajectories_figure(
 
     per_mode = _positive_int("per_mode", per_mode)
     max_modes = _positive_int("max_modes", max_modes)
-    out = _fit_dir(out)
-    header = _read_header(out)
-    model = _load_model(out)
+    model = _fitted(model, "trajectories_figure")
+    header = _header(model)
     samples, flat, modes = _sampled(model, "trajectories")
-    steps = np.asarray(model.steps_)
+    steps, step_label = _steps(model)
     refs = np.asarray(model.references_, dtype=np.float64)
     ref_flat = {
         m: model.tensor_slice(name).start + int(index)
@@ -519,7 +612,9 @@ def trajectories_figure(
     order, sizes = _mode_order(model)
     panels = [int(m) for m in order if sizes[m] > 0][:max_modes]
 
-    ncols = min(len(panels), 3 if len(panels) <= 6 else 4)
+    # At most three panels a row: the figure stays 9.4 in wide, the width at which
+    # report.html shows it at full size (its text at print size).
+    ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig = _new_figure(3.0 * ncols + 0.4, 2.3 * nrows + 1.1)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -551,7 +646,7 @@ def trajectories_figure(
             f"mode {m}: {_compact(int(sizes[m]))} weights ({sizes[m] / n_total:.0%}){where}",
             fontsize=8.5,
         )
-        ax.set_xlabel("training step")
+        ax.set_xlabel(step_label)
         ax.set_ylabel("weight value")
     handles = [
         Line2D([], [], color="0.3", lw=2.6, alpha=0.45, label="original trajectory $w_i(t)$"),
@@ -572,13 +667,23 @@ def trajectories_figure(
 
 
 @_styled
-def error_figure(out: str | os.PathLike, *, max_tensors: int = 30, rank_by: str = "size") -> Figure:
-    """Relative reconstruction error per checkpoint and per tensor (from ``report.json``).
+def error_figure(
+    model: CMD,
+    report: dict | str | os.PathLike | None = None,
+    *,
+    max_tensors: int = 30,
+    rank_by: str = "size",
+) -> Figure:
+    """Relative reconstruction error per checkpoint and per tensor.
 
     Parameters
     ----------
-    out : path-like
-        A ``cmd fit`` output directory.
+    model : CMD
+        A fitted model.
+    report : dict or path-like, optional
+        ``cmd fit``'s ``report.json`` (its dict, or the file). Not needed for a
+        model fitted in this session, whose ``statistics_`` hold the same sums; a
+        model read with ``CMD.load`` has none and needs it.
     max_tensors : int, default=30
         Most tensors drawn in the per-tensor panel, in the model's order.
     rank_by : {"size", "error"}, default="size"
@@ -592,23 +697,42 @@ def error_figure(out: str | os.PathLike, *, max_tensors: int = 30, rank_by: str 
     max_tensors = _positive_int("max_tensors", max_tensors)
     if rank_by not in ("size", "error"):
         raise InputError(f"rank_by must be 'size' or 'error', got {rank_by!r}")
-    out = _fit_dir(out)
-    header = _read_header(out)
-    path = out / REPORT_FILE
-    report = _read_json(path, f"it is written by `cmd fit`; {_FIT_HINT}")
-    checkpoints = _field(report, "checkpoints", path, list)
-    tensors = _field(report, "tensors", path, list)
-    overall = _number(report.get("relative_error"))
-    try:
-        steps = np.array([int(c["step"]) for c in checkpoints])
-        ckpt_err = np.array([_number(c["relative_error"]) for c in checkpoints])
-        names = [str(t["name"]) for t in tensors]
-        tensor_err = np.array([_number(t["relative_error"]) for t in tensors])
-        tensor_size = np.array([int(t.get("n_params", 0)) for t in tensors])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{path}: malformed checkpoint or tensor entry ({exc!r})") from None
+    model = _fitted(model, "error_figure")
+    header = _header(model)
+    if report is None and getattr(model, "statistics_", None) is None:
+        raise InputError(
+            "error_figure needs the fit's errors: pass report= (OUT/report.json, written by "
+            "`cmd fit`, or its dict); a model read with CMD.load keeps no error sums"
+        )
+    movement: np.ndarray | None  # ‖w − mean_t w‖ / ‖w‖ per tensor (NaN: not known)
+    if report is None:
+        steps, ckpt_err, names, tensor_err, tensor_size, overall = _errors_of(model)
+        stats = model.statistics_
+        movement = np.array(
+            [
+                float(
+                    _ratio(stats.tensor_variance.get(n, np.nan), stats.tensor_sumsq.get(n, np.nan))
+                )
+                for n in names
+            ]
+        )
+    else:
+        data, path = _json_input(report, REPORT_FILE, f"it is written by `cmd fit`; {_FIT_HINT}")
+        checkpoints = _field(data, "checkpoints", path, list)
+        tensors = _field(data, "tensors", path, list)
+        overall = _number(data.get("relative_error"))
+        try:
+            steps = np.array([int(c["step"]) for c in checkpoints])
+            ckpt_err = np.array([_number(c["relative_error"]) for c in checkpoints])
+            names = [str(t["name"]) for t in tensors]
+            tensor_err = np.array([_number(t["relative_error"]) for t in tensors])
+            tensor_size = np.array([int(t.get("n_params", 0)) for t in tensors])
+            movement = np.array([_number(t.get("relative_movement")) for t in tensors])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: malformed checkpoint or tensor entry ({exc!r})") from None
+    step_label = "training step" if report is not None else _steps(model)[1]
 
-    n_tensors = len(tensors)
+    n_tensors = len(names)
     if n_tensors > max_tensors:
         key = -tensor_size if rank_by == "size" else -np.nan_to_num(tensor_err, nan=-np.inf)
         chosen = np.sort(np.argsort(key, kind="stable")[:max_tensors])
@@ -641,7 +765,7 @@ def error_figure(out: str | os.PathLike, *, max_tensors: int = 30, rank_by: str 
         for ax in (left, right):
             line = ax.axhline if ax is left else ax.axvline
             line(overall, color="0.25", ls="--", lw=1.0, label=f"all checkpoints: {overall:.3g}")
-    left.set_xlabel("training step")
+    left.set_xlabel(step_label)
     left.set_ylabel("relative error ‖w − ŵ‖ / ‖w‖")
     left.set_title("per checkpoint")
     left.set_ylim(bottom=0)
@@ -649,6 +773,31 @@ def error_figure(out: str | os.PathLike, *, max_tensors: int = 30, rank_by: str 
 
     ypos = np.arange(len(chosen))[::-1]  # model order, first tensor on top
     right.barh(ypos, tensor_err[chosen], height=0.7, color="C0", gid="tensor-errors")
+    # A tensor that (nearly) does not move is rebuilt (nearly) exactly: its bar is
+    # too thin to see, so say so beside it rather than leave a blank row.
+    shown = tensor_err[chosen]
+    top = float(np.nanmax(shown)) if np.isfinite(shown).any() else 0.0
+    for y, i in zip(ypos, chosen):
+        err = tensor_err[i]
+        if math.isfinite(err) and err < 0.01 * top:
+            move = float(movement[i]) if movement is not None else math.nan
+            if move < _FLOAT32_EPS:  # does not move beyond float32 rounding of its values
+                text = "constant: rebuilt exactly" if err == 0 else f"{err:.1e} (constant)"
+            elif move < 1e-4:  # moves by float32 noise only
+                text = f"{err:.1e} (nearly constant: moves {move:.0e} of its size)"
+            else:
+                text = f"{err:.1e}"
+            right.plot([err], [y], ls="none", marker="|", ms=9, mew=1.6, color="C0", gid="tiny")
+            right.annotate(
+                text,
+                xy=(err, y),
+                xytext=(5, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7.5,
+                color="0.25",
+                gid="tiny-error",
+            )
     right.set_yticks(ypos, [_short(names[i]) for i in chosen])
     right.set_ylim(-0.6, len(chosen) - 0.4)
     right.set_xlabel("relative error ‖w − ŵ‖ / ‖w‖ (all checkpoints)")
@@ -664,13 +813,13 @@ def error_figure(out: str | os.PathLike, *, max_tensors: int = 30, rank_by: str 
 
 
 @_styled
-def modes_figure(out: str | os.PathLike, *, max_tensors: int = 30) -> Figure:
+def modes_figure(model: CMD, *, max_tensors: int = 30) -> Figure:
     """Mode sizes and how each tensor's weights split across the modes.
 
     Parameters
     ----------
-    out : path-like
-        A ``cmd fit`` output directory.
+    model : CMD
+        A fitted model (``CMD(...).fit(W)``, ``CMD.load(path)``, or an ``OnlineCMD``).
     max_tensors : int, default=30
         Most tensors in the split panel: those with the most weights, in model order.
 
@@ -679,9 +828,8 @@ def modes_figure(out: str | os.PathLike, *, max_tensors: int = 30) -> Figure:
     matplotlib.figure.Figure
     """
     max_tensors = _positive_int("max_tensors", max_tensors)
-    out = _fit_dir(out)
-    header = _read_header(out)
-    model = _load_model(out)
+    model = _fitted(model, "modes_figure")
+    header = _header(model)
     n_modes = model.n_modes_
     modes = model.modes_.astype(np.int64)
     sizes = np.bincount(modes, minlength=n_modes)
@@ -768,30 +916,52 @@ def _baseline_label(key: str, entry: dict) -> str:
     return key
 
 
+def _fit_to_data(ax: Any, values: list[float]) -> None:
+    """Value axis around the values drawn, with a margin of a tenth of their range —
+    or, for a single value (one checkpoint, baselines equal to it), of a small share
+    of the value itself, instead of matplotlib's ±5 % (an accuracy axis up to 1.04)."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    pad = 0.1 * span if span > 1e-9 * max(abs(lo), abs(hi), 1e-300) else 0.0
+    pad = pad or max(0.005 * max(abs(lo), abs(hi)), 1e-6)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
 def _isnum(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @_styled
-def accuracy_figure(out: str | os.PathLike) -> Figure:
-    """Scores of the original and the CMD-rebuilt weights per checkpoint (``evaluation.json``).
+def accuracy_figure(model: CMD, evaluation: dict | str | os.PathLike | None = None) -> Figure:
+    """Scores of the original and the CMD-rebuilt weights per checkpoint.
 
     One panel per metric; baselines (last checkpoint, EMA, SWA), where the
     evaluation computed them, are horizontal lines.
 
     Parameters
     ----------
-    out : path-like
-        A ``cmd fit`` output directory on which ``cmd evaluate`` has run.
+    model : CMD
+        The fitted model the evaluation scored (for the subtitle).
+    evaluation : dict or path-like
+        ``evaluation.json`` as ``cmd evaluate`` (or :func:`cmdcli.evaluate.evaluate_fit`)
+        writes it: its dict, or the file.
 
     Returns
     -------
     matplotlib.figure.Figure
     """
-    out = _fit_dir(out)
-    header = _read_header(out)
-    path = out / EVALUATION_FILE
-    data = _read_json(path, _EVAL_HINT)
+    from matplotlib.ticker import MaxNLocator
+
+    model = _fitted(model, "accuracy_figure")
+    if evaluation is None:
+        raise InputError(
+            "accuracy_figure needs an evaluation: pass evaluation= (OUT/evaluation.json, "
+            f"or its dict); {_EVAL_HINT}"
+        )
+    header = _header(model)
+    data, path = _json_input(evaluation, EVALUATION_FILE, _EVAL_HINT)
     checkpoints = _field(data, "checkpoints", path, list)
     if not checkpoints:
         raise InputError(f"{path}: 'checkpoints' is empty; {_EVAL_HINT}")
@@ -823,6 +993,7 @@ def accuracy_figure(out: str | os.PathLike) -> Figure:
     for ax in axes.flat[len(metrics) :]:
         fig.delaxes(ax)
     for ax, metric in zip(axes.flat, metrics):
+        plotted: list[float] = []
         for side, label, style in (
             ("original", "original checkpoints", {"color": "C0", "marker": "o", "ls": "-"}),
             ("cmd", "CMD reconstruction", {"color": "C1", "marker": "s", "ls": "--"}),
@@ -830,6 +1001,7 @@ def accuracy_figure(out: str | os.PathLike) -> Figure:
             values = np.array([_number(checkpoints[i].get(side, {}).get(metric)) for i in order])
             if np.isfinite(values).any():
                 ax.plot(steps, values, ms=3.5, lw=1.3, label=label, gid=side, **style)
+                plotted += values[np.isfinite(values)].tolist()
         for key, entry in baselines.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
                 continue
@@ -837,6 +1009,7 @@ def accuracy_figure(out: str | os.PathLike) -> Figure:
             if not math.isfinite(value):
                 continue
             color, ls = _BASELINE_STYLE.get(key, ("0.4", ":"))
+            plotted.append(value)
             ax.axhline(
                 value,
                 color=color,
@@ -845,6 +1018,10 @@ def accuracy_figure(out: str | os.PathLike) -> Figure:
                 label=_baseline_label(key, entry),
                 gid=f"baseline-{key}",
             )
+        _fit_to_data(ax, plotted)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(steps) == 1:  # one checkpoint: a short axis around its step
+            ax.set_xlim(steps[0] - 1, steps[0] + 1)
         ax.set_xlabel("training step")
         ax.set_ylabel(metric)
         ax.set_title(metric)
@@ -859,13 +1036,21 @@ def accuracy_figure(out: str | os.PathLike) -> Figure:
 
 
 @_styled
-def landscape_figure(out: str | os.PathLike, *, metric: str | None = None) -> Figure:
-    """A metric over a grid of two mode references around the CMD point (``landscape.json``).
+def landscape_figure(
+    model: CMD,
+    landscape: dict | str | os.PathLike | None = None,
+    *,
+    metric: str | None = None,
+) -> Figure:
+    """A metric over a grid of two mode references around the CMD point.
 
     Parameters
     ----------
-    out : path-like
-        A ``cmd fit`` output directory holding ``landscape.json``.
+    model : CMD
+        The fitted model the landscape was computed from (for the subtitle).
+    landscape : dict or path-like
+        ``landscape.json`` as ``cmd plot landscape --eval-fn`` (or
+        :func:`cmdcli.evaluate.compute_landscape`) writes it: its dict, or the file.
     metric : str, optional
         Which metric of the grid to draw; the file's own ``metric`` by default.
         For another metric the best point is the grid's maximum, or its minimum
@@ -875,10 +1060,14 @@ def landscape_figure(out: str | os.PathLike, *, metric: str | None = None) -> Fi
     -------
     matplotlib.figure.Figure
     """
-    out = _fit_dir(out)
-    header = _read_header(out)
-    path = out / LANDSCAPE_FILE
-    data = _read_json(path, _LANDSCAPE_HINT)
+    model = _fitted(model, "landscape_figure")
+    if landscape is None:
+        raise InputError(
+            "landscape_figure needs a landscape: pass landscape= (OUT/landscape.json, or "
+            f"its dict); {_LANDSCAPE_HINT}"
+        )
+    header = _header(model)
+    data, path = _json_input(landscape, LANDSCAPE_FILE, _LANDSCAPE_HINT)
     try:
         x = np.asarray(_field(data, "x", path, list), dtype=float)
         y = np.asarray(_field(data, "y", path, list), dtype=float)
@@ -943,8 +1132,11 @@ def landscape_figure(out: str | os.PathLike, *, metric: str | None = None) -> Fi
     better = "higher is better" if maximize else "lower is better"
     bar.set_label(f"{metric} ({better})")
 
+    shown = [v for v in (cv, bv) if math.isfinite(v)]
+    digits = _common_decimals(shown, finite)
+
     def value_text(v: float) -> str:
-        return f" ({metric} = {v:.4g})" if math.isfinite(v) else ""
+        return f" ({metric} = {v:.{digits}f})" if math.isfinite(v) else ""
 
     ax.plot(
         cx,
@@ -988,14 +1180,25 @@ def landscape_figure(out: str | os.PathLike, *, metric: str | None = None) -> Fi
 
 # --------------------------------------------------------------------------- saving
 
-_FIGURES: dict[str, Callable[..., Figure]] = {
-    "correlation": correlation_figure,
-    "trajectories": trajectories_figure,
-    "error": error_figure,
-    "modes": modes_figure,
-    "accuracy": accuracy_figure,
-    "landscape": landscape_figure,
+
+@dataclass(frozen=True)
+class _Kind:
+    """A kind of figure: its function, and the JSON file of the output directory it
+    takes as second argument (None: the model is all it needs)."""
+
+    draw: Callable[..., Figure]
+    needs: str | None = None
+
+
+_FIGURES: dict[str, _Kind] = {
+    "correlation": _Kind(correlation_figure),
+    "trajectories": _Kind(trajectories_figure),
+    "error": _Kind(error_figure, REPORT_FILE),
+    "modes": _Kind(modes_figure),
+    "accuracy": _Kind(accuracy_figure, EVALUATION_FILE),
+    "landscape": _Kind(landscape_figure, LANDSCAPE_FILE),
 }
+_INPUTS = ("model", "report", "evaluation", "landscape")  # not options
 
 
 def _check_kind(kind: str) -> str:
@@ -1018,15 +1221,24 @@ def _target(kind: str, out: Path, fmt: str, dest: str | os.PathLike | None) -> P
     return dest
 
 
+def _draw(kind: str, model: CMD, out: Path, options: dict[str, Any]) -> Figure:
+    """The figure of ``kind`` for the fit in ``out`` (its JSON input read from there)."""
+    spec = _FIGURES[kind]
+    if spec.needs is None:
+        return spec.draw(model, **options)
+    return spec.draw(model, out / spec.needs, **options)
+
+
 def save_plot(
     kind: str,
     out: str | os.PathLike,
     *,
     fmt: str = "png",
     dest: str | os.PathLike | None = None,
+    model: CMD | None = None,
     **options: Any,
 ) -> Path:
-    """Draw one kind of plot and write it atomically.
+    """Draw one kind of plot of a ``cmd fit`` output directory and write it atomically.
 
     Parameters
     ----------
@@ -1040,6 +1252,8 @@ def save_plot(
         Where to write: a file name ending in ``.<fmt>``, or a directory (one
         that exists, or a path without suffix) to hold ``<kind>.<fmt>``. By
         default ``OUT/plots/<kind>.<fmt>``.
+    model : CMD, optional
+        ``OUT/cmd.safetensors`` already loaded (read here otherwise).
     **options
         Keyword options of the kind's figure function (e.g. ``absolute=True``).
 
@@ -1052,15 +1266,15 @@ def save_plot(
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
         raise InputError(f"unknown plot format {fmt!r}; use one of {', '.join(FORMATS)}")
-    draw = _FIGURES[kind]
-    allowed = [p for p in inspect.signature(draw).parameters if p != "out"]
+    draw = _FIGURES[kind].draw
+    allowed = [p for p in inspect.signature(draw).parameters if p not in _INPUTS]
     for name in options:
         if name not in allowed:
             takes = f"its options are {', '.join(allowed)}" if allowed else "it takes no options"
             raise InputError(f"the {kind} plot has no option {name!r}; {takes}")
     out = _fit_dir(out)
     target = _target(kind, out, fmt, dest)
-    fig = draw(out, **options)
+    fig = _draw(kind, _load_model(out) if model is None else model, out, options)
     _write_figure(fig, target, fmt, root=out if dest is None else None)
     return target
 
@@ -1092,6 +1306,29 @@ def _write_figure(fig: Figure, target: Path, fmt: str, *, root: Path | None = No
             tmp.unlink()
 
 
+_SKIP_REASONS = {
+    "correlation": "the model file holds no sampled trajectories (written by an older cmd); "
+    "refit with `cmd fit`",
+    "trajectories": "the model file holds no sampled trajectories (written by an older cmd); "
+    "refit with `cmd fit`",
+    "error": f"needs {REPORT_FILE}, which `cmd fit` writes",
+    "accuracy": "needs `cmd evaluate OUT --eval-fn FILE.py:FUNCTION` first",
+    "landscape": "needs `cmd plot landscape OUT --eval-fn FILE.py:FUNCTION` first",
+}
+
+
+def _survey(out: Path, model: CMD) -> tuple[list[str], list[tuple[str, str]]]:
+    have = {kind: True for kind in KINDS}
+    for kind in ("correlation", "trajectories"):
+        have[kind] = getattr(model, "samples_", None) is not None and bool(model.sample_index_)
+    for kind, spec in _FIGURES.items():
+        if spec.needs is not None:
+            have[kind] = (out / spec.needs).is_file()
+    drawn = [k for k in KINDS if have[k]]
+    skipped = [(k, _SKIP_REASONS[k]) for k in KINDS if not have[k]]
+    return drawn, skipped
+
+
 def available_kinds(out: str | os.PathLike) -> list[str]:
     """The kinds of plot whose inputs exist in ``out``, in :data:`KINDS` order.
 
@@ -1101,24 +1338,42 @@ def available_kinds(out: str | os.PathLike) -> list[str]:
         When ``out`` is not a ``cmd fit`` output.
     """
     out = _fit_dir(out)
-    header = _read_header(out)
-    have = {
-        "correlation": header.n_samples is not None,
-        "trajectories": header.n_samples is not None,
-        "error": (out / REPORT_FILE).is_file(),
-        "modes": True,
-        "accuracy": (out / EVALUATION_FILE).is_file(),
-        "landscape": (out / LANDSCAPE_FILE).is_file(),
-    }
-    return [k for k in KINDS if have[k]]
+    return _survey(out, _load_model(out))[0]
 
 
-def plot_all(out: str | os.PathLike, *, fmt: str = "png") -> list[Path]:
+def skipped_kinds(out: str | os.PathLike) -> list[tuple[str, str]]:
+    """The kinds of plot whose inputs ``out`` lacks, each with what it needs."""
+    out = _fit_dir(out)
+    return _survey(out, _load_model(out))[1]
+
+
+def plot_all(
+    out: str | os.PathLike,
+    *,
+    fmt: str = "png",
+    skipped: list[tuple[str, str]] | None = None,
+) -> list[Path]:
     """Draw every kind of plot whose inputs exist into ``OUT/plots/``.
+
+    The model is read once for all of them.
+
+    Parameters
+    ----------
+    out : path-like
+        A ``cmd fit`` output directory.
+    fmt : {"png", "svg", "pdf"}, default="png"
+    skipped : list, optional
+        Filled with ``(kind, reason)`` for every kind left out (see
+        :func:`skipped_kinds`).
 
     Returns
     -------
     list of Path
         The files written, in :data:`KINDS` order.
     """
-    return [save_plot(kind, out, fmt=fmt) for kind in available_kinds(out)]
+    out = _fit_dir(out)
+    model = _load_model(out)
+    drawn, missing = _survey(out, model)
+    if skipped is not None:
+        skipped.extend(missing)
+    return [save_plot(kind, out, fmt=fmt, model=model) for kind in drawn]

@@ -120,6 +120,10 @@ def build_report(
                 ),
                 "explained_variance": 1.0
                 - _ratio(stats.tensor_sse.get(name, 0.0), stats.tensor_variance.get(name, 0.0)),
+                # ‖w − mean_t w‖ / ‖w‖: how much the tensor moves; 0 when it never does
+                "relative_movement": math.sqrt(
+                    _ratio(stats.tensor_variance.get(name, 0.0), stats.tensor_sumsq.get(name, 0.0))
+                ),
                 "mode_sizes": stats.tensor_mode_size.get(name, np.zeros(n_modes, int)).tolist(),
             }
             for name, spec in specs.items()

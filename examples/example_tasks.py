@@ -39,6 +39,8 @@ if str(ROOT / "sample_runs") not in sys.path:
 from digits import DigitsMLP, accuracy_and_loss, load_digits_split  # noqa: E402
 
 __all__ = [
+    "COMMITTED_RESULTS",
+    "DEFAULT_OUT",
     "DiabetesMLP",
     "Task",
     "TrainSettings",
@@ -48,11 +50,37 @@ __all__ = [
     "flat_float_state",
     "load_task",
     "mean_std",
+    "output_directory",
     "swa_average",
     "train",
 ]
 
 TASKS = ("digits", "diabetes")
+
+# Where the scripts write unless told: the current directory's examples-out/
+# (ignored by git in a clone). The results quoted in examples/README.md are
+# committed in examples/results/ and change only when regenerated on purpose
+# (`--out examples/results`, full runs only).
+DEFAULT_OUT = Path("examples-out")
+COMMITTED_RESULTS = ROOT / "examples" / "results"
+
+
+def output_directory(out: Path, quick: bool) -> Path:
+    """The directory to write into; refuses to put a --quick smoke run over the
+    committed results.
+
+    Raises
+    ------
+    ValueError
+        For ``quick`` with ``out`` the committed results directory.
+    """
+    out = Path(out)
+    if quick and out.resolve() == COMMITTED_RESULTS.resolve():
+        raise ValueError(
+            f"--quick is a smoke test; it would replace the full results in {out}. "
+            "Write it elsewhere (the default is ./examples-out)"
+        )
+    return out
 
 
 class DiabetesMLP(nn.Module):

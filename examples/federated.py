@@ -2,7 +2,12 @@
 
 Usage (from the repository root)::
 
-    python examples/federated.py [--seeds 10] [--out examples/results] [--iid] [--quick]
+    python examples/federated.py [--seeds 10] [--out DIR] [--iid] [--quick]
+
+It writes ``federated.json`` and ``.md`` into DIR, by default
+``./examples-out`` (ignored by git). The results quoted in ``examples/README.md``
+are committed in ``examples/results/`` and are regenerated on purpose with
+``--out examples/results`` (a ``--quick`` run refuses to go there).
 
 Setting
 -------
@@ -92,12 +97,14 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from example_tasks import (  # noqa: E402
+    DEFAULT_OUT,
     describe_machine,
     evaluate,
     fmt_delta,
     fmt_pm,
     load_task,
     mean_std,
+    output_directory,
 )
 
 __all__ = [
@@ -608,17 +615,27 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds (0 … n−1)")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="output directory [default: ./examples-out]; --out examples/results "
+        "regenerates the committed results (full runs only)",
+    )
     parser.add_argument("--iid", action="store_true", help="iid split instead of Dirichlet")
     parser.add_argument("--quick", action="store_true", help="1 seed, few rounds (smoke test)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    try:
+        out = output_directory(args.out, args.quick)
+    except ValueError as exc:
+        parser.error(str(exc))
     cfg = FedSettings.quick() if args.quick else FedSettings()
     cfg.iid = args.iid
     seeds = list(range(1 if args.quick else args.seeds))
     results = run_federated(seeds, cfg)
-    json_path, md_path = write_results(results, args.out)
+    json_path, md_path = write_results(results, out)
     print(render_markdown(results))
     print(f"wrote {json_path} and {md_path} ({results['elapsed_s']:.0f} s)")
     return 0

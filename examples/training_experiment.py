@@ -2,7 +2,12 @@
 
 Usage (from the repository root)::
 
-    python examples/training_experiment.py [--seeds 10] [--out examples/results] [--quick]
+    python examples/training_experiment.py [--seeds 10] [--out DIR] [--quick]
+
+It writes ``training_experiment.json`` and ``.md`` into DIR, by default
+``./examples-out`` (ignored by git). The results quoted in ``examples/README.md``
+are committed in ``examples/results/`` and are regenerated on purpose with
+``--out examples/results`` (a ``--quick`` run refuses to go there).
 
 For each task (``digits`` and ``diabetes``, see ``examples/example_tasks.py``) and each
 seed, two training runs from the same seeded initialisation and batch order:
@@ -55,6 +60,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from example_tasks import (  # noqa: E402
+    DEFAULT_OUT,
     TrainSettings,
     describe_machine,
     ema_average,
@@ -65,6 +71,7 @@ from example_tasks import (  # noqa: E402
     load_task,
     mean_std,
     new_model,
+    output_directory,
     swa_average,
     train,
 )
@@ -183,7 +190,7 @@ def run_seed(task_name: str, cfg: ExperimentSettings, seed: int) -> dict:
     }
 
     shapes = {k: tuple(v.shape) for k, v in states[0].items()}
-    stacked = {k: np.stack([s[k].numpy() for s in states]) for k in shapes}
+    stacked = {k: np.stack([s[k].numpy() for s in states], axis=-1) for k in shapes}
     for method, kind in (("posthoc_cmd", "sampled"), ("posthoc_cmd_refined", "refined")):
         t0 = time.perf_counter()
         posthoc = CMD(n_modes=cfg.n_modes, n_samples=cfg.n_samples, seed=seed, references=kind).fit(
@@ -458,15 +465,25 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds (0 … n−1)")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="output directory [default: ./examples-out]; --out examples/results "
+        "regenerates the committed results (full runs only)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, few epochs (smoke test)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    try:
+        out = output_directory(args.out, args.quick)
+    except ValueError as exc:
+        parser.error(str(exc))
     cfg = ExperimentSettings.quick() if args.quick else ExperimentSettings()
     seeds = list(range(1 if args.quick else args.seeds))
     results = run_experiment(seeds, cfg)
-    json_path, md_path = write_results(results, args.out)
+    json_path, md_path = write_results(results, out)
     print(render_markdown(results))
     print(f"wrote {json_path} and {md_path} ({results['elapsed_s']:.0f} s)")
     return 0

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import adjusted_rand_score
 from typer.testing import CliRunner
 
+from cmdcli import CMD
 from cmdcli.cli import app
 from tests.builders import (
     TinyNet,
@@ -24,6 +25,7 @@ from tests.builders import (
     write_torch_run,
 )
 from tests.planted import planted_modes
+from tests.tolerances import assert_within, model_bounds, reconstruction_tol
 
 runner = CliRunner()
 STEPS = [10, 20, 30, 40, 50, 60, 70, 80]
@@ -58,6 +60,37 @@ LAYOUTS = {
 }
 
 
+def assert_rebuilt_within_rounding(
+    out: Path, sds: list[dict[str, torch.Tensor]], t: int, rebuilt: dict[str, torch.Tensor]
+) -> None:
+    """Every modelled tensor of checkpoint ``t`` rebuilt as the exact least-squares fit
+    of the float32 weights would, to the float32 rounding of the fit and the store."""
+    model = CMD.load(out / "cmd.safetensors")
+    W = np.stack(
+        [
+            np.concatenate([sd[n].reshape(-1).float().numpy() for n in model.tensor_sizes_])
+            for sd in sds
+        ],
+        axis=1,
+    )
+    bounds = model_bounds(model, W)
+    modes = model.modes_.astype(np.int64)
+    a_exact, b_exact = bounds.exact_for(modes)
+    refs = model.references_.astype(np.float64)
+    # the exact fit's own residual (data only affine up to float32 rounding)
+    residual = np.abs(W[:, t] - (a_exact * refs[modes, t] + b_exact))
+    tol = (
+        residual
+        + reconstruction_tol(
+            refs[:, [t]], model.a_, model.b_, modes, *bounds.tolerances_for(modes)
+        )[:, 0]
+    )
+    for name in model.tensor_sizes_:
+        sl = model.tensor_slice(name)
+        got = rebuilt[name].reshape(-1).double().numpy()
+        assert_within(got, W[sl, t], tol[sl], name)
+
+
 def rebuilt_last(out: Path, layout: str) -> dict[str, torch.Tensor]:
     rec = json.loads((out / "report.json").read_text())["reconstructed"]
     assert len(rec) == 1 and rec[0]["step"] == STEPS[-1]
@@ -87,7 +120,7 @@ def test_fit_every_layout_rebuilds_a_loadable_checkpoint(tmp_path, layout):
     TinyNet().load_state_dict(rebuilt, strict=True)
     for name, original in sds[-1].items():
         assert rebuilt[name].dtype == original.dtype and rebuilt[name].shape == original.shape
-        torch.testing.assert_close(rebuilt[name], original, rtol=1e-4, atol=1e-5)
+    assert_rebuilt_within_rounding(out, sds, -1, rebuilt)
     assert torch.equal(rebuilt["bn.num_batches_tracked"], sds[-1]["bn.num_batches_tracked"])
     assert (out / "report.md").read_text().startswith("# CMD fit report")
 
@@ -237,10 +270,10 @@ def test_reconstruct_from_the_model_alone(tmp_path):
     assert result.exit_code == 0, result.stderr
     written = json.loads(result.stdout)
     assert [w["step"] for w in written] == STEPS
-    for sd, w in zip(sds, written):
+    for t, (sd, w) in enumerate(zip(sds, written)):
         rebuilt = load_file(w["path"])
         TinyNet().load_state_dict(rebuilt, strict=True)
-        torch.testing.assert_close(rebuilt["fc2.weight"], sd["fc2.weight"], rtol=1e-4, atol=1e-5)
+        assert_rebuilt_within_rounding(out, sds, t, rebuilt)
         assert torch.equal(rebuilt["bn.num_batches_tracked"], sd["bn.num_batches_tracked"])
     again = cmd("reconstruct", out, "--step", "30", "-q")
     assert_input_error(again, "already exists; pass --overwrite")
@@ -600,3 +633,15 @@ def test_messages_that_point_at_the_fix(tmp_path):
     garbage = cmd("fit", tmp_path / "bad", "-o", tmp_path / "out")
     assert_input_error(garbage, "epoch_4.pt: not a readable torch checkpoint (")
     assert "unpickling failed: Unsupported operand" in garbage.stderr  # not a bare number
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["fit"], ["reconstruct"], ["evaluate"], ["plot"], ["report"], ["inspect"]]
+)
+def test_help_examples_need_nothing_from_a_clone(command):
+    # A `pip install` user has no sample_runs/: examples name the user's own run.
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    assert "sample_runs" not in result.stdout and "digits" not in result.stdout
+    if command:
+        assert "Examples:" in result.stdout and "my-run" in result.stdout

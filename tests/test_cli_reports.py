@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +131,25 @@ def test_report_is_one_self_contained_page(fitted):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
     assert "http://" not in page and "https://" not in page
+
+
+def test_plot_all_and_report_say_which_figures_they_skipped(fitted, tmp_path):
+    out = Path(shutil.copytree(fitted / "out", tmp_path / "out"))
+    for name in ("evaluation.json", "landscape.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "plots", ignore_errors=True)
+    for args in (("plot", "all", out), ("report", out)):
+        result = cmd(*args)
+        assert result.exit_code == 0, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert (
+            "skipped accuracy: needs `cmd evaluate OUT --eval-fn FILE.py:FUNCTION` first" in lines
+        )
+        assert any(
+            line.startswith("skipped landscape: needs `cmd plot landscape") for line in lines
+        )
+        assert "skipped" not in result.stdout
+    page = (out / "report.html").read_text()
+    assert "Figures not drawn" in page and "<code>accuracy</code>" in page
+    quiet = cmd("plot", "all", out, "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""

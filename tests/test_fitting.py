@@ -4,6 +4,16 @@ import torch
 
 from cmdcli import fitting
 from cmdcli.fitting import Segment
+from tests.tolerances import (
+    U32,
+    U64,
+    alternative_gain_bounds,
+    assert_same_fit,
+    assert_within,
+    float64_fit_bounds,
+    kernel_bounds,
+    statistics_bounds,
+)
 
 
 class TestSampleIndices:
@@ -94,11 +104,15 @@ class TestFitBlock:
 
     def test_coefficients_equal_lstsq_on_the_chosen_reference(self):
         a, b, modes = fitting.fit_block(torch.from_numpy(self.x), torch.from_numpy(self.refs))
+        coefs = []
         for i in range(self.x.shape[1]):
             design = np.stack([self.refs[modes[i]], np.ones(self.T)], axis=1)
             coef, *_ = np.linalg.lstsq(design, self.x[:, i], rcond=None)
-            assert a[i].item() == pytest.approx(coef[0], rel=1e-5, abs=1e-6)
-            assert b[i].item() == pytest.approx(coef[1], rel=1e-5, abs=1e-6)
+            coefs.append(coef)
+        # float64 arithmetic, stored in float32
+        _, _, a_tol, b_tol = float64_fit_bounds(self.x.T, self.refs, modes.numpy())
+        assert_within(a.numpy(), np.array(coefs)[:, 0], a_tol, "a")
+        assert_within(b.numpy(), np.array(coefs)[:, 1], b_tol, "b")
 
     def test_mode_is_the_highest_abs_correlation(self):
         _, _, modes = fitting.fit_block(torch.from_numpy(self.x), torch.from_numpy(self.refs))
@@ -110,7 +124,8 @@ class TestFitBlock:
         x = np.stack([-3 * self.refs[1] + 2], axis=1)
         a, b, modes = fitting.fit_block(torch.from_numpy(x), torch.from_numpy(self.refs))
         assert modes.tolist() == [1]
-        assert a.item() == pytest.approx(-3, rel=1e-6) and b.item() == pytest.approx(2, rel=1e-6)
+        _, _, a_tol, b_tol = float64_fit_bounds(x.T, self.refs, modes.numpy())
+        assert abs(a.item() + 3) <= a_tol[0] and abs(b.item() - 2) <= b_tol[0]
 
     @pytest.mark.parametrize("value", [0.25, 0.1, -3.3e-3, 0.0])
     def test_constant_weight_goes_to_mode_zero(self, value):
@@ -119,7 +134,11 @@ class TestFitBlock:
         refs = self.refs[::-1].copy()  # mode 1 would win on a residue shaped like 0..1
         a, b, modes = fitting.fit_block(torch.from_numpy(x), torch.from_numpy(refs))
         assert modes.tolist() == [0]
-        assert abs(a.item()) < 1e-9 and b.item() == pytest.approx(value, rel=1e-6)
+        # b: the float64 mean of T equal values (T·2⁻⁵³ relative), stored in float32
+        _, _, a_tol, _ = float64_fit_bounds(x.T, refs, modes.numpy())
+        assert abs(a.item()) <= a_tol[0] and abs(b.item() - value) <= (U32 + self.T * U64) * abs(
+            value
+        )
 
     def test_forced_reference_is_exact(self):
         x = np.stack([self.refs[1], self.x[:, 0]], axis=1)
@@ -170,23 +189,33 @@ def test_stream_fit_statistics_equal_dense_computation_for_any_block_size():
         results.append((stats, a, b, m, len(blocks)))
     (s1, a1, b1, m1, n1), (s2, a2, b2, m2, n2) = results
     assert n1 > 1 and n2 == 1
-    # the BLAS may sum a column's products in another order at another width
-    np.testing.assert_allclose(a1, a2, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(m1, m2)
-    # dense float64 computation of the same quantities; the pass sees float32
-    # values and multiplies in float32, so agreement is to float32 rounding
-    W = W.astype(np.float32).astype(np.float64)
-    W_hat = a1.astype(np.float64)[:, None] * refs[m1] + b1.astype(np.float64)[:, None]
-    np.testing.assert_allclose(s1.sse_per_checkpoint, ((W - W_hat) ** 2).sum(0), rtol=1e-5)
-    np.testing.assert_allclose(s1.sumsq_per_checkpoint, (W**2).sum(0), rtol=1e-6)
-    Wc = W - W.mean(1, keepdims=True)
-    np.testing.assert_allclose(s1.variance, (Wc**2).sum(), rtol=1e-6)
-    np.testing.assert_allclose(s1.gram, Wc.T @ Wc, rtol=1e-5, atol=1e-5 * np.abs(Wc.T @ Wc).max())
-    np.testing.assert_allclose(s1.tensor_sse["y"], ((W - W_hat)[-7:] ** 2).sum(), rtol=1e-5)
-    assert s1.mode_size.sum() == 3000
+    # Both are the exact least squares of the float32 values, to float32 rounding
+    # (the BLAS may sum a column's products in another order at another width).
+    bounds = kernel_bounds(W, refs, forced={5: 0, 2999: 1})
+    assert_same_fit((a1, b1, m1), (a2, b2, m2), bounds)
     assert (a1[5], b1[5], m1[5]) == (1.0, 0.0, 0)
     assert (a1[2999], b1[2999], m1[2999]) == (1.0, 0.0, 1)
-    np.testing.assert_allclose(s1.sse_per_checkpoint, s2.sse_per_checkpoint, rtol=1e-6)
+    # Dense float64 sums of the same quantities for the stored coefficients; the pass
+    # sees float32 values and sums in float32 over a piece's columns.
+    for s, a, b, m in ((s1, a1, b1, m1), (s2, a2, b2, m2)):
+        sb = statistics_bounds(W, refs, a, b, m, columns_per_sum=fitting.cpu_chunk(9))
+        assert_within(
+            s.sse_per_checkpoint, sb.sse_per_checkpoint, sb.sse_per_checkpoint_tol, "sse_t"
+        )
+        assert_within(
+            s.sumsq_per_checkpoint, sb.sumsq_per_checkpoint, sb.sumsq_per_checkpoint_tol, "sumsq_t"
+        )
+        assert_within(s.variance, sb.variance, sb.variance_tol, "variance")
+        assert_within(s.gram, sb.gram, sb.gram_tol, "gram")
+        assert_within(
+            s.tensor_sse["y"], sb.weight_sse[-7:].sum(), sb.weight_sse_tol[-7:].sum(), "tensor_sse"
+        )
+        assert_within(
+            s.mode_sse, sb.per_mode(sb.weight_sse), sb.per_mode(sb.weight_sse_tol), "mode"
+        )
+        assert s.mode_size.sum() == 3000
+        # the bounds are worst cases, not slack: they stay small against what they bound
+        assert sb.sse_tol < 1e-3 * sb.sse and sb.gram_tol.max() < 1e-3 * np.abs(sb.gram).max()
 
 
 def test_pca_explained_variance_matches_svd():
@@ -225,13 +254,32 @@ def test_result_does_not_depend_on_workers_or_budget_beyond_float32_rounding():
         CMD(n_modes=3, seed=0, workers=w, max_memory=m * per_weight).fit(W)
         for w, m in [(1, 10**7), (3, 2 * chunk + 5), (2, 5000)]
     ]
+    # Pass 1 does not depend on workers or budget; pass 2 only through the order
+    # of float32 sums (block and chunk widths, BLAS threads in each worker).
     for other in fits[1:]:
-        np.testing.assert_array_equal(fits[0].modes_, other.modes_)
-        np.testing.assert_allclose(fits[0].a_, other.a_, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(fits[0].b_, other.b_, rtol=1e-6, atol=1e-7)
-        # sums over a chunk's columns are float32 products whose rounding depends
-        # on how the BLAS splits them: equal to float32 accuracy
-        assert other.explained_variance_ == pytest.approx(fits[0].explained_variance_, rel=1e-5)
+        np.testing.assert_array_equal(fits[0].references_, other.references_)
+    bounds = kernel_bounds(W, fits[0].references_)
+    for other in fits[1:]:
+        assert_same_fit(
+            (fits[0].a_, fits[0].b_, fits[0].modes_), (other.a_, other.b_, other.modes_), bounds
+        )
+    for fit in fits:
+        sb = statistics_bounds(
+            W, fit.references_, fit.a_, fit.b_, fit.modes_, columns_per_sum=chunk
+        )
+        s = fit.statistics_
+        # per weight: float32 sums over 8 checkpoints, added up in float64
+        assert_within(s.mode_sse, sb.per_mode(sb.weight_sse), sb.per_mode(sb.weight_sse_tol), "sse")
+        assert_within(
+            s.mode_variance,
+            sb.per_mode(sb.weight_variance),
+            sb.per_mode(sb.weight_variance_tol),
+            "variance",
+        )
+        # the total: float32 sums over a chunk's 65,536 columns, a far looser worst case
+        assert_within(
+            fit.explained_variance_, sb.explained_variance, sb.explained_variance_tol, "EV"
+        )
 
 
 def test_numpy_and_torch_kernels_agree_to_float32_rounding():
@@ -246,7 +294,8 @@ def test_numpy_and_torch_kernels_agree_to_float32_rounding():
     W[7] = 3.25  # a constant weight
     labels[7] = 0
     labels[11] = 0  # a reference weight, of mode 0
-    ctx = fitting._Context.build(refs, [("x", 11)], {"other": rng.normal(size=(2, T))})
+    other = rng.normal(size=(2, T))
+    ctx = fitting._Context.build(refs, [("x", 11)], {"other": other})
     segments = [fitting.Segment("x", 0, B)]
     x = np.ascontiguousarray(W.T, dtype=np.float32)
     out = {
@@ -254,15 +303,27 @@ def test_numpy_and_torch_kernels_agree_to_float32_rounding():
         for backend in fitting.BACKENDS
     }
     (r1, s1), (r2, s2) = out["numpy"], out["torch"]
-    np.testing.assert_array_equal(r1.modes, labels)
-    np.testing.assert_array_equal(r1.modes, r2.modes)
-    np.testing.assert_allclose(r1.a, r2.a, rtol=1e-5, atol=1e-6)
-    # b = mean − a·r̄: absolute rounding of the terms, which reach |a·r̄| ≈ 10
-    np.testing.assert_allclose(r1.b, r2.b, rtol=1e-5, atol=1e-5)
+    bounds = kernel_bounds(W, refs, forced={11: 0})
+    assert bounds.decided.all()  # planted modes, so both kernels must find them
+    np.testing.assert_array_equal(bounds.modes, labels)
+    assert_same_fit((r1.a, r1.b, r1.modes), (r2.a, r2.b, r2.modes), bounds)
     assert r1.a[11] == 1.0 and r1.b[11] == 0.0 and r1.a[7] == 0.0
-    for name in ("sse_per_checkpoint", "sumsq_per_checkpoint", "gram", "mode_sse", "mode_variance"):
-        np.testing.assert_allclose(getattr(s1, name), getattr(s2, name), rtol=1e-4, atol=1e-9)
-    assert s1.alternative_gain["other"] == pytest.approx(s2.alternative_gain["other"], rel=1e-5)
+    gain, gain_tol = alternative_gain_bounds(W, other)
+    for r, s in ((r1, s1), (r2, s2)):
+        sb = statistics_bounds(W, refs, r.a, r.b, r.modes, columns_per_sum=777)
+        assert_within(s.sse_per_checkpoint, sb.sse_per_checkpoint, sb.sse_per_checkpoint_tol, "sse")
+        assert_within(
+            s.sumsq_per_checkpoint, sb.sumsq_per_checkpoint, sb.sumsq_per_checkpoint_tol, "sumsq"
+        )
+        assert_within(s.gram, sb.gram, sb.gram_tol, "gram")
+        assert_within(s.mode_sse, sb.per_mode(sb.weight_sse), sb.per_mode(sb.weight_sse_tol), "m")
+        assert_within(
+            s.mode_variance,
+            sb.per_mode(sb.weight_variance),
+            sb.per_mode(sb.weight_variance_tol),
+            "v",
+        )
+        assert_within(s.alternative_gain["other"], gain, gain_tol, "alternative gain")
 
 
 def test_abs_argmax_takes_the_first_of_equal_magnitudes():

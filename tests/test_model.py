@@ -7,6 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 from cmdcli import CMD
 from cmdcli.errors import InputError, NotFittedError
 from tests.planted import planted_modes
+from tests.tolerances import assert_same_fit, model_bounds
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +70,47 @@ def test_same_seed_same_result_and_block_size_does_not_matter(planted, reference
     again = CMD(n_modes=4, n_samples=300, seed=7, references=references).fit(planted.W)
     np.testing.assert_array_equal(one.a_, again.a_)
     np.testing.assert_array_equal(one.b_, again.b_)
-    # another block width may change how the BLAS orders a column's float32 sums
-    np.testing.assert_allclose(one.a_, two.a_, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(one.modes_, two.modes_)
+    # pass 1 does not see the block size; pass 2 only through the order of its
+    # float32 sums: both are the exact least squares to float32 rounding
     np.testing.assert_array_equal(one.references_, two.references_)
+    bounds = model_bounds(one, planted.W)
+    assert bounds.decided.all()  # planted modes: every weight clearly in one
+    assert_same_fit((one.a_, one.b_, one.modes_), (two.a_, two.b_, two.modes_), bounds)
 
 
 def test_dict_of_tensors_input_keeps_names(planted):
     W = planted.W
-    tensors = {"fc.weight": W[:2000].T.reshape(-1, 40, 50), "fc.bias": W[2000:].T}
+    # checkpoints on the last axis, as in the matrix (one row per weight)
+    tensors = {"fc.weight": W[:2000].reshape(40, 50, -1), "fc.bias": W[2000:]}
     model = CMD(n_modes=4, seed=0).fit(tensors)
     assert list(model.tensor_sizes_) == ["fc.weight", "fc.bias"]
     assert model.tensor_slice("fc.bias") == slice(2000, 3000)
     assert model.reconstruct(-1, tensor="fc.bias").shape == (1000,)
+    # flat order: each tensor row-major, as tensor.reshape(-1); planted noise 1e-3
+    assert np.abs(model.reconstruct(tensor="fc.weight") - W[:2000]).max() < 0.01
+    assert np.abs(model.reconstruct(tensor="fc.bias") - W[2000:]).max() < 0.01
+    # state dicts stacked with axis=-1 give exactly this
+    sds = [{"fc.weight": W[:2000, t].reshape(40, 50), "fc.bias": W[2000:, t]} for t in range(25)]
+    stacked = {k: np.stack([sd[k] for sd in sds], axis=-1) for k in sds[0]}
+    np.testing.assert_array_equal(stacked["fc.weight"], tensors["fc.weight"])
+
+
+def test_dict_input_in_the_other_orientation_says_which_was_expected(planted):
+    W = planted.W  # 25 checkpoints
+    checkpoints_first = {"fc.weight": W[:2000].T.reshape(-1, 40, 50), "fc.bias": W[2000:].T}
+    with pytest.raises(InputError) as info:
+        CMD(n_modes=4).fit(checkpoints_first)
+    message = str(info.value)
+    assert "tensor 'fc.bias' has shape (25, 1000)" in message
+    assert "expected (*tensor_shape, n_checkpoints): checkpoints on the last axis" in message
+    assert "found 1000 here, 50 in 'fc.weight'" in message
+    assert "first axis is 25" in message and "np.moveaxis(a, 0, -1)" in message
+    with pytest.raises(InputError, match=r"tensor 'b' is a scalar"):
+        CMD().fit({"a": W[:10], "b": np.float64(1.0)})
+    with pytest.raises(InputError, match=r"no tensors given"):
+        CMD().fit({})
+    with pytest.raises(InputError, match=r"\(n_weights, n_checkpoints\), one row per weight"):
+        CMD().fit(W[:, :, None])
 
 
 def test_one_mode_puts_everything_in_mode_zero(planted):
@@ -129,7 +158,7 @@ def test_not_fitted():
 
 def test_save_load_roundtrip_readable_by_safetensors_alone(tmp_path, planted):
     W = planted.W
-    model = CMD(n_modes=4, seed=0).fit({"w": W[:2000].T.reshape(-1, 40, 50), "v": W[2000:].T})
+    model = CMD(n_modes=4, seed=0).fit({"w": W[:2000].reshape(40, 50, -1), "v": W[2000:]})
     path = tmp_path / "cmd.safetensors"
     model.save(path, shapes={"w": (40, 50), "v": (1000,)}, steps=range(10, 260, 10))
     with safe_open(str(path), framework="pt") as f:
@@ -156,7 +185,7 @@ def test_save_load_roundtrip_readable_by_safetensors_alone(tmp_path, planted):
 
 def test_fit_straight_to_a_file_writes_what_save_writes(tmp_path, planted):
     # Names out of alphabetical order: the coefficients are laid out in model order.
-    X = {"zeta": planted.W[:1200].T.reshape(-1, 30, 40), "alpha": planted.W[1200:].T}
+    X = {"zeta": planted.W[:1200].reshape(30, 40, -1), "alpha": planted.W[1200:]}
     layout = {"shapes": {"zeta": (30, 40), "alpha": (1800,)}, "steps": range(25)}
     held = CMD(n_modes=4, seed=3, max_memory=40_000).fit(X)
     held.save(tmp_path / "saved.safetensors", **layout)
@@ -182,7 +211,7 @@ def test_load_reads_files_whose_coefficients_are_not_adjacent(tmp_path, planted)
     # model's order w, v. They cannot be mapped as one array and are read instead.
     from safetensors.torch import save_file
 
-    model = CMD(n_modes=4, seed=0).fit({"w": planted.W[:2000].T, "v": planted.W[2000:].T})
+    model = CMD(n_modes=4, seed=0).fit({"w": planted.W[:2000], "v": planted.W[2000:]})
     path = tmp_path / "cmd.safetensors"
     model.save(path)
     with safe_open(str(path), framework="pt") as f:
@@ -237,7 +266,7 @@ def test_a_failed_streamed_fit_leaves_no_file(tmp_path, planted, monkeypatch):
 
 
 def test_streamed_fit_checks_shapes_before_reading(planted, tmp_path):
-    X = {"w": planted.W[:1000].T, "v": planted.W[1000:].T}
+    X = {"w": planted.W[:1000], "v": planted.W[1000:]}
     for shapes in ({"v": (2000,), "w": (1000,)}, {"w": (1000,)}, {"w": (10, 10), "v": (2000,)}):
         with pytest.raises(ValueError, match="shapes must give every modelled tensor"):
             CMD(n_modes=4).fit(X, out=tmp_path / "m.safetensors", shapes=shapes)

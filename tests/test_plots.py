@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -20,10 +21,11 @@ from safetensors.torch import save_file  # noqa: E402
 
 from cmdcli import plots  # noqa: E402
 from cmdcli.api import FitOptions, fit_run  # noqa: E402
-from cmdcli.errors import InputError  # noqa: E402
+from cmdcli.errors import InputError, NotFittedError  # noqa: E402
 from cmdcli.model import CMD  # noqa: E402
 from tests.builders import write_safetensors_run  # noqa: E402
 from tests.planted import planted_modes  # noqa: E402
+from tests.tolerances import EPS32  # noqa: E402
 
 N_MODES = 3
 STEPS = list(range(100, 1300, 100))  # 12 checkpoints
@@ -116,6 +118,10 @@ def _landscape() -> dict:
     }
 
 
+def _model(out: Path) -> CMD:
+    return CMD.load(out / "cmd.safetensors")
+
+
 def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
 
@@ -154,7 +160,7 @@ def _blocks(n: int, cuts: list[float]) -> list[slice]:
 
 
 def test_correlation_blocks_follow_the_planted_modes(out):
-    fig = plots.correlation_figure(out)
+    fig = plots.correlation_figure(_model(out))
     _assert_labelled(fig)
     ax = _main_axes(fig)
     image = ax.images[0]
@@ -185,7 +191,7 @@ def test_correlation_blocks_follow_the_planted_modes(out):
 
 
 def test_correlation_absolute_is_drawn_on_0_to_1(out):
-    fig = plots.correlation_figure(out, absolute=True)
+    fig = plots.correlation_figure(_model(out), absolute=True)
     image = _main_axes(fig).images[0]
     assert image.get_clim() == (0.0, 1.0)
     data = np.asarray(image.get_array())
@@ -203,7 +209,7 @@ def test_correlation_subsamples_every_mode_in_proportion(out, max_points):
     order = np.argsort(-np.bincount(model.modes_, minlength=3), kind="stable")
     per_mode = np.bincount(model.modes_[flat], minlength=3)[order]
 
-    fig = plots.correlation_figure(out, max_points=max_points)
+    fig = plots.correlation_figure(_model(out), max_points=max_points)
     ax = _main_axes(fig)
     corr = np.asarray(ax.images[0].get_array())
     assert corr.shape[0] <= max_points
@@ -220,7 +226,7 @@ def test_correlation_subsamples_every_mode_in_proportion(out, max_points):
         for block in _blocks(len(corr), horizontal):
             signs = np.sign(corr[block, block][0])
             assert (signs > 0).any() and (signs < 0).any()
-    again = plots.correlation_figure(out, max_points=max_points)
+    again = plots.correlation_figure(_model(out), max_points=max_points)
     np.testing.assert_array_equal(np.asarray(_main_axes(again).images[0].get_array()), corr)
 
 
@@ -239,7 +245,7 @@ def test_correlation_of_constant_trajectories_is_zero_not_nan(tmp_path):
     model = CMD(n_modes=3, n_samples=600, seed=0, references="sampled").fit(W)
     (tmp_path / "out").mkdir()
     model.save(tmp_path / "out" / "cmd.safetensors")
-    fig = plots.correlation_figure(tmp_path / "out")
+    fig = plots.correlation_figure(CMD.load(tmp_path / "out" / "cmd.safetensors"))
     corr = np.asarray(_main_axes(fig).images[0].get_array())
     assert np.isfinite(corr).all()
     zero_rows = ~np.any(corr != 0, axis=1)
@@ -256,7 +262,7 @@ def _trajectory_panels(fig):
 
 def test_trajectories_show_one_planted_mode_per_panel(out):
     W, labels, _ = _planted()
-    fig = plots.trajectories_figure(out, per_mode=3)
+    fig = plots.trajectories_figure(_model(out), per_mode=3)
     _assert_labelled(fig)
     panels = _trajectory_panels(fig)
     assert len(panels) == N_MODES
@@ -275,7 +281,8 @@ def test_trajectories_show_one_planted_mode_per_panel(out):
             y = np.asarray(o.get_ydata())
             # each drawn trajectory is a planted weight, and the model follows it
             row = np.argmin(np.abs(W - y).max(axis=1))
-            np.testing.assert_allclose(W[row], y, atol=1e-6)
+            # the stored samples are the float32 values: 2⁻²⁴ relative, 2⁻²³ of the rounded
+            np.testing.assert_allclose(W[row], y, rtol=EPS32, atol=0)
             found.add(int(labels[row]))
             np.testing.assert_allclose(c.get_ydata(), y, atol=0.01)
         assert len(found) == 1  # one planted mode per panel
@@ -285,7 +292,7 @@ def test_trajectories_show_one_planted_mode_per_panel(out):
 
 def test_trajectories_limits_and_refined_references(tmp_path):
     out = _fit(tmp_path, "refined")
-    fig = plots.trajectories_figure(out, per_mode=2, max_modes=2)
+    fig = plots.trajectories_figure(_model(out), per_mode=2, max_modes=2)
     panels = _trajectory_panels(fig)
     assert len(panels) == 2
     for ax in panels:
@@ -310,7 +317,7 @@ def _bar_widths(ax, container) -> dict[str, float]:
 @pytest.mark.parametrize("max_tensors", [2, 30])
 def test_error_bars_are_the_report_values(out, max_tensors):
     report = json.loads((out / "report.json").read_text())
-    fig = plots.error_figure(out, max_tensors=max_tensors)
+    fig = plots.error_figure(_model(out), out / "report.json", max_tensors=max_tensors)
     _assert_labelled(fig)
     left, right = fig.axes
     (bars,) = right.containers
@@ -336,7 +343,7 @@ def test_error_bars_are_the_report_values(out, max_tensors):
 def test_error_can_rank_tensors_by_error(out):
     report = json.loads((out / "report.json").read_text())
     worst = sorted(report["tensors"], key=lambda t: -t["relative_error"])[:2]
-    fig = plots.error_figure(out, max_tensors=2, rank_by="error")
+    fig = plots.error_figure(_model(out), out / "report.json", max_tensors=2, rank_by="error")
     names = {t.get_text() for t in fig.axes[1].get_yticklabels()}
     assert names == {t["name"] for t in worst}
     assert "highest error" in fig.axes[1].get_title()
@@ -348,7 +355,7 @@ def test_error_can_rank_tensors_by_error(out):
 def test_modes_sizes_and_shares_match_the_planted_split(out):
     _, labels, _ = _planted()
     model = CMD.load(out / "cmd.safetensors")
-    fig = plots.modes_figure(out)
+    fig = plots.modes_figure(_model(out))
     _assert_labelled(fig)
     left, right = fig.axes
     heights = [bar.get_height() for bar in left.containers[0]]
@@ -370,7 +377,7 @@ def test_modes_sizes_and_shares_match_the_planted_split(out):
 
 
 def test_modes_keeps_the_largest_tensors(out):
-    fig = plots.modes_figure(out, max_tensors=1)
+    fig = plots.modes_figure(_model(out), max_tensors=1)
     assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["enc.weight"]
 
 
@@ -379,7 +386,7 @@ def test_modes_keeps_the_largest_tensors(out):
 
 def test_accuracy_lines_are_the_json_values(out):
     _write(out / "evaluation.json", EVALUATION)
-    fig = plots.accuracy_figure(out)
+    fig = plots.accuracy_figure(_model(out), out / "evaluation.json")
     _assert_labelled(fig)
     assert "evaluate.py:evaluate" in _title(fig)
     assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy", "loss"]
@@ -405,7 +412,7 @@ def test_accuracy_without_baselines_or_metric_list(out):
     data["checkpoints"] = [dict(c) for c in data["checkpoints"]]
     data["checkpoints"][3] = {**data["checkpoints"][3], "cmd": {"accuracy": 0.7}}
     _write(out / "evaluation.json", data)
-    fig = plots.accuracy_figure(out)
+    fig = plots.accuracy_figure(_model(out), out / "evaluation.json")
     assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy", "loss"]
     loss = {ln.get_gid(): ln for ln in fig.axes[1].lines}
     assert set(loss) == {"original", "cmd"}
@@ -423,7 +430,7 @@ def _point(ax, gid: str) -> tuple[float, float]:
 def test_landscape_marks_the_cmd_and_best_points(out):
     data = _landscape()
     _write(out / "landscape.json", data)
-    fig = plots.landscape_figure(out)
+    fig = plots.landscape_figure(_model(out), out / "landscape.json")
     _assert_labelled(fig)
     ax = _main_axes(fig)
     assert ax.get_xlabel() == "reference of mode 0"
@@ -442,12 +449,12 @@ def test_landscape_marks_the_cmd_and_best_points(out):
 
 def test_landscape_other_metric_finds_its_own_best(out):
     _write(out / "landscape.json", _landscape())
-    fig = plots.landscape_figure(out, metric="loss")
+    fig = plots.landscape_figure(_model(out), out / "landscape.json", metric="loss")
     ax = _main_axes(fig)
     assert _point(ax, "best-point") == pytest.approx((-0.6, 1.25))  # loss: lower is better
     assert "lower is better" in fig.axes[1].get_ylabel()
     with pytest.raises(InputError, match="no metric 'f1'.*'accuracy', 'loss'"):
-        plots.landscape_figure(out, metric="f1")
+        plots.landscape_figure(_model(out), out / "landscape.json", metric="f1")
 
 
 def test_landscape_with_a_wrong_grid_shape(out):
@@ -455,7 +462,7 @@ def test_landscape_with_a_wrong_grid_shape(out):
     data["metrics"]["accuracy"] = data["metrics"]["accuracy"][:-1]
     _write(out / "landscape.json", data)
     with pytest.raises(InputError, match=r"landscape.json: metrics\['accuracy'\] has shape"):
-        plots.landscape_figure(out)
+        plots.landscape_figure(_model(out), out / "landscape.json")
 
 
 # --------------------------------------------------------------------------- saving
@@ -536,7 +543,7 @@ def test_a_model_without_sampled_trajectories(out):
     save_file(kept, path, metadata=meta)
     for fn in (plots.correlation_figure, plots.trajectories_figure):
         with pytest.raises(InputError, match=r"cmd\.safetensors: holds no sampled trajectories"):
-            fn(out)
+            fn(_model(out))
     assert plots.available_kinds(out) == ["error", "modes"]
 
 
@@ -544,18 +551,211 @@ def test_missing_json_inputs_name_the_command_to_run(out):
     with pytest.raises(
         InputError, match=r"evaluation\.json: missing; run `cmd evaluate OUT --eval-fn FILE"
     ):
-        plots.accuracy_figure(out)
+        plots.accuracy_figure(_model(out), out / "evaluation.json")
     with pytest.raises(
         InputError,
         match=r"landscape\.json: missing; compute it with `cmd plot landscape OUT",
     ):
-        plots.landscape_figure(out)
+        plots.landscape_figure(_model(out), out / "landscape.json")
     (out / "report.json").unlink()
     with pytest.raises(InputError, match=r"report\.json: missing.*`cmd fit`"):
-        plots.error_figure(out)
+        plots.error_figure(_model(out), out / "report.json")
     (out / "evaluation.json").write_text("{not json")
     with pytest.raises(InputError, match=r"evaluation\.json: not a readable JSON file"):
-        plots.accuracy_figure(out)
+        plots.accuracy_figure(_model(out), out / "evaluation.json")
     _write(out / "evaluation.json", {"eval_fn": "e.py:f", "checkpoints": []})
     with pytest.raises(InputError, match="'checkpoints' is empty"):
-        plots.accuracy_figure(out)
+        plots.accuracy_figure(_model(out), out / "evaluation.json")
+
+
+# --------------------------------------------------------------------------- a model in hand
+
+
+@pytest.fixture(scope="module")
+def in_memory():
+    """A fit in a notebook: no output directory, no metadata, no steps."""
+    W, labels, _ = _planted()
+    return CMD(n_modes=N_MODES, n_samples=300, seed=0).fit(W), W
+
+
+@pytest.mark.parametrize("kind", ["correlation", "trajectories", "error", "modes"])
+def test_every_model_only_figure_draws_from_a_fit_in_memory(in_memory, kind):
+    model, _ = in_memory
+    fig = getattr(plots, f"{kind}_figure")(model)
+    title = _title(fig)
+    assert "M = 3 modes" in title and "run " not in title
+    for ax in fig.axes:
+        if ax.get_label() != "<colorbar>":
+            assert ax.get_xlabel() and ax.get_ylabel()
+            assert ax.get_xlabel() != "training step"  # a fit in memory knows no steps
+
+
+def test_error_figure_from_the_fit_statistics_equals_the_report(in_memory, out):
+    model, _ = in_memory
+    fig = plots.error_figure(model)
+    left, right = fig.axes[:2]
+    stats = model.statistics_
+    expected = np.sqrt(stats.sse_per_checkpoint / stats.sumsq_per_checkpoint)
+    np.testing.assert_allclose(left.lines[0].get_ydata(), expected)
+    widths = [p.get_width() for p in right.patches]
+    assert widths == pytest.approx(
+        [np.sqrt(stats.tensor_sse["weights"] / stats.tensor_sumsq["weights"])]
+    )
+    # a loaded model keeps no sums: it needs the report, and says so
+    with pytest.raises(InputError, match=r"error_figure needs the fit's errors: pass report="):
+        plots.error_figure(_model(out))
+
+
+def test_figures_that_need_more_than_the_model_say_what(in_memory):
+    model, _ = in_memory
+    with pytest.raises(InputError, match=r"accuracy_figure needs an evaluation.*cmd evaluate"):
+        plots.accuracy_figure(model)
+    with pytest.raises(InputError, match=r"landscape_figure needs a landscape.*plot landscape"):
+        plots.landscape_figure(model)
+    # with the data, a fit in memory draws them too
+    assert plots.accuracy_figure(model, EVALUATION).axes
+    assert plots.landscape_figure(model, _landscape()).axes
+
+
+def test_figure_functions_take_a_model_not_a_directory(out):
+    with pytest.raises(InputError, match=r"takes a fitted CMD model, not a path.*CMD\.load"):
+        plots.correlation_figure(out)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        plots.modes_figure(CMD())
+
+
+def test_an_online_model_draws_too():
+    from cmdcli.online import OnlineCMD
+
+    W, _, _ = _planted()
+    online = OnlineCMD(n_modes=N_MODES, warmup=5, n_samples=200, seed=0)
+    for t in range(W.shape[1]):
+        online.update_flat(W[:, t])
+    assert plots.modes_figure(online).axes
+    fig = plots.error_figure(online)  # no per-checkpoint errors online: says so
+    assert any("online" in t.get_text() for t in fig.axes[0].texts)
+
+
+def test_the_model_file_is_read_by_cmd_load_only():
+    import inspect
+
+    source = inspect.getsource(plots)
+    assert "safe_open" not in source and "import struct" not in source
+
+
+def test_plot_all_says_what_it_skipped_and_why(out):
+    skipped = []
+    paths = plots.plot_all(out, skipped=skipped)
+    assert [p.stem for p in paths] == ["correlation", "trajectories", "error", "modes"]
+    assert skipped == plots.skipped_kinds(out)
+    reasons = dict(skipped)
+    assert set(reasons) == {"accuracy", "landscape"}
+    assert "cmd evaluate" in reasons["accuracy"] and "cmd plot landscape" in reasons["landscape"]
+
+
+# --------------------------------------------------------------------------- figure fixes
+
+
+def test_every_mode_has_a_label_even_thin_ones():
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 12)
+    shapes = [1 - np.exp(-4 * t), np.sin(2 * np.pi * t), t**3, np.cos(5 * np.pi * t), t]
+    sizes = [1500, 600, 300, 25, 12]  # the last two are under 2 % of the rows
+    W = np.concatenate(
+        [rng.uniform(0.5, 2, (n, 1)) * s + rng.normal(size=(n, 1)) for n, s in zip(sizes, shapes)]
+    )
+    W += 1e-3 * rng.normal(size=W.shape)
+    model = CMD(n_modes=5, n_samples=2437, seed=0, references="sampled").fit(W)
+    fig = plots.correlation_figure(model)
+    ax = _main_axes(fig)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    present = sorted(
+        {int(m) for m in model.modes_[np.concatenate(list(model.sample_index_.values()))]}
+    )
+    assert sorted(int(text.split()[0][1:]) for text in labels) == present
+    ticks = np.sort(ax.get_yticks())
+    assert np.all(np.diff(ticks) >= 0.04 * len(model.samples_))  # labels do not collide
+    # labels moved away from their thin block point at it
+    assert any(ln.get_gid() == "mode-label-leader" for ln in ax.lines)
+
+
+def test_landscape_legend_values_are_formatted_alike(out):
+    data = _landscape()
+    data["best"] = {"x": 0.2, "y": 0.5, "value": 0.9822}
+    data["metrics"]["accuracy"][4][5] = 0.98  # the CMD point's value (x = 0, y = 0.5)
+    _write(out / "landscape.json", data)
+    fig = plots.landscape_figure(_model(out), out / "landscape.json")
+    texts = [t.get_text() for t in _main_axes(fig).get_legend().get_texts()]
+    values = [re.search(r"= ([0-9.]+)\)", t).group(1) for t in texts]
+    assert values[0] != values[1] and len({len(v.split(".")[1]) for v in values}) == 1
+    assert values == ["0.980", "0.982"]  # as many decimals as it takes, for both
+
+
+def test_accuracy_axis_follows_the_data_with_one_checkpoint(in_memory):
+    model, _ = in_memory
+    one = {
+        "metrics": ["accuracy"],
+        "checkpoints": [
+            {"name": "last", "step": 40, "original": {"accuracy": 0.98}, "cmd": {"accuracy": 0.98}}
+        ],
+        "baselines": {"ema": {"decay": 0.9, "metrics": {"accuracy": 0.98}}},
+    }
+    fig = plots.accuracy_figure(model, one)
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert 0.97 < lo < 0.98 < hi < 0.99  # not matplotlib's 0.93 … 1.03
+    assert all(float(x).is_integer() for x in ax.get_xticks())  # steps, not 39.5
+    assert ax.get_xlim() == (39, 41)
+
+
+def test_constant_and_nearly_constant_tensors_are_marked_not_blank(tmp_path):
+    rng = np.random.default_rng(1)
+    T = 10
+    moving = rng.normal(size=(300, T)).cumsum(axis=1)
+    X = {"w": moving, "frozen": np.full((8, T), 0.25), "b": moving[:20] * 0.5}
+    model = CMD(n_modes=2, n_samples=200, seed=0).fit(X)
+    fig = plots.error_figure(model)
+    notes = {t.get_text() for t in fig.axes[1].texts}
+    assert "constant: rebuilt exactly" in notes
+    # and from report.json, through the tensors' relative movement
+    from cmdcli.api import FitOptions, fit_run
+
+    sds = [
+        {k: torch.from_numpy(v[..., t].astype(np.float32)) for k, v in X.items()} for t in range(T)
+    ]
+    write_safetensors_run(tmp_path / "run", sds, list(range(1, T + 1)))
+    fit_run(tmp_path / "run", tmp_path / "out", FitOptions(n_modes=2, reconstruct="none"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    frozen = next(t for t in report["tensors"] if t["name"] == "frozen")
+    assert frozen["relative_movement"] < EPS32  # still, to float32 rounding
+    fig = plots.error_figure(_model(tmp_path / "out"), report)
+    assert "constant: rebuilt exactly" in {t.get_text() for t in fig.axes[1].texts}
+
+
+def test_report_html_shows_every_figure_at_its_printed_size(out):
+    from html.parser import HTMLParser
+
+    from cmdcli.html_report import build_html
+
+    paths = plots.plot_all(out)
+    page = build_html(out, images=paths).read_text()
+
+    class Images(HTMLParser):
+        widths: dict[str, int] = {}
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.widths[a["alt"].lower()] = int(a["width"])
+
+    parser = Images()
+    parser.feed(page)
+    content = 70 * 16  # the page's max-width (70em) in CSS pixels
+    for path in paths:
+        px = _png_size(path)[0]
+        width = parser.widths[path.stem]
+        assert width == round(px * 96 / plots.PNG_DPI)  # 1 inch of figure = 96 CSS px
+        assert width <= content  # never scaled down to fit: 8-pt text stays ≥ 10 px
+    # the trajectories grid is at most three panels wide
+    fig = plots.trajectories_figure(_model(out), max_modes=10)
+    assert fig.get_figwidth() <= 9.5
