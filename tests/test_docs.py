@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,30 @@ def test_public_names_are_exported_and_documented():
             assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
     with pytest.raises(AttributeError):
         cmdcli.no_such_name  # noqa: B018
+
+
+def _section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_readme_python_api_section_runs_as_written(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    blocks = re.findall(r"```python\n(.*?)```", _section("Python API"), flags=re.S)
+    assert len(blocks) >= 2
+    # Run from a copy of what the section uses, so its outputs land in tmp_path.
+    for name in ("sample_runs",):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md (Python API)", "exec"), namespace)
+    assert (tmp_path / "digits-api" / "cmd.safetensors").is_file()
+    # The rebuilt tensor is the original within the fit's error.
+    w, original = namespace["w"], namespace["original"]["fc1.weight"]
+    err = float(((namespace["torch"].from_numpy(w).float() - original).norm() / original.norm()))
+    assert err <= namespace["report"]["relative_error"] * 5

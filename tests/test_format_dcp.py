@@ -287,7 +287,7 @@ def test_cmd_inspect_shows_the_format(dcp_run: FrameworkRun) -> None:
     assert {c["format"] for c in info["checkpoints"]} == {"dcp"}
     table = CliRunner().invoke(app, ["inspect", str(dcp_run.root)])
     assert table.exit_code == 0
-    assert re.search(rf"{dcp_run.names[-1]}\s*│\s*dcp\b", table.output), table.output
+    assert re.search(rf"{dcp_run.names[-1]}\s*│?\s*dcp\b", table.output), table.output
 
 
 def test_a_checkpoint_directory_alone(dcp_run: FrameworkRun) -> None:
