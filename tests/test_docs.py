@@ -55,7 +55,7 @@ def test_readme_python_api_section_runs_as_written(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md (Python API)", "exec"), namespace)
     assert (tmp_path / "digits-api" / "cmd.safetensors").is_file()
-    # The rebuilt tensor is the original within the fit's error.
-    w, original = namespace["w"], namespace["original"]["fc1.weight"]
-    err = float(((namespace["torch"].from_numpy(w).float() - original).norm() / original.norm()))
-    assert err <= namespace["report"]["relative_error"] * 5
+    # The single tensor is the one in the rebuilt state dict, to float32 rounding
+    # (the state dict holds a·r + b rounded to float32 once).
+    w, rebuilt = namespace["w"], namespace["state_dict"]["fc1.weight"].double().numpy()
+    assert abs(w - rebuilt).max() <= 2.0**-24 * abs(w).max() * 2
