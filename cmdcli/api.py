@@ -249,7 +249,7 @@ class RunSource:
         rows = sum(len(v) for v in index.values())
         out = np.empty((rows, self.n_checkpoints))
         for t, ckpt in enumerate(self.checkpoints):
-            with ckpt.open(trust_pickle=self.trust_pickle) as reader:
+            with _unchanged(ckpt), ckpt.open(trust_pickle=self.trust_pickle) as reader:
                 r = 0
                 for name, idx in index.items():
                     values = reader.gather(name, idx).to(torch.float64)
@@ -279,7 +279,7 @@ class RunSource:
         width = sum(s.size for s in segments)
         out = self._buffer(width)
         for t in range(len(self._block_checkpoints)):
-            with self._block_reader(t) as reader:
+            with _unchanged(self.checkpoints[t]), self._block_reader(t) as reader:
                 col = 0
                 for seg in segments:
                     reader.read_into(seg.tensor, seg.start, seg.stop, out[t, col : col + seg.size])
@@ -303,6 +303,18 @@ class RunSource:
                 )
             col += seg.size
         raise InputError(f"NaN or Inf values in column {column} of a block")
+
+
+@contextmanager
+def _unchanged(ckpt: Checkpoint) -> Iterator[None]:
+    """A tensor or range gone from a checkpoint since discovery: the user's error, said so."""
+    try:
+        yield
+    except (KeyError, IndexError) as exc:
+        raise CheckpointError(
+            f"{printable(ckpt.name)}: changed while cmd was reading the run "
+            f"({printable(exc.args[0] if exc.args else exc)}); run again once it is complete"
+        ) from None
 
 
 def _check_finite(values: torch.Tensor, ckpt: Checkpoint, name: str) -> None:
@@ -841,7 +853,9 @@ def plan_fit(
 # --------------------------------------------------------------------------- reconstruct
 
 
-def fitted_checkpoints(model: CMD, run: str | Path | None = None) -> list[Checkpoint]:
+def fitted_checkpoints(
+    model: CMD, run: str | Path | None = None, *, trust_pickle: bool = False
+) -> list[Checkpoint]:
     """The fitted checkpoints of a loaded model, their files under the run directory.
 
     Parameters
@@ -852,6 +866,9 @@ def fitted_checkpoints(model: CMD, run: str | Path | None = None) -> list[Checkp
         Where the run's checkpoints are now (``--run``); the run directory recorded
         at fit time by default. Recorded paths are relative to it and may not
         leave it (checked when the model was read).
+    trust_pickle : bool
+        Whether the originals will be unpickled with ``weights_only=False``: then the
+        run directory must be given, never taken from the model file's word.
     """
     mf = getattr(model, "model_file_", None)
     if mf is None or not mf.checkpoints:
@@ -860,10 +877,26 @@ def fitted_checkpoints(model: CMD, run: str | Path | None = None) -> list[Checkp
             f"{where}: records no checkpoints; it was not written by `cmd fit` (only a `cmd fit` "
             f"output can be rebuilt in the original checkpoints' layout)"
         )
-    base = Path(run) if run is not None else mf.run_dir
-    if base is None:
+    return [r.resolve(run_directory(model, run, trust_pickle=trust_pickle)) for r in mf.checkpoints]
+
+
+def run_directory(model: CMD, run: str | Path | None = None, *, trust_pickle: bool = False) -> Path:
+    """The directory a fitted model's checkpoints are read from: ``run``, or the recorded one.
+
+    With ``trust_pickle`` the directory must be ``run``: a model file may come from
+    anybody, and whose pickles the user trusts is theirs to say, not the file's.
+    """
+    mf = model.model_file_
+    if run is not None:
+        return Path(run)
+    if trust_pickle:
+        raise InputError(
+            "--trust-pickle needs --run RUN_DIR: say which run's pickles you trust (the run "
+            "directory recorded in a model file is not taken on its word)"
+        )
+    if mf.run_dir is None:
         raise InputError(f"{printable(mf.path)}: records no run directory; pass --run RUN_DIR")
-    return [r.resolve(base) for r in mf.checkpoints]
+    return mf.run_dir
 
 
 def _specs_from_metadata(model: CMD) -> dict[str, TensorSpec]:
@@ -1000,7 +1033,7 @@ def rebuild_state_dict(
     >>> sd = rebuild_state_dict(model, -1)  # doctest: +SKIP
     >>> net.load_state_dict(sd, strict=True)  # doctest: +SKIP
     """
-    ckpts = fitted_checkpoints(model, run)
+    ckpts = fitted_checkpoints(model, run, trust_pickle=trust_pickle)
     t = int(t) % len(ckpts)
     specs = _specs_from_metadata(model)
     with _checkpoint_pieces(model, t, ckpts[t], specs, trust_pickle=trust_pickle) as pieces:
@@ -1077,13 +1110,13 @@ def reconstruct_run(
             "--native writes each checkpoint's own container; --shard-size does not apply"
         )
     model = CMD.load(model_path)
-    ckpts = fitted_checkpoints(model, run)
+    ckpts = fitted_checkpoints(model, run, trust_pickle=trust_pickle)
     positions = _parse_reconstruct(steps, ckpts, option="--step")
     if native:
         _check_native([ckpts[t] for t in positions])
     root, prefix = (Path(dest), "") if dest else (model_path.parent, RECONSTRUCTED_DIR)
     target = (root / prefix).resolve()
-    run_root = ckpts[0].path.parent.resolve()
+    run_root = run_directory(model, run, trust_pickle=trust_pickle).resolve()
     if is_inside(target, run_root) or any(is_inside(target, c.path.resolve()) for c in ckpts):
         raise InputError(
             f"{printable(target)}: is the run directory or inside it ({printable(run_root)}); "

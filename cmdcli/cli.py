@@ -172,7 +172,8 @@ TrustPickle = Annotated[
     typer.Option(
         "--trust-pickle",
         help="Unpickle checkpoints that need more than tensors (only if you trust them). "
-        "Applies to this command only; nothing read from a file can turn it on.",
+        "Applies to this command only; nothing read from a file can turn it on. For "
+        "reconstruct, evaluate and plot landscape it needs --run: you name the run you trust.",
     ),
 ]
 Weights = Annotated[

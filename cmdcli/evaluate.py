@@ -330,7 +330,7 @@ def original_state_dict(
         If the checkpoint's files no longer exist (or cannot be read).
     """
     t = _check_position(model, t)
-    ckpt = api.fitted_checkpoints(model, run)[t]
+    ckpt = api.fitted_checkpoints(model, run, trust_pickle=trust_pickle)[t]
     problem = api._missing_original(ckpt)
     if problem is not None:
         raise problem

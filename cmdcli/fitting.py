@@ -1008,6 +1008,9 @@ def _forked_init(shared: tuple) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")  # parallelism is the processes'
+    # torch's OpenMP pool does not survive a fork: a parallel copy in a reader (of a
+    # non-contiguous tensor, say) would wait forever for threads the child lacks.
+    torch.set_num_threads(1)
 
 
 def _die_with_parent() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,13 +123,9 @@ def _head_tail(items: Sequence, limit: int) -> tuple[list, list, int]:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a readable {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: not a {what} (expected a JSON object)")
-    return data
+    from .io.jsonio import read_object
+
+    return read_object(path, what)
 
 
 # --------------------------------------------------------------------------- sections

@@ -467,7 +467,9 @@ class CMD:
             # Laid out and sized now, under a temporary name; each block's
             # coefficients are written where the block is fitted (here, a forked
             # worker, or a Dask worker); renamed to `out` once all are in.
-            part = Path(out).with_name(f".{Path(out).name}.{os.getpid()}.part")
+            from .io.paths import temporary_name
+
+            part = temporary_name(Path(out))
             with self._open_writer(part, shapes, steps, metadata, extra) as writer:
                 sink = CoefficientSink.of(writer, list(sizes), mode_dtype)
 

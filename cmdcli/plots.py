@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
 import os
 from collections.abc import Callable
@@ -207,15 +206,9 @@ def _load_model(out: Path) -> CMD:
 
 
 def _read_json(path: Path, hint: str) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: missing; {hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a readable JSON file ({exc}); {hint}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    from .io.jsonio import read_object
+
+    return read_object(path, "JSON file", hint=hint)
 
 
 def _json_input(data: object, name: str, hint: str) -> tuple[dict, Path]:
@@ -1294,7 +1287,9 @@ def _write_figure(fig: Figure, target: Path, fmt: str, *, root: Path | None = No
     if root is not None:
         outdir.write_file(root, target.relative_to(root).as_posix(), save)
         return
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    from .io.paths import temporary_name
+
+    tmp = temporary_name(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         save(tmp)

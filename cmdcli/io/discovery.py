@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from . import names
 from .base import Checkpoint, CheckpointFormat, Entry, Run, TensorSpec
 from .formats.huggingface import regular_files
-from .paths import is_utf8, printable
+from .paths import is_plain_name, is_utf8, printable
 from .registry import FORMATS, claim
 from .steps import (
     alias_token,
@@ -33,7 +33,7 @@ from .steps import (
     natural_key,
     trainer_state_step,
 )
-from .weights import describe, is_ema_name, is_state_name
+from .weights import NoWeights, describe, is_ema_name, is_state_name
 
 __all__ = ["discover", "load_state_dict"]
 
@@ -115,7 +115,7 @@ def discover(
     notices: list[str] = []
     root_entry = _dir_entry(base.name, base, is_link=False)
     root_fmt = claim(root_entry)
-    candidates, skipped = _scan(base, inside=root_fmt)
+    candidates, skipped = _scan(base, inside=root_fmt, files_glob=files)
     if not candidates and root_fmt is not None:
         # The user pointed at one checkpoint directory: a run of one checkpoint.
         candidates = [_Candidate(root_entry, root_fmt)]
@@ -137,7 +137,9 @@ def discover(
                 + _skipped_suffix(skipped)
             )
         run_root = nested[0]
-        candidates, inner_skipped = _scan(run_root, inside=claim(_dir_entry("", run_root, False)))
+        candidates, inner_skipped = _scan(
+            run_root, inside=claim(_dir_entry("", run_root, False)), files_glob=files
+        )
         skipped = [*skipped, *inner_skipped]
         notices.append(
             f"no checkpoints directly in {given}; using those in {printable(_rel(run_root, base))}"
@@ -220,12 +222,14 @@ def _dir_entry(name: str, path: Path, is_link: bool) -> Entry:
 
 
 def _scan(
-    directory: Path, *, inside: CheckpointFormat | None
+    directory: Path, *, inside: CheckpointFormat | None, files_glob: str | None = None
 ) -> tuple[list[_Candidate], list[tuple[str, str]]]:
     """Candidates among the direct children of ``directory`` (by name), and skips.
 
     ``inside``: the format that claims ``directory`` itself, if any; its own weight
-    files are then parts of it, not checkpoints of a run.
+    files are then parts of it, not checkpoints of a run. An entry matching
+    ``files_glob`` (``--files``) is a candidate whatever its name says (an ``opt-…``
+    model, a ``…_last_layer_…`` checkpoint).
     """
     candidates: list[_Candidate] = []
     skipped: list[tuple[str, str]] = []
@@ -244,6 +248,10 @@ def _scan(
         if not is_utf8(name):
             skipped.append((shown, "name is not valid UTF-8 (rename the file to use it)"))
             continue
+        if not is_plain_name(name):
+            skipped.append((shown, "name holds control characters or '\\' (rename it to use it)"))
+            continue
+        chosen = files_glob is not None and fnmatch.fnmatchcase(name, files_glob)
         is_link = e.is_symlink()
         try:
             is_dir = e.is_dir()
@@ -267,14 +275,15 @@ def _scan(
             fmt = claim(entry)
             if fmt is None:
                 continue
-            if names.TRAINING_STATE.fullmatch(name) or is_state_name(family_key(name)):
+            state = names.TRAINING_STATE.fullmatch(name) or is_state_name(family_key(name))
+            if state and not chosen:
                 skipped.append((shown, "training state (optimizer, scheduler, ...), not weights"))
                 continue
         else:
             if is_link and (claim(Entry(name, Path(e.path), False, True)) is not None):
                 skipped.append((shown, "broken symbolic link"))
             continue
-        token = alias_token(name)
+        token = None if chosen else alias_token(name)
         if token is not None:
             skipped.append((shown, f"alias of another checkpoint (name contains {token!r})"))
             continue
@@ -413,8 +422,11 @@ def _probe(
 ) -> tuple[Checkpoint, dict[str, TensorSpec], dict[str, str]] | str:
     """Read what discovery needs from one candidate, or a reason to skip it."""
     entry, fmt = cand.entry, cand.fmt
-    probe = fmt.probe(entry, trust_pickle=trust_pickle, weights=weights)
     shown = printable(entry.name)
+    try:
+        probe = fmt.probe(entry, trust_pickle=trust_pickle, weights=weights)
+    except NoWeights as exc:  # a file of settings or metrics beside the checkpoints
+        return str(exc).removeprefix(f"{shown}: ")
     step: int | None = None
     source = "name"
     if entry.is_dir:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["MAX_JSON_BYTES", "dumps", "loads", "read_json", "non_finite_paths"]
+__all__ = ["MAX_JSON_BYTES", "dumps", "loads", "non_finite_paths", "read_json", "read_object"]
 
 MAX_JSON_BYTES = 64 * 2**20
 """Largest JSON file read (64 MiB): an index or a trainer state is far smaller."""
@@ -101,6 +101,28 @@ def read_json(path: Path, what: str | None = None, *, max_bytes: int = MAX_JSON_
     if len(data) > max_bytes:  # grew while being read
         raise InputError(f"{label}: more than the {max_bytes:,} bytes a JSON file here may have")
     return loads(data, label)
+
+
+def read_object(path: Path, what: str, *, hint: str = "") -> dict:
+    """A JSON object from ``path`` (bounded, strict; see :func:`read_json`).
+
+    ``what`` says what the file should be ("report", "evaluation"); ``hint`` how to
+    make it, appended to the message when the file is missing or unreadable.
+    """
+    from .paths import printable
+
+    shown = printable(path)
+    suffix = f"; {hint}" if hint else ""
+    if not Path(path).is_file():
+        raise InputError(f"{shown}: missing{suffix}")
+    try:
+        data = read_json(Path(path), shown)
+    except InputError as exc:
+        reason = str(exc).removeprefix(f"{shown}: ")
+        raise InputError(f"{shown}: not a readable {what} ({reason}){suffix}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{shown}: not a {what} (expected a JSON object){suffix}")
+    return data
 
 
 def non_finite_paths(value: Any, prefix: str = "") -> Iterator[str]:

@@ -29,7 +29,7 @@ from ..errors import InputError
 from . import names
 from .base import Checkpoint, TensorSource, TensorSpec
 from .jsonio import dumps
-from .paths import check_plain_name, printable
+from .paths import check_output_name, check_plain_name, printable
 from .registry import get_format
 from .safetensors import SafetensorsWriter, TensorEntry
 from .steps import stem
@@ -56,7 +56,7 @@ def output_names(
     out = []
     stems = []
     for c in ckpts:
-        check_plain_name(c.name, "checkpoint name")
+        check_output_name(c.name, "checkpoint name")
         directory = get_format(c.format).is_directory
         stems.append(c.name if directory or native else stem(c.name))
     clash = {x for x in stems if stems.count(x) > 1}
@@ -66,7 +66,7 @@ def output_names(
             out.append(c.name)
         else:
             out.append(f"{c.name if s in clash else s}{suffix}")
-    return [check_plain_name(n, "output name") for n in out]
+    return [check_output_name(n, "output name") for n in out]
 
 
 def full_tensor(pieces: TensorSource, name: str, spec: TensorSpec) -> torch.Tensor:
@@ -171,7 +171,7 @@ def write_checkpoint(
     else:
         groups = fmt.output_files(ckpt, specs) or {names.HF_SAFETENSORS: list(specs)}
     for fname in groups:
-        check_plain_name(fname, f"{ckpt.name}: output file")
+        check_output_name(fname, f"{ckpt.name}: output file")
     target.mkdir()
     written = set(groups)
     if len(groups) > 1:

@@ -594,12 +594,19 @@ def _check_tensors(
     _need(header, shown, "steps", ("I64",), (n_ckpt,))
     names = meta["tensors"]
     shapes: dict[str, tuple[int, ...]] = {}
+    mode_codes = set()
     for name in names:
         a = _need(header, shown, f"a/{name}", ("F32",))
         shape = tuple(a.spec.shape)
         _need(header, shown, f"b/{name}", ("F32",), shape)
-        _need(header, shown, f"mode/{name}", tuple(_MODE_CODES), shape)
+        mode = _need(header, shown, f"mode/{name}", tuple(_MODE_CODES), shape)
+        mode_codes.add(DTYPE_CODES[mode.spec.dtype])
         shapes[name] = shape
+    if len(mode_codes) > 1:  # the modes are read as one array of one dtype
+        raise InputError(
+            f"{shown}: tensors 'mode/…' have several dtypes ({', '.join(sorted(mode_codes))}); "
+            f"a model file stores every mode id in one"
+        )
     model = ModelFile(path, header, meta, n_modes, n_ckpt, shapes)
 
     references = model.array("references")
@@ -756,18 +763,27 @@ def _records(meta: dict[str, Any], steps: np.ndarray, shown: str) -> list[Checkp
         if not isinstance(files, list) or not files:
             raise where.fail(f"record {i} lists no weight files")
         label = f"{shown}: metadata 'checkpoints' record {i}"
-        rel_path = _relative(row.get("path"), run_dir, version, f"{label} path")
-        rel_files = tuple(_relative(f, run_dir, version, f"{label} weight file") for f in files)
+        path = row.get("path")
+        rel_path = _relative(path, run_dir, version, f"{label} path", name)
+        rel_files = tuple(
+            _relative(f, run_dir, version, f"{label} weight file", name, itself=f == path)
+            for f in files
+        )
         records.append(CheckpointRecord(name, step, rel_path, fmt, key, source, rel_files, detail))
     return records
 
 
-def _relative(value: Any, run_dir: str | None, version: int, what: str) -> PurePosixPath:
+def _relative(
+    value: Any, run_dir: str | None, version: int, what: str, name: str, *, itself: bool = True
+) -> PurePosixPath:
     """A recorded path, relative to the run directory; escaping it is refused."""
     if version == 1 and isinstance(value, str) and os.path.isabs(value):
-        # Version 1 recorded absolute paths: accepted when under the recorded run directory.
+        # Version 1 recorded resolved absolute paths. One under the recorded run directory
+        # is made relative to it; one elsewhere (a symlinked checkpoint was resolved) is
+        # taken as the checkpoint's own name in the run directory, never followed.
         if run_dir is None or not is_inside(Path(value), Path(run_dir)):
-            raise InputError(f"{what}: {printable(value)[:120]} is outside the run directory")
+            tail = os.path.basename(value.rstrip("/"))
+            return check_relative(name if itself else f"{name}/{tail}", what)
         value = os.path.relpath(os.path.normpath(value), os.path.normpath(run_dir))
         if value == ".":
             raise InputError(f"{what}: is the run directory itself")
@@ -779,7 +795,11 @@ def _check_extras(model: ModelFile, shown: str) -> None:
     specs = {s[0]: s for s in model.tensor_specs}
     for name in model.extra_names:
         parts = name.split("/", 2)
-        ok = len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < model.n_checkpoints
+        ok = (
+            len(parts) == 3
+            and re.fullmatch(r"[0-9]{1,9}", parts[1]) is not None
+            and int(parts[1]) < model.n_checkpoints
+        )
         spec = specs.get(parts[2]) if ok else None
         entry = model.header.entries[name]
         if spec is None or spec[3]:

@@ -21,10 +21,9 @@ PLOTS_DIR = "plots"
 RECONSTRUCTED_DIR = "reconstructed"
 MANIFEST = ".cmd-manifest.json"
 """Lists every file cmd wrote into a directory: what ``--overwrite`` may replace."""
-LOCK_FILE = ".cmd-lock"
-"""Held locked by the process building a temporary directory, for as long as it lives."""
 TMP_TAG = ".cmd-tmp-"
-"""Temporary directories are ``.<target name>.cmd-tmp-<pid>-<random>``."""
+"""Temporaries are ``.<target name>.cmd-tmp-<pid>-<random>``; a temporary directory has a
+``.lock`` sibling its process holds locked for as long as it lives."""
 
 # --------------------------------------------------------------------------- checkpoint files
 
@@ -52,8 +51,9 @@ PEFT_CONFIG = "adapter_config.json"
 ACCELERATE_MODEL = re.compile(r"(model|pytorch_model)(_(\d+))?\.(safetensors|bin)")
 ACCELERATE_STATE = re.compile(
     r"(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|random_states_\d+\.pkl"
-    r"|scaler\.pt|custom_checkpoint_\d+\.pkl"
+    r"|custom_checkpoint_\d+\.pkl"
 )
+"""Files only accelerate's ``save_state`` writes (a Trainer writes ``optimizer.pt``)."""
 
 # torch.distributed.checkpoint
 DCP_METADATA = ".metadata"

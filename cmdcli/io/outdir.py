@@ -21,7 +21,7 @@ import contextlib
 import ctypes
 import errno
 import os
-import secrets
+import re
 import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +31,7 @@ from typing import NamedTuple
 from ..errors import InputError
 from . import names
 from .jsonio import dumps, read_json
-from .paths import check_relative, is_inside, printable
+from .paths import check_relative, is_inside, printable, temporary_name
 
 try:  # POSIX
     import fcntl
@@ -96,7 +96,7 @@ def exchange(a: Path, b: Path) -> None:
     """Swap ``a`` and ``b`` atomically (both must exist)."""
     if _rename2(a, b, _RENAME_EXCHANGE):
         return
-    aside = b.with_name(f"{b.name}.cmd-swap-{os.getpid()}")
+    aside = temporary_name(b)
     os.rename(b, aside)
     os.rename(a, b)
     os.rename(aside, a)
@@ -156,7 +156,9 @@ def _locked(root: Path) -> Iterator[None]:
 
 def _record(root: Path, added: Sequence[str], removed_prefixes: Sequence[str] = ()) -> None:
     """Add ``added`` to ``root``'s manifest (dropping entries under ``removed_prefixes``)."""
-    files = read_manifest(root) or set()
+    files = read_manifest(root)
+    if files is None:  # an output of cmd before manifests: what it wrote stays its
+        files = _legacy_listed(root, list_files(root)) or set()
     for prefix in removed_prefixes:
         files = {f for f in files if f != prefix and not f.startswith(prefix + "/")}
     files.update(added)
@@ -187,6 +189,7 @@ def check_replaceable(
     if os.path.islink(target):
         raise InputError(f"{shown}: is a symbolic link; cmd replaces only what it wrote")
     if target.is_dir():
+        clean_stale_tree(target)  # a killed cmd's temporaries are not somebody's data
         present = list_files(target)
         if not present and target == root:
             return  # an empty directory holds nothing to lose
@@ -198,21 +201,86 @@ def check_replaceable(
         return
     listed = read_manifest(root)
     if listed is None:
+        listed = _legacy_listed(root, present)
+    if listed is None:
         first = printable(present[0]) if present else printable(target.name)
         raise InputError(
             f"{shown}: {first} was not written by cmd (there is no {names.MANIFEST}); refusing "
             f"to replace it, choose another {what}"
         )
+    nested: dict[str, set[str] | None] = {}
     for rel in present:
-        if rel != names.MANIFEST and rel not in listed:
-            raise InputError(
-                f"{shown}: {printable(rel)} was not written by cmd; refusing to replace it, "
-                f"move it away or choose another {what}"
-            )
+        if rel.rsplit("/", 1)[-1] == names.MANIFEST or _listed(root, rel, listed, nested):
+            continue
+        raise InputError(
+            f"{shown}: {printable(rel)} was not written by cmd; refusing to replace it, "
+            f"move it away or choose another {what}"
+        )
     if model_required:
         from .modelfile import read_model
 
         read_model(target / names.MODEL_FILE)
+
+
+def _listed(root: Path, rel: str, listed: set[str], nested: dict[str, set[str] | None]) -> bool:
+    """Whether ``rel`` is cmd's: in the manifest of the deepest directory above it that has
+    one (a ``--dest`` inside an output keeps its own), else in ``root``'s."""
+    parts = rel.split("/")[:-1]
+    for depth in range(len(parts), 0, -1):
+        sub = "/".join(parts[:depth])
+        if sub not in nested:
+            nested[sub] = (
+                read_manifest(root / sub) if (root / sub / names.MANIFEST).is_file() else None
+            )
+        if nested[sub] is not None:
+            return rel[len(sub) + 1 :] in nested[sub]
+    return rel in listed
+
+
+_LEGACY_TOP = frozenset(
+    {
+        names.MODEL_FILE,
+        names.REPORT_JSON,
+        names.REPORT_MD,
+        names.REPORT_HTML,
+        names.EVALUATION_JSON,
+        names.LANDSCAPE_JSON,
+    }
+)
+
+
+def _legacy_listed(root: Path, present: Sequence[str]) -> set[str] | None:
+    """What an output of cmd before manifests (model format version 1) holds of cmd's.
+
+    Such a directory has no manifest; its files are recognised by the names that
+    version wrote: the model, the reports, ``plots/<kind>.<png|svg|pdf>``, and
+    ``reconstructed/<entry>`` for the checkpoints its model file records. None when
+    ``root`` holds no valid version-1 model.
+    """
+    from .modelfile import read_model
+    from .steps import stem
+
+    try:
+        model = read_model(root / names.MODEL_FILE)
+    except InputError:
+        return None
+    if model.metadata.get("format_version") != "1":
+        return None
+    rebuilt = set()
+    for rec in model.checkpoints:
+        rebuilt |= {rec.name, f"{rec.name}.safetensors", stem(rec.name)}
+        rebuilt.add(f"{stem(rec.name)}.safetensors")
+    plots = re.compile(r"plots/[a-z]+\.(png|svg|pdf)")
+    ours = set()
+    for rel in present:
+        parts = rel.split("/")
+        if (
+            rel in _LEGACY_TOP
+            or plots.fullmatch(rel)
+            or (len(parts) >= 2 and parts[0] == names.RECONSTRUCTED_DIR and parts[1] in rebuilt)
+        ):
+            ours.add(rel)
+    return ours
 
 
 class _State(NamedTuple):
@@ -228,80 +296,136 @@ def _state(path: Path) -> _State:
     return _State(True, (st.st_dev, st.st_ino))
 
 
-# --------------------------------------------------------------------------- temporary dirs
+# --------------------------------------------------------------------------- temporaries
 
 
-def _tmp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}{names.TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+def _lock(tmp: Path) -> int | None:
+    """Create ``<tmp>.lock`` already locked; the fd holds the lock until closed.
 
-
-def _lock_dir(tmp: Path) -> int | None:
-    """Create ``tmp``'s lock file and hold it locked; the fd stays open until closed."""
+    The file is created under another name, locked, then renamed into place, so that
+    no other process ever sees an unlocked lock file of a live owner.
+    """
     if fcntl is None:  # pragma: no cover
         return None
-    fd = os.open(tmp / names.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    init = tmp.with_name(f"{tmp.name}.lock-init")
+    fd = os.open(init, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(init, tmp.with_name(f"{tmp.name}.lock"))
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            init.unlink()
+        raise
     return fd
 
 
-def clean_stale(parent: Path) -> list[Path]:
-    """Remove temporary directories of dead cmd processes in ``parent``; return them.
+def _release(tmp: Path, fd: int | None) -> None:
+    """Remove ``tmp``'s lock file, then let go of the lock (in that order: no window
+    in which a cleaner could take an unlocked lock file for a dead owner's)."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp.with_name(f"{tmp.name}.lock"))
+    if fd is not None:
+        os.close(fd)
 
-    A directory qualifies when its name is cmd's temporary pattern and its lock file
-    exists and can be locked (its owner, alive, would hold it).
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+
+
+def clean_stale(parent: Path) -> list[Path]:
+    """Remove temporaries of dead cmd processes in ``parent``; return them.
+
+    Temporary directories come with a ``.lock`` file their owner holds locked for as
+    long as it lives: a lock that can be taken means a dead owner. Temporary files
+    (atomic writes) carry their owner's pid in their name instead.
     """
     removed: list[Path] = []
-    if fcntl is None:  # pragma: no cover
-        return removed
     try:
-        entries = list(os.scandir(parent))
+        entries = {e.name for e in os.scandir(parent)}
     except OSError:
         return removed
-    for e in entries:
-        if not (e.name.startswith(".") and names.TMP_TAG in e.name):
+    for name in sorted(entries):
+        if not (name.startswith(".") and names.TMP_TAG in name):
             continue
-        try:
-            if not e.is_dir(follow_symlinks=False):
+        path = os.path.join(parent, name)
+        if name.endswith((".lock", ".lock-init")):
+            if fcntl is None:  # pragma: no cover
                 continue
-            fd = os.open(os.path.join(e.path, names.LOCK_FILE), os.O_RDWR | os.O_NOFOLLOW)
-        except OSError:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # its owner is alive
+            try:
+                companion = path.rsplit(".lock", 1)[0]
+                if os.path.lexists(companion):
+                    _remove(companion)
+                    removed.append(Path(companion))
+                os.unlink(path)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # alive
-        try:
-            shutil.rmtree(e.path, ignore_errors=True)
-            removed.append(Path(e.path))
-        finally:
-            os.close(fd)
+        if f"{name}.lock" in entries or f"{name}.lock-init" in entries:
+            continue  # judged by its lock
+        match = re.search(re.escape(names.TMP_TAG) + r"(\d+)-", name)
+        if match and not _alive(int(match.group(1))):
+            _remove(path)
+            removed.append(Path(path))
     return removed
+
+
+def clean_stale_tree(root: Path) -> None:
+    """:func:`clean_stale` in ``root`` and every directory below it (links not followed)."""
+    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
+        clean_stale(Path(dirpath))
+        dirnames[:] = [d for d in dirnames if os.path.isdir(os.path.join(dirpath, d))]
 
 
 @contextlib.contextmanager
 def _tmp_directory(target: Path) -> Iterator[tuple[Path, int | None]]:
-    """A fresh locked temporary sibling of ``target``; removed unless renamed away."""
-    tmp = _tmp_name(target)
+    """A fresh locked temporary sibling of ``target``; removed unless renamed away.
+
+    Yields the directory and its lock; the lock is released (its file removed) only
+    after the directory is gone or renamed, so a kill at any moment leaves either
+    nothing or a temporary that the next :func:`clean_stale` removes.
+    """
+    tmp = temporary_name(target)
+    lock = None
     try:
+        lock = _lock(tmp)
         tmp.mkdir()
-        lock = _lock_dir(tmp)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _release(tmp, lock)
         raise InputError(
             f"{printable(target)}: cannot create a directory beside it ({exc.strerror or exc})"
         ) from None
     try:
         yield tmp, lock
     finally:
-        if lock is not None:
-            os.close(lock)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _unlock(tmp: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp / names.LOCK_FILE)
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        _release(tmp, lock)
 
 
 # --------------------------------------------------------------------------- whole directories
@@ -365,14 +489,13 @@ def new_directory(
         raise InputError(f"{shown}: cannot create the {what} ({exc.strerror or exc})") from None
     clean_stale(target.parent)
     try:
-        with _tmp_directory(target) as (tmp, _lock):
+        with _tmp_directory(target) as (tmp, _):
             yield tmp
-            _record(tmp, [f for f in list_files(tmp) if f != names.LOCK_FILE])
-            _unlock(tmp)
+            _record(tmp, list_files(tmp))
             _commit(tmp, target, before, model_required=model_required, what=what)
     except BaseException:
-        if created is not None and not _state(target).exists:
-            shutil.rmtree(created, ignore_errors=True)
+        if created is not None:  # only the empty parents this call made
+            _remove_empty(target.parent, stop=created.parent)
         raise
 
 
@@ -420,7 +543,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}{names.TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temporary_name(path)
     try:
         with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
@@ -459,9 +582,7 @@ def write_file(root: Path, rel: str, write: Callable[[Path], None] | str) -> Pat
         if isinstance(write, str):
             _atomic_text(target, write)
         else:
-            tmp = target.with_name(
-                f".{target.name}{names.TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-            )
+            tmp = temporary_name(target)
             try:
                 write(tmp)
                 os.replace(tmp, target)
@@ -542,7 +663,7 @@ def _place(
 ) -> list[Path]:
     clean_stale(dest)
     placed: list[Path] = []
-    with _tmp_directory(dest / "x") as (tmp, _lock):
+    with _tmp_directory(dest / "x") as (tmp, _):
         built = build(tmp)
         with _locked(root):
             for name in built:

@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
 
-__all__ = ["check_plain_name", "check_relative", "is_plain_name", "printable", "safe_join"]
+__all__ = [
+    "check_output_name",
+    "check_plain_name",
+    "check_relative",
+    "is_inside",
+    "is_plain_name",
+    "printable",
+    "temporary_name",
+]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Control characters, lone surrogates (undecodable bytes of a file name), and the
+# invisible or direction-changing characters that can make one name look like another.
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]"
+)
 _MAX_NAME = 255
 
 
@@ -66,6 +79,19 @@ def check_plain_name(name: object, what: str) -> str:
     return name  # type: ignore[return-value]
 
 
+def check_output_name(name: object, what: str) -> str:
+    """A plain name (:func:`is_plain_name`) that is also not hidden: outputs never start
+    with ``.``, so no name from a file can take the place of the manifest or of a
+    temporary."""
+    check_plain_name(name, what)
+    if name.startswith("."):  # type: ignore[union-attr]
+        raise InputError(
+            f"{what}: {printable(repr(name))[:120]} starts with '.', which cmd keeps for its "
+            f"own bookkeeping files"
+        )
+    return name  # type: ignore[return-value]
+
+
 def check_relative(path: object, what: str) -> PurePosixPath:
     """A relative path of plain components (no ``..``, not absolute), from a file."""
     if not isinstance(path, str) or not path or len(path) > 4096:
@@ -81,12 +107,15 @@ def check_relative(path: object, what: str) -> PurePosixPath:
     return pure
 
 
-def safe_join(base: Path, *names: str) -> Path:
-    """``base / name / …`` for plain names only (see :func:`is_plain_name`)."""
-    path = base
-    for name in names:
-        path = path / check_plain_name(name, str(base))
-    return path
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden sibling name for building ``path``: ``.<name>.cmd-tmp-<pid>-<tag>``.
+
+    The pid lets a later run tell a dead process's leftover from a live one's
+    (:func:`cmdcli.io.outdir.clean_stale`).
+    """
+    from .names import TMP_TAG
+
+    return path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def is_inside(path: Path, base: Path) -> bool:

@@ -30,6 +30,7 @@ import torch
 from ..dtypes import CODE_DTYPES, DTYPE_CODES, itemsize
 from ..errors import CheckpointError, InputError
 from .base import CheckpointReader, TensorSpec, check_index, check_range
+from .paths import temporary_name
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -262,7 +263,7 @@ def _check_entry(
     if not (
         isinstance(shape, list)
         and len(shape) <= 64
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape)
     ):
         raise CheckpointError(f"{bad} (shape {str(shape)[:80]})")
     if not (
@@ -634,7 +635,7 @@ class SafetensorsWriter:
         # Written under a temporary sibling and renamed over ``path`` by close():
         # a reader (or a memory map) of an existing file at ``path`` keeps seeing
         # it whole, and a failure leaves nothing that looks complete.
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = temporary_name(self.path)
         self._fd = -1
         try:
             self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

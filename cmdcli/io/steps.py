@@ -69,8 +69,15 @@ def stem(name: str) -> str:
 
 
 def alias_token(name: str) -> str | None:
-    """``last``, ``best`` or ``latest`` when ``name`` says it is an alias of another checkpoint."""
-    for token in re.split(r"[^0-9a-zA-Z]+", stem(name)):
+    """``last``, ``best`` or ``latest`` when ``name`` says it is an alias of another checkpoint.
+
+    Only a name without a step of its own is an alias (``last.ckpt``, ``model_best.pth.tar``,
+    Lightning's ``last-v1.ckpt``); ``vit_last_layer_epoch5.pt`` is a checkpoint of epoch 5.
+    """
+    text = re.sub(r"-v\d+$", "", stem(name))  # Lightning's version suffix
+    if name_step(text) is not None:
+        return None
+    for token in re.split(r"[^0-9a-zA-Z]+", text):
         if token.lower() in _ALIAS_TOKENS:
             return token.lower()
     return None

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import CheckpointError
 from .base import CheckpointReader, TensorSpec, check_index, check_range
+from .paths import printable
 from .weights import choose
 
 __all__ = ["SAFE_GLOBALS", "TorchFile", "TorchReader", "load_torch", "load_weights"]
@@ -156,14 +157,48 @@ def stored_step(obj: Any) -> int | None:
     return None
 
 
+def check_stored(t: torch.Tensor, name: str, display: str) -> None:
+    """Refuse a tensor cmd cannot read, or whose view claims more than its storage holds.
+
+    A pickle records a view (offset, shape, strides) over a storage: a crafted one can
+    describe a tensor of 2**40 elements over one stored value (``expand``), which every
+    reader and writer would then materialise. Only dense tensors of a dtype cmd can
+    store, whose elements all lie inside their storage and do not overlap, are read.
+    """
+    from ..dtypes import DTYPE_CODES
+
+    shown = printable(name)
+    if t.layout != torch.strided:
+        raise CheckpointError(
+            f"{display}: tensor {shown!r} has layout {t.layout}; only dense tensors can be read"
+        )
+    if t.dtype not in DTYPE_CODES:
+        raise CheckpointError(
+            f"{display}: tensor {shown!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+            f"which cmd cannot read or write (floating-point, integer and bool tensors only)"
+        )
+    if t.numel() <= 1:
+        return
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True)):
+        raise CheckpointError(
+            f"{display}: tensor {shown!r} repeats one stored value (a zero stride); a "
+            f"checkpoint stores every element"
+        )
+    extent = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    if any(s < 0 for s in t.stride()) or extent * t.element_size() > t.untyped_storage().nbytes():
+        raise CheckpointError(
+            f"{display}: tensor {shown!r} of shape {tuple(t.shape)} describes more elements "
+            f"than its storage holds"
+        )
+    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) != 0:
+        raise CheckpointError(f"{display}: tensor {shown!r} has overlapping elements")
+
+
 def specs_of(tensors: Mapping[str, torch.Tensor], display: str) -> dict[str, TensorSpec]:
-    """The specs of a dict of tensors; only dense (strided) tensors can be read."""
+    """The specs of a dict of tensors, each checked by :func:`check_stored`."""
     specs = {}
     for name, t in tensors.items():
-        if t.layout != torch.strided:
-            raise CheckpointError(
-                f"{display}: tensor {name!r} has layout {t.layout}; only dense tensors can be read"
-            )
+        check_stored(t, name, display)
         specs[name] = TensorSpec(name, tuple(t.shape), t.dtype)
     return specs
 

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["RAW_KEYS", "choose", "describe", "is_ema_name", "tensor_sets"]
+__all__ = ["RAW_KEYS", "NoWeights", "choose", "describe", "is_ema_name", "tensor_sets"]
 
 RAW_KEYS = (
     "state_dict",
@@ -46,7 +46,6 @@ _STATE_TOKENS = frozenset(
         "optimizer",
         "optimizers",
         "optim",
-        "opt",
         "scheduler",
         "schedulers",
         "sched",
@@ -75,6 +74,10 @@ def is_state_name(name: str) -> bool:
 def describe(name: str) -> str:
     """What a set of weights called ``name`` is, in words."""
     return "EMA weights" if is_ema_name(name) else "weights"
+
+
+class NoWeights(CheckpointError):
+    """A readable file that holds no tensors at all: not a checkpoint (discovery skips it)."""
 
 
 def _tensor_dict(value: Any) -> dict[str, torch.Tensor] | None:
@@ -174,12 +177,12 @@ def choose(
         if isinstance(obj, Mapping):
             keys = ", ".join(repr(k) for k in list(obj)[:12])
             more = f" and {len(obj) - 12} more" if len(obj) > 12 else ""
-            raise CheckpointError(
+            raise NoWeights(
                 f"{display}: no state dict found (expected a dict of tensors, or one under "
                 f"a key such as {', '.join(repr(k) for k in RAW_KEYS[:5])}; found top-level "
                 f"keys {keys or '(none)'}{more})"
             )
-        raise CheckpointError(
+        raise NoWeights(
             f"{display}: no state dict found (expected a dict of tensors, found a "
             f"{type(obj).__name__})"
         )

@@ -50,10 +50,13 @@ class Accelerate(CheckpointFormat):
     looked_for = "accelerate save_state folders (model.safetensors beside random_states_0.pkl)"
 
     def claims(self, entry: Entry) -> bool:
+        # A Trainer directory (trainer_state.json, config.json) is Hugging Face's, even
+        # when accelerate ran underneath it.
         return (
             entry.is_dir
             and bool(_model_files(entry.files))
             and any(names.ACCELERATE_STATE.fullmatch(f) for f in entry.files)
+            and not entry.files & {names.TRAINER_STATE, "config.json"}
         )
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:

@@ -87,7 +87,13 @@ from ..base import (
 from ..paths import is_plain_name, printable
 from ..safetensors import _ELEMENT_TYPES, _gather_plan, pread_into
 from ..steps import natural_key
-from ..torchfile import SAFE_GLOBALS, SAFE_LOAD_LOCK, load_failure, weights_only_refusal
+from ..torchfile import (
+    SAFE_GLOBALS,
+    SAFE_LOAD_LOCK,
+    check_stored,
+    load_failure,
+    weights_only_refusal,
+)
 from ..weights import RAW_KEYS, default_key, describe, is_ema_name, is_state_name
 
 __all__ = ["MAX_METADATA_BYTES", "Dcp", "DcpReader", "load_metadata"]
@@ -1174,6 +1180,7 @@ class DcpReader(CheckpointReader):
                 f"{shown}: item {printable(meta.fqn)!r} holds {found}, but the metadata says "
                 f"{str(meta.dtype).removeprefix('torch.')} of shape {chunk.sizes}"
             )
+        check_stored(value, meta.fqn, shown)  # before .contiguous() materialises it
         return value.detach().contiguous().reshape(-1)
 
     def _pread(self, fd: int, view: memoryview, offset: int, file: str) -> None:
