@@ -607,3 +607,37 @@ def test_inspect_shows_deepspeed_and_the_stage(run: FrameworkRun) -> None:
     }
     table = CliRunner().invoke(app, ["inspect", str(run.root)], terminal_width=160)
     assert table.exit_code == 0 and f"deepspeed ZeRO-{_stage(run)}" in table.stdout
+
+
+def test_trainer_checkpoints_written_through_deepspeed(z3: FrameworkRun, tmp_path: Path) -> None:
+    """transformers' Trainer with ZeRO-3 (no 16-bit model saved): checkpoint-<step>/
+    holding global_step<step>/, `latest` and the Trainer's own files."""
+    from cmdcli.api import FitOptions, fit_run, reconstruct_run
+
+    out = tmp_path / "trainer"
+    for name, step in zip(z3.names, z3.steps, strict=True):
+        ckpt = out / f"checkpoint-{step}"
+        shutil.copytree(z3.root / name, ckpt / name)
+        (ckpt / "latest").write_text(name)
+        (ckpt / "zero_to_fp32.py").write_text("# copied by DeepSpeed\n")
+        (ckpt / "config.json").write_text('{"model_type": "tiny"}')
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    run = discover(out)
+    assert [c.name for c in run.checkpoints] == [f"checkpoint-{s}" for s in z3.steps]
+    assert {c.format for c in run.checkpoints} == {"deepspeed"}
+    assert {c.step_source for c in run.checkpoints} == {"trainer_state.json"}
+    for ckpt, want in zip(run.checkpoints, z3.weights, strict=True):
+        _assert_same(load_state_dict(ckpt), want)
+    report = fit_run(out, tmp_path / "fit", FitOptions(n_modes=10, seed=0))
+    rebuilt = Path(report["reconstructed"][0]["path"])
+    assert sorted(p.name for p in rebuilt.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "trainer_state.json",
+    ]
+    (native,) = reconstruct_run(tmp_path / "fit", "last", dest=tmp_path / "native", native=True)
+    inner = Path(native["path"]) / z3.names[-1]
+    assert (Path(native["path"]) / "trainer_state.json").is_file() and inner.is_dir()
+    got = z3.load_back_native(inner)
+    for k, v in got.items():
+        assert v.shape == z3.weights[-1][k].shape

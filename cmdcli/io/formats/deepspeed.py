@@ -62,7 +62,7 @@ import stat
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -82,7 +82,7 @@ from ..base import (
     check_index,
     check_range,
 )
-from ..paths import printable
+from ..paths import is_plain_name, printable
 from ..torchfile import SAFE_LOAD_LOCK, is_zip, load_failure, weights_only_refusal
 from .huggingface import regular_files
 
@@ -1192,19 +1192,27 @@ class DeepSpeed(CheckpointFormat):
     looked_for = "DeepSpeed global_step<N> folders (*_model_states.pt)"
 
     def claims(self, entry: Entry) -> bool:
-        return entry.is_dir and any(names.DS_MODEL_STATES.fullmatch(f) for f in entry.files)
+        if not entry.is_dir:
+            return False
+        if any(names.DS_MODEL_STATES.fullmatch(f) for f in entry.files):
+            return True
+        # A Trainer checkpoint written through DeepSpeed (checkpoint-<step>/ holding
+        # global_step<step>/ and `latest`), when the Trainer saved no model file of its own.
+        hf_weights = {names.HF_SAFETENSORS, names.HF_SAFETENSORS_INDEX, names.HF_BIN}
+        return not entry.files & hf_weights and _inner_step(entry.path, entry.files) is not None
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
-        folder = _scan(entry.path, entry.files, entry.name)
+        path, files, name = _step_folder(entry.path, entry.files, entry.name)
+        folder = _scan(path, files, name)
         # Every file is loaded and checked once here, the optimizer files too.
         layout = _build(folder, trust_pickle=trust_pickle, weights=weights, validate=True)
-        _check_step(folder, entry.name, layout)
+        _check_step(folder, path.name, layout)
         other = {}
         if layout.stage in (1, 2) and weights in (None, _DEFAULT_SET):
             other = {_FP32_SET: "fp32 master weights (gathered from the ZeRO partitions)"}
         chosen = _choose_set(folder, folder.zero3_names, weights)
         return Probe(
-            weight_files=tuple(entry.path / f for f in layout.weight_files),
+            weight_files=tuple(path / f for f in layout.weight_files),
             specs=dict(layout.specs),
             state_key=None if weights is None else chosen,
             other_sets=other,
@@ -1214,7 +1222,7 @@ class DeepSpeed(CheckpointFormat):
         )
 
     def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-        folder = _scan(ckpt.path, regular_files(ckpt.path), ckpt.name)
+        folder = _scan(*_step_folder(ckpt.path, regular_files(ckpt.path), ckpt.name))
         layout = _build(folder, trust_pickle=trust_pickle, weights=ckpt.state_key)
         return DeepSpeedReader(layout, folder.name)
 
@@ -1225,7 +1233,17 @@ class DeepSpeed(CheckpointFormat):
         return {names.HF_SAFETENSORS: list(specs)}
 
     def side_files(self, ckpt: Checkpoint) -> list[str]:
-        return []
+        # A Trainer's checkpoint directory: its configuration travels with the weights
+        # (from_pretrained reads config.json beside model.safetensors).
+        files = regular_files(ckpt.path)
+        if any(names.DS_MODEL_STATES.fullmatch(f) for f in files):
+            return []
+        scripts = {names.DS_LATEST, "zero_to_fp32.py", "zero_to_torch.py"}
+        return [
+            f
+            for f in files
+            if f not in scripts and not names.TRAINING_STATE.fullmatch(f) and not f.startswith(".")
+        ]
 
     def write_native(
         self,
@@ -1238,8 +1256,14 @@ class DeepSpeed(CheckpointFormat):
     ) -> None:
         from ..layout import copy_side_files
 
-        files = regular_files(ckpt.path)
-        folder = _scan(ckpt.path, files, ckpt.name)
+        outer = regular_files(ckpt.path)
+        path, files, name = _step_folder(ckpt.path, outer, ckpt.name)
+        if path != ckpt.path:  # a Trainer's directory: its own files, then the step folder
+            target.mkdir()
+            copy_side_files(ckpt, [f for f in outer if not f.startswith(".")], target)
+            target = target / path.name
+            ckpt = replace(ckpt, path=path, name=f"{ckpt.name}/{path.name}")
+        folder = _scan(path, files, name)
         layout = _build(folder, trust_pickle=trust_pickle, weights=ckpt.state_key, writable=True)
         if (
             layout.stage == 0
@@ -1269,6 +1293,42 @@ class DeepSpeed(CheckpointFormat):
         )
         for fname, obj in rewritten.items():
             save_deepspeed_file(obj, target / fname)
+
+
+def _inner_step(path: Path, files: Iterable[str]) -> str | None:
+    """The step folder a Trainer's checkpoint directory names in its ``latest`` file.
+
+    ``latest`` is read bounded, its content must be a plain name, and the folder a real
+    directory (not a link) inside ``path`` holding DeepSpeed model states; else None.
+    """
+    if names.DS_LATEST not in files:
+        return None
+    try:
+        with open(path / names.DS_LATEST, "rb") as fh:
+            text = fh.read(257).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    inner = path / text
+    if len(text) > 255 or not is_plain_name(text) or os.path.islink(inner) or not inner.is_dir():
+        return None
+    if not any(names.DS_MODEL_STATES.fullmatch(f) for f in regular_files(inner)):
+        return None
+    return text
+
+
+def _step_folder(path: Path, files: Iterable[str], name: str) -> tuple[Path, list[str], str]:
+    """The folder holding the DeepSpeed files of a checkpoint, its files and its display name.
+
+    The checkpoint directory itself, or the step folder inside a Trainer's checkpoint
+    directory (:func:`_inner_step`).
+    """
+    files = list(files)
+    if any(names.DS_MODEL_STATES.fullmatch(f) for f in files):
+        return path, files, name
+    inner = _inner_step(path, files)
+    if inner is None:
+        raise CheckpointError(f"{printable(name)}: no DeepSpeed model states here any more")
+    return path / inner, regular_files(path / inner), f"{name}/{inner}"
 
 
 def _check_step(folder: _Folder, name: str, layout: _Layout) -> None:
