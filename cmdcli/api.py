@@ -172,6 +172,7 @@ class RunSource:
         # parsed once); they read with pread, so nothing stays mapped.
         self._readers: dict[int, CheckpointReader] = {}
         self._keep_readers = True
+        self._n_files = sum(len(c.weight_files) for c in self.checkpoints)
 
     def __getstate__(self) -> dict:
         """What a worker needs for :meth:`read_block`, when the source is pickled.
@@ -210,25 +211,22 @@ class RunSource:
 
     @contextmanager
     def _block_reader(self, t: int) -> Iterator[CheckpointReader]:
-        """A reader of pass 2's checkpoint ``t``: kept open if it reads with pread."""
-        ckpt = self._block_checkpoints[t]
-        files = sum(len(c.weight_files) for c in self._block_checkpoints)
-        # Readers of safetensors files read with pread (nothing mapped): they may stay open.
-        pread = all(f.name.endswith(".safetensors") for f in ckpt.weight_files)
-        if not self._keep_readers or not pread or files > _MAX_OPEN_FILES:
-            with ckpt.open(trust_pickle=self.trust_pickle) as reader:
+        """A reader of pass 2's checkpoint ``t``: kept open when it is reusable."""
+        with self._free_lock:
+            reader = self._readers.get(t)
+        if reader is not None:
+            yield reader
+            return
+        reader = self._block_checkpoints[t].open(trust_pickle=self.trust_pickle)
+        if not (self._keep_readers and reader.reusable and self._n_files <= _MAX_OPEN_FILES):
+            with reader:
                 yield reader
             return
         with self._free_lock:
-            reader = self._readers.get(t)
-        if reader is None:
-            reader = ckpt.open(trust_pickle=self.trust_pickle)
-            with self._free_lock:
-                kept = self._readers.setdefault(t, reader)
-            if kept is not reader:  # another thread opened it first
-                reader.close()
-                reader = kept
-        yield reader
+            kept = self._readers.setdefault(t, reader)
+        if kept is not reader:  # another thread opened it first
+            reader.close()
+        yield kept
 
     def _buffer(self, width: int) -> torch.Tensor:
         with self._free_lock:

@@ -175,7 +175,16 @@ class CheckpointReader(ABC):
 
     Obtained from :meth:`Checkpoint.open`. A context manager: leaving the ``with``
     block closes it. The methods may be called from several threads at once.
+
+    Attributes
+    ----------
+    reusable : bool
+        Whether keeping the reader open costs nothing but file descriptors (it reads
+        with ``pread``, maps nothing): pass 2 then keeps it from block to block
+        instead of opening the checkpoint again for every block.
     """
+
+    reusable: ClassVar[bool] = False
 
     def __enter__(self) -> CheckpointReader:
         return self

@@ -289,6 +289,8 @@ class _Located(NamedTuple):
 class SafetensorsReader(CheckpointReader):
     """Reads safetensors files (one, or the shards of one checkpoint) with pread.
 
+    Reusable: it holds file descriptors and parsed headers, nothing mapped.
+
     Parameters
     ----------
     files : iterable of pathlib.Path
@@ -296,6 +298,8 @@ class SafetensorsReader(CheckpointReader):
     displays : list of str
         How to name each file in messages (relative to the run directory).
     """
+
+    reusable = True
 
     def __init__(self, files: Iterable[Path], displays: list[str]) -> None:
         self._files = list(files)
