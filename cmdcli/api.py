@@ -29,6 +29,7 @@ from .errors import CheckpointError, InputError
 from .fitting import Progress, Segment
 from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
 from .io.jsonio import dumps, non_finite_paths
+from .io.modelfile import CheckpointRecord
 from .io.names import MODEL_FILE, RECONSTRUCTED_DIR, REPORT_JSON, REPORT_MD
 from .io.paths import is_inside, printable
 from .io.registry import get_format
@@ -464,13 +465,13 @@ def _fit_inputs(
         ):
             hint = "; this is one checkpoint directory, pass the directory that holds them all"
         raise InputError(
-            f"{run_dir}: need at least 3 checkpoints to fit, found {found}{within}{hint}"
+            f"{printable(run_dir)}: need at least 3 checkpoints to fit, found {found}{within}{hint}"
         )
     modelled, copied = _select_tensors(run.specs, opts.include, opts.exclude)
     if not modelled:
         examples = ", ".join([repr(n) for n, s in run.specs.items() if s.is_float][:3])
         raise InputError(
-            f"{run.root}: no floating-point tensor left to model "
+            f"{printable(run.root)}: no floating-point tensor left to model "
             f"(include={list(opts.include)}, exclude={list(opts.exclude)}); "
             f"tensor names look like {examples}"
         )
@@ -569,7 +570,7 @@ def fit_run(
         metadata = {
             "cmdcli_version": __version__,
             "run_dir": str(run.root.resolve()),
-            "checkpoints": [_checkpoint_record(c, run.root) for c in ckpts],
+            "checkpoints": [CheckpointRecord.of(c, run.root).as_dict() for c in ckpts],
             "tensor_specs": [
                 [n, DTYPE_CODES[s.dtype], list(s.shape), n in modelled]
                 for n, s in run.specs.items()
@@ -687,24 +688,6 @@ def _fit_online(
         if progress:
             progress("online", t + 1, len(ckpts))
     return online.to_cmd()
-
-
-def _checkpoint_record(c: Checkpoint, root: Path) -> dict:
-    """What the model file records of a checkpoint: paths relative to the run directory."""
-
-    def rel(p: Path) -> str:
-        return Path(p).absolute().relative_to(Path(root).absolute()).as_posix()
-
-    return {
-        "name": c.name,
-        "step": c.step,
-        "path": rel(c.path),
-        "format": c.format,
-        "state_key": c.state_key,
-        "step_source": c.step_source,
-        "weight_files": [rel(p) for p in c.weight_files],
-        "detail": c.detail,
-    }
 
 
 def _check_native(ckpts: Sequence[Checkpoint]) -> None:

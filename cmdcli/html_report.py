@@ -16,11 +16,12 @@ from pathlib import Path
 
 from .errors import InputError
 from .io import outdir
+from .io.names import EVALUATION_JSON, LANDSCAPE_JSON, PLOTS_DIR, REPORT_HTML, REPORT_JSON
 from .reports import lower_is_better
 
 __all__ = ["REPORT_FILE", "build_html"]
 
-REPORT_FILE = "report.html"
+REPORT_FILE = REPORT_HTML
 # Longest tables shown whole; longer ones show their head and tail (checkpoints)
 # or their worst rows (tensors), with a note.
 MAX_ROWS = 40
@@ -443,7 +444,7 @@ def _figures(
     out: Path, images: Sequence[Path] | None, skipped: Sequence[tuple[str, str]] = ()
 ) -> str:
     if images is None:
-        folder = out / "plots"
+        folder = out / PLOTS_DIR
         paths = (
             sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".svg"))
             if folder.is_dir()
@@ -499,15 +500,15 @@ def build_html(
         image given cannot be read or embedded.
     """
     out = Path(out)
-    report_path = out / "report.json"
+    report_path = out / REPORT_JSON
     if not report_path.is_file():
         raise InputError(f"{out}: no report.json here; run `cmd fit` first")
     report = _read_json(report_path, "cmd fit report")
-    evaluation_path = out / "evaluation.json"
+    evaluation_path = out / EVALUATION_JSON
     evaluation = (
         _read_json(evaluation_path, "cmd evaluation") if evaluation_path.is_file() else None
     )
-    landscape_path = out / "landscape.json"
+    landscape_path = out / LANDSCAPE_JSON
     landscape = _read_json(landscape_path, "cmd landscape") if landscape_path.is_file() else None
 
     run_dir = report.get("run_dir", "?")

@@ -206,7 +206,26 @@ class CheckpointRecord:
             detail=self.detail,
         )
 
+    @classmethod
+    def of(cls, ckpt, root: Path) -> CheckpointRecord:
+        """The record of a discovered checkpoint: its paths relative to run directory ``root``."""
+
+        def rel(p: Path) -> PurePosixPath:
+            return PurePosixPath(Path(p).absolute().relative_to(Path(root).absolute()).as_posix())
+
+        return cls(
+            name=ckpt.name,
+            step=ckpt.step,
+            path=rel(ckpt.path),
+            format=ckpt.format,
+            state_key=ckpt.state_key,
+            step_source=ckpt.step_source,
+            files=tuple(rel(p) for p in ckpt.weight_files),
+            detail=ckpt.detail,
+        )
+
     def as_dict(self) -> dict:
+        """The record as the model file's ``checkpoints`` metadata holds it."""
         return {
             "name": self.name,
             "step": self.step,
