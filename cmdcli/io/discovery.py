@@ -22,8 +22,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from . import names
 from .base import Checkpoint, CheckpointFormat, Entry, Run, TensorSpec
-from .formats.huggingface import regular_files
-from .paths import is_plain_name, is_utf8, printable
+from .paths import is_plain_name, is_utf8, printable, regular_files
 from .registry import FORMATS, claim
 from .steps import (
     alias_token,

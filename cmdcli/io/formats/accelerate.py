@@ -26,7 +26,8 @@ from ..base import (
     TensorSource,
     TensorSpec,
 )
-from .huggingface import _open_files, _probe_files, regular_files
+from ..paths import regular_files
+from .huggingface import _open_files, _probe_files
 
 __all__ = ["Accelerate"]
 

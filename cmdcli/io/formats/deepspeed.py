@@ -82,9 +82,8 @@ from ..base import (
     check_index,
     check_range,
 )
-from ..paths import is_plain_name, printable
+from ..paths import is_plain_name, printable, regular_files
 from ..torchfile import SAFE_LOAD_LOCK, is_zip, load_failure, weights_only_refusal
-from .huggingface import regular_files
 
 __all__ = ["STANDINS", "DeepSpeed", "DeepSpeedObject", "DeepSpeedReader", "save_deepspeed_file"]
 

@@ -19,29 +19,13 @@ from ...errors import CheckpointError
 from .. import names
 from ..base import Checkpoint, CheckpointFormat, CheckpointReader, Entry, Probe, TensorSpec
 from ..jsonio import read_json
-from ..paths import is_plain_name, printable
+from ..paths import is_plain_name, printable, regular_files
 from ..safetensors import SafetensorsReader
 from ..steps import metadata_step, natural_key
 from ..torchfile import TorchReader
 from .files import probe_torch_files
 
-__all__ = ["HuggingFace", "Peft", "read_index", "regular_files"]
-
-
-def regular_files(directory: Path) -> list[str]:
-    """Names of the regular files directly in ``directory`` (symbolic links excluded)."""
-    out = []
-    try:
-        with os.scandir(directory) as it:
-            for e in it:
-                try:
-                    if stat.S_ISREG(e.stat(follow_symlinks=False).st_mode):
-                        out.append(e.name)
-                except OSError:
-                    continue
-    except OSError as exc:
-        raise CheckpointError(f"{directory}: cannot list ({exc.strerror or exc})") from exc
-    return sorted(out, key=natural_key)
+__all__ = ["HuggingFace", "Peft", "read_index"]
 
 
 def read_index(directory: Path, index_name: str, display: str) -> tuple[tuple[Path, ...], dict]:
