@@ -29,6 +29,7 @@ import torch
 
 from ..dtypes import CODE_DTYPES, DTYPE_CODES, itemsize
 from ..errors import CheckpointError, InputError
+from . import jsonio
 from .base import CheckpointReader, TensorSpec, check_index, check_range
 from .paths import temporary_name
 
@@ -90,19 +91,6 @@ _SEEK_LOCK = threading.Lock()
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
-    return out
 
 
 class HeaderEntry(NamedTuple):
@@ -185,10 +173,10 @@ def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
     if not raw.lstrip().startswith(b"{"):
         raise CheckpointError(f"{bad} (not a JSON object)")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
-    except _Duplicate as exc:
-        raise CheckpointError(f"{bad}: tensor {str(exc)!r} is listed twice") from None
-    except RecursionError:
+        header = jsonio.parse(raw.decode("utf-8"))
+    except jsonio.DuplicateKey as exc:
+        raise CheckpointError(f"{bad}: tensor {exc.key!r} is listed twice") from None
+    except jsonio.TooDeep:
         raise CheckpointError(f"{bad} (JSON nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
