@@ -17,7 +17,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +27,14 @@ from .base import CheckpointReader, TensorSpec, check_index, check_range
 from .paths import printable
 from .weights import choose
 
-__all__ = ["SAFE_GLOBALS", "TorchFile", "TorchReader", "load_torch", "load_weights"]
+__all__ = [
+    "SAFE_GLOBALS",
+    "TorchFile",
+    "TorchReader",
+    "load_torch",
+    "load_weights",
+    "merge_shards",
+]
 
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 """Classes allowed in a pickle beyond what ``weights_only=True`` allows."""
@@ -36,6 +43,8 @@ SAFE_LOAD_LOCK = threading.Lock()
 """Held around every restricted ``torch.load``: torch keeps the allowed classes of
 ``safe_globals`` in one process-wide list, so two loads in two threads must not
 interleave their additions and removals."""
+
+T = TypeVar("T")
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -194,6 +203,26 @@ def check_stored(t: torch.Tensor, name: str, display: str) -> None:
         raise CheckpointError(f"{display}: tensor {shown!r} has overlapping elements")
 
 
+def merge_shards(shards: Iterable[tuple[str, Mapping[str, T]]]) -> dict[str, T]:
+    """The entries of a checkpoint's shards, ``(display, tensors)`` each, in one dict.
+
+    Shards are consumed one at a time, so a generator that loads them stops at the
+    first name found in two shards.
+
+    Raises
+    ------
+    CheckpointError
+        A tensor name is in two shards (the message names the second).
+    """
+    merged: dict[str, T] = {}
+    for display, tensors in shards:
+        for name, value in tensors.items():
+            if name in merged:
+                raise CheckpointError(f"{display}: tensor {name!r} also appears in another shard")
+            merged[name] = value
+    return merged
+
+
 def specs_of(tensors: Mapping[str, torch.Tensor], display: str) -> dict[str, TensorSpec]:
     """The specs of a dict of tensors, each checked by :func:`check_stored`."""
     specs = {}
@@ -226,16 +255,14 @@ class TorchReader(CheckpointReader):
         trust_pickle: bool,
         weights: str | None = None,
     ) -> None:
-        self._tensors: dict[str, torch.Tensor] = {}
         self._display = displays[0] if displays else "?"
-        for path, display in zip(files, displays, strict=True):
-            loaded = load_weights(path, display, trust_pickle=trust_pickle, weights=weights)
-            for name, t in loaded.tensors.items():
-                if name in self._tensors:
-                    raise CheckpointError(
-                        f"{display}: tensor {name!r} also appears in another shard"
-                    )
-                self._tensors[name] = t
+        self._tensors = merge_shards(
+            (
+                display,
+                load_weights(path, display, trust_pickle=trust_pickle, weights=weights).tensors,
+            )
+            for path, display in zip(files, displays, strict=True)
+        )
         self._specs = specs_of(self._tensors, self._display)
         self._closed = False
 

@@ -27,7 +27,7 @@ from ..base import (
     TensorSpec,
 )
 from ..paths import regular_files
-from .huggingface import _open_files, _probe_files
+from .files import open_weight_files, probe_weight_files
 
 __all__ = ["Accelerate"]
 
@@ -71,14 +71,8 @@ class Accelerate(CheckpointFormat):
                 f"{entry.name}: no model {weights!r} (--weights); the folder holds "
                 f"{', '.join(repr(k) for k in models)}"
             )
-        probe = _probe_files(
-            entry.path,
-            entry.name,
-            (entry.path / models[key],),
-            None,
-            {},
-            trust_pickle=trust_pickle,
-            weights=None,
+        probe, _ = probe_weight_files(
+            entry.name, (entry.path / models[key],), trust_pickle=trust_pickle, weights=None
         )
         probe.state_key = key
         probe.other_sets = {k: "weights of another model" for k in models if k != key}
@@ -88,7 +82,7 @@ class Accelerate(CheckpointFormat):
         # The model file holds one state dict: no set to choose inside it.
         from dataclasses import replace
 
-        return _open_files(replace(ckpt, state_key=None), trust_pickle=trust_pickle)
+        return open_weight_files(replace(ckpt, state_key=None), trust_pickle=trust_pickle)
 
     def output_files(
         self, ckpt: Checkpoint, specs: dict[str, TensorSpec]

@@ -20,10 +20,8 @@ from .. import names
 from ..base import Checkpoint, CheckpointFormat, CheckpointReader, Entry, Probe, TensorSpec
 from ..jsonio import read_json
 from ..paths import is_plain_name, printable, regular_files
-from ..safetensors import SafetensorsReader
-from ..steps import metadata_step, natural_key
-from ..torchfile import TorchReader
-from .files import probe_torch_files
+from ..steps import natural_key
+from .files import open_weight_files, probe_weight_files
 
 __all__ = ["HuggingFace", "Peft", "read_index"]
 
@@ -77,8 +75,7 @@ def _check_index_map(
 
 
 def _probe_files(
-    directory: Path,
-    name: str,
+    entry: Entry,
     files: tuple[Path, ...],
     index_name: str | None,
     weight_map: dict,
@@ -86,48 +83,10 @@ def _probe_files(
     trust_pickle: bool,
     weights: str | None,
 ) -> Probe:
-    displays = [f"{name}/{f.name}" for f in files]
-    if files[0].name.endswith(".bin"):
-        probe = Probe(weight_files=files, specs={})
-        where: dict[str, str] = {}
-        for i, (f, d) in enumerate(zip(files, displays, strict=True)):
-            single = probe_torch_files((f,), [d], trust_pickle, weights)
-            for tensor, spec in single.specs.items():
-                if tensor in probe.specs:
-                    raise CheckpointError(f"{d}: tensor {tensor!r} also appears in another shard")
-                probe.specs[tensor] = spec
-                where[tensor] = f.name
-            if i == 0:
-                probe.state_key, probe.other_sets = single.state_key, single.other_sets
-            probe.step = single.step if probe.step is None else probe.step
-            probe.lazy = probe.lazy and single.lazy
-    else:
-        if weights is not None:
-            raise CheckpointError(
-                f"{name}: safetensors weights are one set; --weights {weights!r} does not apply"
-            )
-        reader = SafetensorsReader(files, displays)
-        try:
-            probe = Probe(
-                weight_files=files,
-                specs=reader.specs(),
-                step=metadata_step(reader.metadata, displays[0]),
-            )
-            where = dict(reader.where)
-        finally:
-            reader.close()
+    probe, where = probe_weight_files(entry.name, files, trust_pickle=trust_pickle, weights=weights)
     if index_name is not None:
-        _check_index_map(name, index_name, weight_map, where)
+        _check_index_map(entry.name, index_name, weight_map, where)
     return probe
-
-
-def _open_files(ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-    displays = [f"{ckpt.name}/{f.name}" for f in ckpt.weight_files]
-    if ckpt.weight_files[0].name.endswith(".bin"):
-        return TorchReader(
-            ckpt.weight_files, displays, trust_pickle=trust_pickle, weights=ckpt.state_key
-        )
-    return SafetensorsReader(ckpt.weight_files, displays)
 
 
 def _side_files(ckpt: Checkpoint, exclude: set[str]) -> list[str]:
@@ -174,19 +133,13 @@ class HuggingFace(CheckpointFormat):
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         files, index_name, weight_map, detail = self._layout(entry.path, entry.files, entry.name)
         probe = _probe_files(
-            entry.path,
-            entry.name,
-            files,
-            index_name,
-            weight_map,
-            trust_pickle=trust_pickle,
-            weights=weights,
+            entry, files, index_name, weight_map, trust_pickle=trust_pickle, weights=weights
         )
         probe.detail = detail
         return probe
 
     def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-        return _open_files(ckpt, trust_pickle=trust_pickle)
+        return open_weight_files(ckpt, trust_pickle=trust_pickle)
 
     def output_files(
         self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
@@ -239,19 +192,13 @@ class Peft(CheckpointFormat):
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         single = names.PEFT_SAFETENSORS if names.PEFT_SAFETENSORS in entry.files else names.PEFT_BIN
         probe = _probe_files(
-            entry.path,
-            entry.name,
-            (entry.path / single,),
-            None,
-            {},
-            trust_pickle=trust_pickle,
-            weights=weights,
+            entry, (entry.path / single,), None, {}, trust_pickle=trust_pickle, weights=weights
         )
         probe.detail = "adapter"
         return probe
 
     def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-        return _open_files(ckpt, trust_pickle=trust_pickle)
+        return open_weight_files(ckpt, trust_pickle=trust_pickle)
 
     def output_files(
         self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
