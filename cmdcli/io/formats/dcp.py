@@ -85,7 +85,7 @@ from ..base import (
     check_range,
 )
 from ..paths import is_plain_name, printable
-from ..safetensors import _ELEMENT_TYPES, _gather_plan, pread_into
+from ..safetensors import gather_elements, pread_into
 from ..steps import natural_key
 from ..torchfile import check_stored, load_torch
 from ..weights import RAW_KEYS, default_key, describe, is_ema_name, is_state_name
@@ -1278,30 +1278,13 @@ class DcpReader(CheckpointReader):
         if isinstance(item, _MemoryItem):
             out.copy_(item.flat[torch.from_numpy(local)])
             return
-        isz = out.element_size()
-        elem = _ELEMENT_TYPES.get(isz) or np.dtype((np.void, isz))
-        result = _byte_view(out)
-        out_elems = np.frombuffer(result, dtype=elem)
-        plan = _gather_plan(local, isz)
-        scratch = None
-        for part in plan:
-            if part.src is None:  # the runs back to back are the result, in order
-                buf = result
-            else:
-                if scratch is None:
-                    scratch = np.empty(max(p.nbytes for p in plan), np.uint8)
-                buf = memoryview(scratch)[: part.nbytes]
-            for tensor_byte, buf_byte, length in part.runs:
-                self._pread(
-                    item.fd, buf[buf_byte : buf_byte + length], item.data + tensor_byte, item.file
-                )
-            if part.src is None:
-                continue
-            values = np.frombuffer(buf, dtype=elem)
-            if part.dest is None:
-                np.take(values, part.src, out=out_elems, mode="clip")
-            else:
-                out_elems[part.dest] = values[part.src]
+
+        def read_runs(view: memoryview, runs: list[tuple[int, int, int]]) -> None:
+            for tensor_byte, buf_byte, length in runs:
+                part = view[buf_byte : buf_byte + length]
+                self._pread(item.fd, part, item.data + tensor_byte, item.file)
+
+        gather_elements(local, out.element_size(), read_runs, _byte_view(out))
 
     def _full(self, meta: _TensorMeta) -> torch.Tensor:
         """A whole tensor of the checkpoint (any set), in its shape."""
