@@ -277,6 +277,11 @@ def test_weights_optimizer_is_refused_naming_the_sets(dcp_run: FrameworkRun) -> 
     with pytest.raises(CheckpointError, match="found: 'model'"):
         discover(dcp_run.root, weights="ema")
     assert {c.state_key for c in discover(dcp_run.root, weights="model").checkpoints} == {"model"}
+    # a path one level down passes the same rule: the optimizer's moments are not weights
+    with pytest.raises(CheckpointError) as exc:
+        discover(dcp_run.root, weights="optimizer/state")
+    text = _one_line(exc, dcp_run.names[0])
+    assert "'optimizer/state'" in text and "not weights" in text and "found: 'model'" in text
 
 
 def test_cmd_inspect_shows_the_format(dcp_run: FrameworkRun) -> None:

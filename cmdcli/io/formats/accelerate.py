@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import CheckpointError
 from .. import names
 from ..base import (
     Checkpoint,
@@ -27,6 +26,7 @@ from ..base import (
     TensorSpec,
 )
 from ..paths import regular_files
+from ..weights import choose_set
 from .files import open_weight_files, probe_weight_files
 
 __all__ = ["Accelerate"]
@@ -61,21 +61,13 @@ class Accelerate(CheckpointFormat):
         )
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
-        models = _model_files(entry.files)
-        if weights is None:
-            key = next(iter(models))
-        elif weights in models:
-            key = weights
-        else:
-            raise CheckpointError(
-                f"{entry.name}: no model {weights!r} (--weights); the folder holds "
-                f"{', '.join(repr(k) for k in models)}"
-            )
+        # The default is the first model (model.safetensors or pytorch_model.bin: index 0).
+        key, model_file, others = choose_set(_model_files(entry.files), weights, entry.name)
         probe, _ = probe_weight_files(
-            entry.name, (entry.path / models[key],), trust_pickle=trust_pickle, weights=None
+            entry.name, (entry.path / model_file,), trust_pickle=trust_pickle, weights=None
         )
         probe.state_key = key
-        probe.other_sets = {k: "weights of another model" for k in models if k != key}
+        probe.other_sets = dict.fromkeys(others, "weights of another model")
         return probe
 
     def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:

@@ -88,7 +88,7 @@ from ..paths import is_plain_name, printable
 from ..safetensors import gather_elements, pread_into
 from ..steps import natural_key
 from ..torchfile import check_stored, load_torch
-from ..weights import RAW_KEYS, default_key, describe, is_ema_name, is_state_name
+from ..weights import RAW_KEYS, choose_set, is_ema_name, is_state_name, weight_sets
 
 __all__ = ["MAX_METADATA_BYTES", "Dcp", "DcpReader", "load_metadata"]
 
@@ -612,16 +612,6 @@ def _cover_problem(
 # --------------------------------------------------------------------------- sets
 
 
-def _weight_sets(md: _Metadata) -> dict[str | None, dict[str, _TensorMeta]]:
-    """The sets of weights, by the rule of :mod:`cmdcli.io.weights`."""
-    sets: dict[str | None, dict[str, _TensorMeta]] = {
-        k: v for k, v in md.groups.items() if not is_state_name(k)
-    }
-    if not sets and md.top:
-        sets[None] = dict(md.top)
-    return sets
-
-
 def _exact_set(md: _Metadata, key: str | None) -> dict[str, _TensorMeta]:
     """The tensors of set ``key`` (``None``: the top level; ``a/b``: one level down)."""
     if key is None:
@@ -644,29 +634,14 @@ def _choose(
     md: _Metadata, requested: str | None, display: str
 ) -> tuple[str | None, dict[str, _TensorMeta], dict[str, str]]:
     """Set taken, its tensors, and the other sets (key → what they are)."""
-    sets = _weight_sets(md)
-    have = ", ".join(repr(printable(k)) for k in sets if k is not None) or "none"
-    if requested is not None:
-        tensors = sets.get(requested)
-        if tensors is None and "/" in requested:
-            tensors = _exact_set(md, requested)
-        if not tensors:
-            state = " (optimizer and scheduler state are not weights)"
-            raise CheckpointError(
-                f"{display}: no weights under {printable(requested)!r} (--weights)"
-                f"{state if is_state_name(requested) else ''}; sets of weights found: {have}"
-            )
-        others = {k: describe(k) for k in sets if k is not None and k != requested}
-        return requested, tensors, others
-    if not sets:
+    sets = weight_sets(md.groups, md.top)
+    if not sets and requested is None:
         found = ", ".join(repr(printable(k)) for k in md.groups) or "none"
         raise CheckpointError(
             f"{display}: no weights found (expected tensors saved under a key such as "
             f"'model'; keys holding tensors: {found})"
         )
-    key = default_key(list(sets))
-    others = {k: describe(k) for k in sets if k is not None and k != key}
-    return key, sets[key], others
+    return choose_set(sets, requested, display, lookup=lambda path: _exact_set(md, path))
 
 
 # --------------------------------------------------------------------------- items
@@ -1031,10 +1006,10 @@ class DcpReader(CheckpointReader):
         self._md = load_metadata(self._dir, display)
         self._tensors = _exact_set(self._md, state_key)
         if not self._tensors:
+            now = weight_sets(self._md.groups, self._md.top)
             raise CheckpointError(
                 f"{self._display}: no weights under {printable(repr(state_key))} any more "
-                f"(sets of weights now: "
-                f"{', '.join(repr(k) for k in _weight_sets(self._md)) or 'none'})"
+                f"(sets of weights now: {', '.join(repr(k) for k in now) or 'none'})"
             )
         for meta in self._tensors.values():
             _check_tensor(self._md, meta, self._display)
