@@ -97,8 +97,7 @@ MAX_METADATA_BYTES = 256 * 1024 * 1024
 
 _MAX_DATA_PKL = 1 << 20  # a tensor's data.pkl is ~200 bytes; larger ones are loaded by torch
 _MAX_STEP_ITEM = 1 << 16  # a bytes item holding a step is a few hundred bytes
-_MAX_GRID_CELLS = 1 << 22  # chunk cover check: cells of the grid the chunk edges make
-_MAX_PAIRWISE = 2048  # chunk cover check without a grid: chunks compared pairwise
+_MAX_CORNERS = 1 << 22  # chunk cover check: box corners (and box pairs, to name an overlap)
 _SCATTER_LOOP = 64  # fewer runs than this are copied one by one, more with one index
 _PREADV_RUN_BYTES = 4096  # runs at least this long (on average) are read straight to place
 _IOV_MAX = 1024
@@ -563,50 +562,80 @@ def _check_tensor(md: _Metadata, meta: _TensorMeta, display: str) -> None:
 def _cover_problem(
     shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
 ) -> str | None:
-    """Why the boxes (inside ``shape``) do not cover it exactly once, or None."""
+    """Why the boxes (inside ``shape``) do not cover it exactly once, or None.
+
+    Linear in the corners of the boxes, whatever their number or layout. Inside the
+    tensor, a box ``[lo, hi)`` is, modulo 2, the sum of the orthants ``{x >= c}`` at its
+    corners ``c`` (each coordinate ``lo_j``, or ``hi_j`` where that is not the end of
+    dimension ``j``). So the corners that occur an odd number of times over all boxes
+    are those of the whole tensor, the origin alone, exactly when every element is
+    covered an odd number of times; together with volumes summing to the tensor's,
+    that is every element covered exactly once. Otherwise two overlapping boxes are
+    looked for (sorted along dimension 0, a bounded number of pairs compared); failing
+    that, the lexicographically first corner left over is an element covered an even
+    number of times: by none (a gap) or by two or more (an overlap).
+    """
     numel = math.prod(shape)
     full = [(o, z) for o, z in boxes if math.prod(z) > 0]
-    total = sum(math.prod(z) for _, z in full)
     if numel == 0:
         return None
     if not full:
         return "no chunk holds any of it"
-    if len(full) == 1:
-        return None if total == numel else f"its one chunk holds {total} of {numel} elements"
+    total = sum(math.prod(z) for _, z in full)
     d = len(shape)
-    edges = [
-        sorted({0, shape[j], *(o[j] for o, _ in full), *(o[j] + z[j] for o, z in full)})
-        for j in range(d)
-    ]
-    cells = math.prod(len(e) - 1 for e in edges)
-    if cells <= _MAX_GRID_CELLS:
-        grid = np.zeros([len(e) - 1 for e in edges], dtype=np.int32)
-        at_edge = [{v: i for i, v in enumerate(e)} for e in edges]
-        for o, z in full:
-            box = tuple(slice(at_edge[j][o[j]], at_edge[j][o[j] + z[j]]) for j in range(d))
-            grid[box] += 1
-        if int(grid.max()) > 1:
-            cell = np.unravel_index(int(np.argmax(grid > 1)), grid.shape)
-            at = tuple(edges[j][int(cell[j])] for j in range(d))
-            inside = [o for o, z in full if all(o[j] <= at[j] < o[j] + z[j] for j in range(d))]
-            return f"chunks at offsets {inside[0]} and {inside[1]} overlap"
-        if int(grid.min()) == 0:
-            cell = np.unravel_index(int(np.argmin(grid)), grid.shape)
-            at = tuple(edges[j][int(cell[j])] for j in range(d))
-            return f"no chunk holds element {at} (the chunks leave a gap)"
+    if d == 0:  # a scalar: every chunk is all of it
+        return None if len(full) == 1 else "chunks at offsets () and () overlap"
+    lo = np.array([o for o, _ in full], dtype=np.int64).reshape(len(full), d)
+    hi = lo + np.array([z for _, z in full], dtype=np.int64).reshape(len(full), d)
+    ends = np.array(shape, dtype=np.int64)
+    if float(np.ldexp(1.0, (hi < ends).sum(axis=1)).sum()) > _MAX_CORNERS:
+        return f"{len(full)} chunks in a layout too irregular to check"
+    corners, owner = lo, np.arange(len(full))
+    for j in range(d):  # every choice of lo_j or hi_j, where hi_j is inside the tensor
+        inner = hi[owner, j] < shape[j]
+        more = corners[inner].copy()
+        more[:, j] = hi[owner[inner], j]
+        corners, owner = np.concatenate([corners, more]), np.concatenate([owner, owner[inner]])
+    found, counts = np.unique(corners, axis=0, return_counts=True)
+    odd = found[counts % 2 == 1]
+    origin = np.zeros((1, d), dtype=np.int64)
+    if len(odd) and not odd[0].any():
+        left = odd[1:]  # the origin is odd, as the tensor's own corner: not left over
+    else:
+        left = np.concatenate([origin, odd])  # the origin covered an even number of times
+    if len(left) == 0 and total == numel:
         return None
-    if len(full) > _MAX_PAIRWISE:
-        return f"{len(full)} chunks in an irregular layout, too many to check"
-    lo = np.array([o for o, _ in full], dtype=np.int64)
-    hi = lo + np.array([z for _, z in full], dtype=np.int64)
-    for i in range(len(full) - 1):
-        hit = np.all((lo[i + 1 :] < hi[i]) & (lo[i] < hi[i + 1 :]), axis=1)
-        if hit.any():
-            j = i + 1 + int(np.argmax(hit))
-            return f"chunks at offsets {full[i][0]} and {full[j][0]} overlap"
-    if total != numel:
-        return f"its chunks hold {total} of its {numel} elements (they leave a gap)"
-    return None
+    overlap = _overlap(full, lo, hi)  # named first, as an overlap is the likelier mistake
+    if overlap is not None:
+        return overlap
+    if len(left) == 0:  # too many boxes to pair up: every element is covered, some twice
+        return f"its chunks hold {total} elements, more than its {numel}: they overlap"
+    inside = np.flatnonzero(np.all((lo <= left[0]) & (left[0] < hi), axis=1))
+    if len(inside) >= 2:
+        return f"chunks at offsets {full[inside[0]][0]} and {full[inside[1]][0]} overlap"
+    at = tuple(int(v) for v in left[0])
+    return f"no chunk holds element {at} (the chunks leave a gap)"
+
+
+def _overlap(
+    full: list[tuple[tuple[int, ...], tuple[int, ...]]], lo: np.ndarray, hi: np.ndarray
+) -> str | None:
+    """Two overlapping boxes, found by sorting along dimension 0 (bounded work), or None."""
+    order = np.lexsort(lo.T[::-1])
+    lo, hi = lo[order], hi[order]
+    # Box i can only overlap the boxes after it that start before it ends along dim 0.
+    start = np.arange(1, len(lo))
+    stop = np.searchsorted(lo[:, 0], hi[:-1, 0], side="left")
+    count = np.maximum(stop - start, 0)
+    if int(count.sum()) > _MAX_CORNERS:
+        return None
+    i = np.repeat(np.arange(len(lo) - 1), count)
+    j = np.repeat(start - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
+    hit = np.flatnonzero(np.all((lo[j] < hi[i]) & (lo[i] < hi[j]), axis=1))
+    if hit.size == 0:
+        return None
+    a, b = sorted((int(order[i[hit[0]]]), int(order[j[hit[0]]])))
+    return f"chunks at offsets {full[a][0]} and {full[b][0]} overlap"
 
 
 # --------------------------------------------------------------------------- sets
