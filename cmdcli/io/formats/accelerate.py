@@ -27,7 +27,7 @@ from ..base import (
 )
 from ..paths import regular_files
 from ..weights import choose_set
-from .files import open_weight_files, probe_weight_files
+from .files import holds_bin, open_weight_files, probe_weight_files
 
 __all__ = ["Accelerate"]
 
@@ -59,6 +59,12 @@ class Accelerate(CheckpointFormat):
             and any(names.ACCELERATE_STATE.fullmatch(f) for f in entry.files)
             and not entry.files & {names.TRAINER_STATE, "config.json"}
         )
+
+    def owns(self, name: str) -> bool:
+        return bool(names.ACCELERATE_MODEL.fullmatch(name))
+
+    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
+        return holds_bin(ckpt.weight_files)
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         # The default is the first model (model.safetensors or pytorch_model.bin: index 0).

@@ -1398,6 +1398,9 @@ class Dcp(CheckpointFormat):
             and any(names.DCP_SHARD.fullmatch(f) for f in entry.files)
         )
 
+    def owns(self, name: str) -> bool:
+        return name == names.DCP_METADATA or bool(names.DCP_SHARD.fullmatch(name))
+
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         display = printable(entry.name)
         md = load_metadata(entry.path, entry.name, fresh=True)

@@ -1027,6 +1027,12 @@ class DeepSpeed(CheckpointFormat):
         hf_weights = {names.HF_SAFETENSORS, names.HF_SAFETENSORS_INDEX, names.HF_BIN}
         return not entry.files & hf_weights and _inner_step(entry.path, entry.files) is not None
 
+    def owns(self, name: str) -> bool:
+        return any(
+            pattern.fullmatch(name)
+            for pattern in (names.DS_MODEL_STATES, names.DS_OPTIM_STATES, names.DS_LAYER_STATES)
+        )
+
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         path, files, name = _step_folder(entry.path, entry.files, entry.name)
         folder = _scan(path, files, name)

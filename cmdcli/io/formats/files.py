@@ -26,6 +26,7 @@ __all__ = [
     "LightningFile",
     "SafetensorsFile",
     "TorchFile",
+    "holds_bin",
     "open_weight_files",
     "probe_torch_files",
     "probe_weight_files",
@@ -154,7 +155,8 @@ def probe_torch_files(
 # ----------------------------------------------------------------- weight files of directories
 
 
-def _is_bin(files: tuple[Path, ...]) -> bool:
+def holds_bin(files: tuple[Path, ...]) -> bool:
+    """Whether the weight files of a directory checkpoint are ``torch.save`` ``.bin`` files."""
     return files[0].name.endswith(".bin")
 
 
@@ -167,7 +169,7 @@ def probe_weight_files(
     probe and which file holds each tensor (its name), for checking an index.
     """
     displays = [f"{name}/{f.name}" for f in files]
-    if _is_bin(files):
+    if holds_bin(files):
         probe, where = probe_torch_files(files, displays, trust_pickle, weights)
         probe.detail = None  # "lightning" describes a file, never a directory's weights
         return probe, where
@@ -190,7 +192,7 @@ def probe_weight_files(
 def open_weight_files(ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
     """A reader of the weight files of a directory checkpoint (see :func:`probe_weight_files`)."""
     displays = [f"{ckpt.name}/{f.name}" for f in ckpt.weight_files]
-    if _is_bin(ckpt.weight_files):
+    if holds_bin(ckpt.weight_files):
         return TorchReader(
             ckpt.weight_files, displays, trust_pickle=trust_pickle, weights=ckpt.state_key
         )

@@ -21,7 +21,7 @@ from ..base import Checkpoint, CheckpointFormat, CheckpointReader, Entry, Probe,
 from ..jsonio import read_json
 from ..paths import is_plain_name, printable, regular_files
 from ..steps import natural_key
-from .files import open_weight_files, probe_weight_files
+from .files import holds_bin, open_weight_files, probe_weight_files
 
 __all__ = ["HuggingFace", "Peft", "read_index"]
 
@@ -115,11 +115,18 @@ class HuggingFace(CheckpointFormat):
         (None, names.HF_BIN_INDEX, "bin, sharded"),
     )
 
+    _FILES = frozenset(
+        {names.HF_SAFETENSORS, names.HF_SAFETENSORS_INDEX, names.HF_BIN, names.HF_BIN_INDEX}
+    )
+
     def claims(self, entry: Entry) -> bool:
-        return entry.is_dir and bool(
-            entry.files
-            & {names.HF_SAFETENSORS, names.HF_SAFETENSORS_INDEX, names.HF_BIN, names.HF_BIN_INDEX}
-        )
+        return entry.is_dir and bool(entry.files & self._FILES)
+
+    def owns(self, name: str) -> bool:
+        return name in self._FILES or bool(names.HF_SHARD.fullmatch(name))
+
+    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
+        return holds_bin(ckpt.weight_files)
 
     def _layout(self, directory: Path, files: frozenset[str], display: str):
         for single, index, detail in self._LAYOUTS:
@@ -144,7 +151,7 @@ class HuggingFace(CheckpointFormat):
     def output_files(
         self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
     ) -> dict[str, list[str]] | None:
-        as_bin = ckpt.weight_files[0].name.endswith(".bin")
+        as_bin = self.rebuilt_as_bin(ckpt)
         single = names.HF_BIN if as_bin else names.HF_SAFETENSORS
         index_name = names.HF_BIN_INDEX if as_bin else names.HF_SAFETENSORS_INDEX
         if len(ckpt.weight_files) == 1 and ckpt.weight_files[0].name == single:
@@ -165,13 +172,7 @@ class HuggingFace(CheckpointFormat):
         return groups
 
     def side_files(self, ckpt: Checkpoint) -> list[str]:
-        exclude = {p.name for p in ckpt.weight_files} | {
-            names.HF_SAFETENSORS,
-            names.HF_SAFETENSORS_INDEX,
-            names.HF_BIN,
-            names.HF_BIN_INDEX,
-        }
-        return _side_files(ckpt, exclude)
+        return _side_files(ckpt, {p.name for p in ckpt.weight_files} | self._FILES)
 
 
 class Peft(CheckpointFormat):
@@ -186,8 +187,16 @@ class Peft(CheckpointFormat):
     native_is_default = True
     looked_for = "directories holding adapter_model.safetensors and adapter_config.json"
 
+    _FILES = frozenset({names.PEFT_SAFETENSORS, names.PEFT_BIN})
+
     def claims(self, entry: Entry) -> bool:
-        return entry.is_dir and bool(entry.files & {names.PEFT_SAFETENSORS, names.PEFT_BIN})
+        return entry.is_dir and bool(entry.files & self._FILES)
+
+    def owns(self, name: str) -> bool:
+        return name in self._FILES
+
+    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
+        return holds_bin(ckpt.weight_files)
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         single = names.PEFT_SAFETENSORS if names.PEFT_SAFETENSORS in entry.files else names.PEFT_BIN
@@ -206,4 +215,4 @@ class Peft(CheckpointFormat):
         return {ckpt.weight_files[0].name: list(specs)}
 
     def side_files(self, ckpt: Checkpoint) -> list[str]:
-        return _side_files(ckpt, {names.PEFT_SAFETENSORS, names.PEFT_BIN})
+        return _side_files(ckpt, set(self._FILES))
