@@ -27,7 +27,6 @@ TMP_TAG = ".cmd-tmp-"
 
 # --------------------------------------------------------------------------- checkpoint files
 
-TORCH_SUFFIXES = (".pth.tar", ".ckpt", ".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 """Longest first, so that ``x.pth.tar`` is not taken for a ``.tar`` or ``.pth`` file."""
@@ -45,7 +44,6 @@ HF_TMP_CHECKPOINT_PREFIX = "tmp-checkpoint-"
 # PEFT adapters
 PEFT_SAFETENSORS = "adapter_model.safetensors"
 PEFT_BIN = "adapter_model.bin"
-PEFT_CONFIG = "adapter_config.json"
 
 # accelerate Accelerator.save_state
 ACCELERATE_MODEL = re.compile(r"(model|pytorch_model)(_(\d+))?\.(safetensors|bin)")

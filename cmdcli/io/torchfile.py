@@ -33,6 +33,7 @@ from .weights import choose
 __all__ = [
     "SAFE_GLOBALS",
     "SAFE_LOAD_LOCK",
+    "STEP_KEYS",
     "TRUST_HINT",
     "TorchFile",
     "TorchReader",
@@ -212,11 +213,15 @@ def load_weights(path: Path, display: str, *, trust_pickle: bool, weights: str |
     return TorchFile(tensors, key, others, step, lightning, legacy)
 
 
+STEP_KEYS = ("global_step", "step", "global_steps")
+"""Keys under which a checkpoint stores its step beside the weights, by preference."""
+
+
 def stored_step(obj: Any) -> int | None:
     """An integer ``global_step`` or ``step`` at the top level of a wrapped checkpoint."""
     if not isinstance(obj, Mapping):
         return None
-    for key in ("global_step", "step", "global_steps"):
+    for key in STEP_KEYS:
         value = obj.get(key)
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             value = int(value.item())

@@ -18,7 +18,6 @@ from pathlib import Path
 from .. import names
 from ..base import (
     Checkpoint,
-    CheckpointFormat,
     CheckpointReader,
     Entry,
     Probe,
@@ -27,7 +26,7 @@ from ..base import (
 )
 from ..paths import regular_files
 from ..weights import choose_set
-from .files import holds_bin, open_weight_files, probe_weight_files
+from .files import WeightFilesDirectory, open_weight_files, probe_weight_files
 
 __all__ = ["Accelerate"]
 
@@ -42,11 +41,10 @@ def _model_files(files: frozenset[str]) -> dict[str, str]:
     return {f.rsplit(".", 1)[0]: f for _, f in sorted(found)}
 
 
-class Accelerate(CheckpointFormat):
+class Accelerate(WeightFilesDirectory):
     """A folder written by ``Accelerator.save_state``."""
 
     name = "accelerate"
-    is_directory = True
     has_native_writer = True
     looked_for = "accelerate save_state folders (model.safetensors beside random_states_0.pkl)"
 
@@ -63,9 +61,6 @@ class Accelerate(CheckpointFormat):
     def owns(self, name: str) -> bool:
         return bool(names.ACCELERATE_MODEL.fullmatch(name))
 
-    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
-        return holds_bin(ckpt.weight_files)
-
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         # The default is the first model (model.safetensors or pytorch_model.bin: index 0).
         key, model_file, others = choose_set(_model_files(entry.files), weights, entry.name)
@@ -81,11 +76,6 @@ class Accelerate(CheckpointFormat):
         from dataclasses import replace
 
         return open_weight_files(replace(ckpt, state_key=None), trust_pickle=trust_pickle)
-
-    def output_files(
-        self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
-    ) -> dict[str, list[str]] | None:
-        return {ckpt.weight_files[0].name: list(specs)}
 
     def write_native(
         self,

@@ -87,7 +87,7 @@ from ..base import (
 from ..paths import is_plain_name, printable
 from ..safetensors import gather_elements, pread_into
 from ..steps import natural_key
-from ..torchfile import check_stored, load_torch
+from ..torchfile import STEP_KEYS, check_stored, load_torch
 from ..weights import RAW_KEYS, choose_set, is_ema_name, is_state_name, weight_sets
 
 __all__ = ["MAX_METADATA_BYTES", "Dcp", "DcpReader", "load_metadata"]
@@ -101,7 +101,6 @@ _MAX_CORNERS = 1 << 22  # chunk cover check: box corners (and box pairs, to name
 _SCATTER_LOOP = 64  # fewer runs than this are copied one by one, more with one index
 _PREADV_RUN_BYTES = 4096  # runs at least this long (on average) are read straight to place
 _IOV_MAX = 1024
-_STEP_KEYS = ("global_step", "step", "global_steps")
 _ZIP_LOCAL = b"PK\x03\x04"
 
 
@@ -471,6 +470,24 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _open_regular(path: Path, shown: str) -> tuple[int, os.stat_result]:
+    """A read-only fd of ``path`` and its stat: a regular file, not through a symbolic link."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{shown}: not a regular file")
+    return fd, st
+
+
 def load_metadata(directory: Path, display: str, *, fresh: bool = False) -> _Metadata:
     """The checked ``.metadata`` of DCP directory ``directory`` (cached by file identity).
 
@@ -487,16 +504,8 @@ def load_metadata(directory: Path, display: str, *, fresh: bool = False) -> _Met
     global _metadata_cache_bytes
     display = printable(display)
     shown = f"{display}/{names.DCP_METADATA}"
-    path = Path(directory) / names.DCP_METADATA
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd, st = _open_regular(Path(directory) / names.DCP_METADATA, shown)
     try:
-        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
-    except OSError as exc:
-        raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{shown}: not a regular file")
         if st.st_size > MAX_METADATA_BYTES:
             raise CheckpointError(
                 f"{shown}: {st.st_size} bytes, more than a DCP metadata file holds "
@@ -1071,20 +1080,7 @@ class DcpReader(CheckpointReader):
             got = self._fds.get(file)
             if got is not None:
                 return got
-            shown = f"{self._display}/{printable(file)}"
-            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-            try:
-                fd = os.open(self._dir / file, flags | getattr(os, "O_BINARY", 0))
-            except OSError as exc:
-                raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
-            try:
-                st = os.fstat(fd)
-            except OSError as exc:
-                os.close(fd)
-                raise CheckpointError(f"{shown}: cannot read ({exc.strerror or exc})") from None
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise CheckpointError(f"{shown}: not a regular file")
+            fd, st = _open_regular(self._dir / file, f"{self._display}/{printable(file)}")
             self._fds[file] = got = (fd, _identity(st))
             return got
 
@@ -1478,7 +1474,7 @@ class Dcp(CheckpointFormat):
 
 def _stored_step(directory: Path, display: str, md: _Metadata, key: str | None) -> int | None:
     """An integer ``global_step``/``step`` saved at the top level beside the weights."""
-    for step_key in _STEP_KEYS:
+    for step_key in STEP_KEYS:
         item = md.items.get(step_key)
         if item is None or len(item.path) != 1:
             continue

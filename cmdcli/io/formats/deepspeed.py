@@ -300,10 +300,20 @@ def _scatter(out: torch.Tensor, keys: np.ndarray, pos: np.ndarray, tensor_of) ->
 
 
 def _fill(source: _Source, start: int, stop: int, out: torch.Tensor) -> None:
+    """Elements ``[start, stop)`` of ``source`` into ``out``."""
     k = 0
     for piece in source.pieces(start, stop):
         n = piece.stop - piece.start
         out[k : k + n].copy_(piece.tensor[piece.start : piece.stop])
+        k += n
+
+
+def _store(source: _Source, start: int, values: torch.Tensor) -> None:
+    """``values`` into elements ``start …`` of ``source`` (the native writer, in place)."""
+    k = 0
+    for piece in source.pieces(start, start + values.numel()):
+        n = piece.stop - piece.start
+        piece.tensor[piece.start : piece.stop].copy_(values[k : k + n])
         k += n
 
 
@@ -1112,13 +1122,8 @@ class DeepSpeed(CheckpointFormat):
         plan = _write_plan(folder, layout, specs)
         for name, targets in plan.items():
             for start, values in pieces(name):
-                flat = values.reshape(-1)
                 for source in targets:
-                    k = 0
-                    for piece in source.pieces(start, start + flat.numel()):
-                        n = piece.stop - piece.start
-                        piece.tensor[piece.start : piece.stop].copy_(flat[k : k + n])
-                        k += n
+                    _store(source, start, values.reshape(-1))
         rewritten = {ms.file: ms.obj for ms in layout.model_states}
         rewritten.update({o.file: o.obj for o in layout.optim_states})
         target.mkdir()

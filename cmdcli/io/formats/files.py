@@ -26,6 +26,7 @@ __all__ = [
     "LightningFile",
     "SafetensorsFile",
     "TorchFile",
+    "WeightFilesDirectory",
     "holds_bin",
     "open_weight_files",
     "probe_torch_files",
@@ -197,3 +198,24 @@ def open_weight_files(ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointRead
             ckpt.weight_files, displays, trust_pickle=trust_pickle, weights=ckpt.state_key
         )
     return SafetensorsReader(ckpt.weight_files, displays)
+
+
+class WeightFilesDirectory(CheckpointFormat):
+    """A directory checkpoint whose weights are model files: safetensors or torch ``.bin``.
+
+    The base of the Hugging Face, PEFT and accelerate formats: read with
+    :func:`open_weight_files`, rebuilt as one file of the original's name (and kind).
+    """
+
+    is_directory = True
+
+    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
+        return open_weight_files(ckpt, trust_pickle=trust_pickle)
+
+    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
+        return holds_bin(ckpt.weight_files)
+
+    def output_files(
+        self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
+    ) -> dict[str, list[str]] | None:
+        return {ckpt.weight_files[0].name: list(specs)}

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from ...errors import CheckpointError
 from .. import names
-from ..base import Checkpoint, CheckpointFormat, CheckpointReader, Entry, Probe, TensorSpec
+from ..base import Checkpoint, Entry, Probe, TensorSpec
 from ..jsonio import read_json
 from ..paths import is_plain_name, printable, regular_files
 from ..steps import natural_key
-from .files import holds_bin, open_weight_files, probe_weight_files
+from .files import WeightFilesDirectory, probe_weight_files
 
 __all__ = ["HuggingFace", "Peft", "read_index"]
 
@@ -98,11 +98,10 @@ def _side_files(ckpt: Checkpoint, exclude: set[str]) -> list[str]:
     ]
 
 
-class HuggingFace(CheckpointFormat):
+class HuggingFace(WeightFilesDirectory):
     """A ``save_pretrained``/Trainer directory: ``model.safetensors``, shards, or ``.bin``."""
 
     name = "hf"
-    is_directory = True
     native_is_default = True
     looked_for = (
         "directories holding model.safetensors, model.safetensors.index.json or pytorch_model.bin"
@@ -125,9 +124,6 @@ class HuggingFace(CheckpointFormat):
     def owns(self, name: str) -> bool:
         return name in self._FILES or bool(names.HF_SHARD.fullmatch(name))
 
-    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
-        return holds_bin(ckpt.weight_files)
-
     def _layout(self, directory: Path, files: frozenset[str], display: str):
         for single, index, detail in self._LAYOUTS:
             if single is not None and single in files:
@@ -144,9 +140,6 @@ class HuggingFace(CheckpointFormat):
         )
         probe.detail = detail
         return probe
-
-    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-        return open_weight_files(ckpt, trust_pickle=trust_pickle)
 
     def output_files(
         self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
@@ -175,7 +168,7 @@ class HuggingFace(CheckpointFormat):
         return _side_files(ckpt, {p.name for p in ckpt.weight_files} | self._FILES)
 
 
-class Peft(CheckpointFormat):
+class Peft(WeightFilesDirectory):
     """A PEFT adapter directory: ``adapter_model.safetensors`` and ``adapter_config.json``.
 
     The weights are the adapter's (the LoRA factors); the rebuilt directory keeps
@@ -183,7 +176,6 @@ class Peft(CheckpointFormat):
     """
 
     name = "peft"
-    is_directory = True
     native_is_default = True
     looked_for = "directories holding adapter_model.safetensors and adapter_config.json"
 
@@ -195,9 +187,6 @@ class Peft(CheckpointFormat):
     def owns(self, name: str) -> bool:
         return name in self._FILES
 
-    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
-        return holds_bin(ckpt.weight_files)
-
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         single = names.PEFT_SAFETENSORS if names.PEFT_SAFETENSORS in entry.files else names.PEFT_BIN
         probe = _probe_files(
@@ -205,14 +194,6 @@ class Peft(CheckpointFormat):
         )
         probe.detail = "adapter"
         return probe
-
-    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-        return open_weight_files(ckpt, trust_pickle=trust_pickle)
-
-    def output_files(
-        self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
-    ) -> dict[str, list[str]] | None:
-        return {ckpt.weight_files[0].name: list(specs)}
 
     def side_files(self, ckpt: Checkpoint) -> list[str]:
         return _side_files(ckpt, set(self._FILES))
