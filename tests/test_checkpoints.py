@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 import cmdcli.io.safetensors as ck
@@ -27,6 +28,7 @@ from cmdcli.io import (
     discover,
     load_state_dict,
 )
+from cmdcli.io.base import CheckpointFormat, Entry, Probe
 from tests.builders import (
     TinyNet,
     tiny_state_dicts,
@@ -1088,3 +1090,117 @@ def test_metric_in_the_name_does_not_reorder_the_run(tmp_path):
     run = discover(tmp_path)
     assert [c.name for c in run.checkpoints] == names
     assert [c.step for c in run.checkpoints] == [1, 2, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------- a new format
+
+
+class _ToyReader(CheckpointReader):
+    """Reads a toy checkpoint: float32 tensors back to back in ``part-<k>.bin`` files."""
+
+    def __init__(self, directory: Path, index: dict) -> None:
+        self._dir, self._index = directory, index
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(n, tuple(e["shape"]), torch.float32) for n, e in self._index.items()}
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        entry = self._index[name]
+        numel = int(np.prod(entry["shape"], dtype=np.int64))
+        stop = numel if stop is None else stop
+        values = np.fromfile(
+            self._dir / entry["part"],
+            dtype="<f4",
+            count=stop - start,
+            offset=4 * (entry["offset"] + start),
+        )
+        return torch.from_numpy(values.copy())
+
+    def close(self) -> None:
+        pass
+
+
+class _Toy(CheckpointFormat):
+    """A format defined outside cmdcli: ``toy.json`` (tensor → shape, part file, offset)
+    beside raw float32 ``part-<k>.bin`` files, read with numpy."""
+
+    name = "toy"
+    is_directory = True
+    looked_for = "toy directories (toy.json)"
+
+    def claims(self, entry: Entry) -> bool:
+        return entry.is_dir and "toy.json" in entry.files
+
+    def owns(self, name: str) -> bool:
+        return name == "toy.json" or (name.startswith("part-") and name.endswith(".bin"))
+
+    def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
+        index = json.loads((entry.path / "toy.json").read_text())
+        parts = sorted({e["part"] for e in index.values()})
+        return Probe(
+            weight_files=(entry.path / "toy.json", *(entry.path / p for p in parts)),
+            specs=_ToyReader(entry.path, index).specs(),
+        )
+
+    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
+        return _ToyReader(ckpt.path, json.loads((ckpt.path / "toy.json").read_text()))
+
+
+def _write_toy(directory: Path, tensors: dict[str, np.ndarray]) -> None:
+    directory.mkdir(parents=True)
+    index, offsets = {}, [0, 0]
+    for i, (name, value) in enumerate(tensors.items()):
+        part = i % 2
+        with open(directory / f"part-{part}.bin", "ab") as fh:
+            fh.write(value.astype("<f4").tobytes())
+        index[name] = {
+            "shape": list(value.shape),
+            "part": f"part-{part}.bin",
+            "offset": offsets[part],
+        }
+        offsets[part] += value.size
+    (directory / "toy.json").write_text(json.dumps(index))
+
+
+def test_a_new_format_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
+    """Discovery, fitting and rebuilding take a format registered in the table, with no
+    change anywhere else (file names, discovery, output layout)."""
+    from cmdcli.api import FitOptions, fit_run
+    from cmdcli.io import registry
+
+    toy = _Toy()
+    monkeypatch.setattr(registry, "FORMATS", (toy, *registry.FORMATS))
+    monkeypatch.setitem(registry._BY_NAME, "toy", toy)
+
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 6)
+    a, b = rng.normal(size=(2, 60)), rng.normal(size=(2, 60))
+    shapes = {"w": (6, 8), "b": (12,)}
+    run = tmp_path / "run"
+    originals = []
+    for k in range(6):
+        flat = a[0] * np.sin(2 * t[k]) + a[1] * t[k] ** 2 + b[0]  # two planted modes
+        tensors = {"w": flat[:48].reshape(shapes["w"]), "b": flat[48:]}
+        originals.append(tensors)
+        _write_toy(run / f"step-{100 * (k + 1)}", tensors)
+
+    found = discover(run)
+    assert [(c.format, c.step) for c in found.checkpoints] == [
+        ("toy", 100 * (k + 1)) for k in range(6)
+    ]
+    assert {n: s.shape for n, s in found.specs.items()} == shapes
+    # one toy checkpoint alone: its part-<k>.bin files are its own, not torch checkpoints
+    alone = discover(run / "step-300")
+    assert [c.name for c in alone.checkpoints] == ["step-300"]
+    assert any("itself one checkpoint directory" in n for n in alone.notices)
+
+    report = fit_run(run, tmp_path / "out", FitOptions(n_modes=2, seed=0, reconstruct="all"))
+    for k, rec in enumerate(report["reconstructed"]):
+        rebuilt = Path(rec["path"])
+        assert rebuilt.name == f"step-{100 * (k + 1)}"
+        assert sorted(os.listdir(rebuilt)) == ["model.safetensors"]
+        got = load_file(rebuilt / "model.safetensors")
+        want = np.concatenate([originals[k][n].reshape(-1) for n in shapes])
+        have = np.concatenate([got[n].reshape(-1) for n in shapes]).astype(np.float64)
+        err = report["checkpoints"][k]["relative_error"]
+        assert np.linalg.norm(have - want) / np.linalg.norm(want) <= err * (1 + 1e-3) + 1e-6

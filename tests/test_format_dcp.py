@@ -16,6 +16,7 @@ import pickle
 import re
 import shutil
 import threading
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -277,6 +278,11 @@ def test_weights_optimizer_is_refused_naming_the_sets(dcp_run: FrameworkRun) -> 
     with pytest.raises(CheckpointError, match="found: 'model'"):
         discover(dcp_run.root, weights="ema")
     assert {c.state_key for c in discover(dcp_run.root, weights="model").checkpoints} == {"model"}
+    # a path one level down passes the same rule: the optimizer's moments are not weights
+    with pytest.raises(CheckpointError) as exc:
+        discover(dcp_run.root, weights="optimizer/state")
+    text = _one_line(exc, dcp_run.names[0])
+    assert "'optimizer/state'" in text and "not weights" in text and "found: 'model'" in text
 
 
 def test_cmd_inspect_shows_the_format(dcp_run: FrameworkRun) -> None:
@@ -777,6 +783,27 @@ def test_metadata_that_points_outside_is_refused(
     with pytest.raises(CheckpointError) as exc:
         discover(tmp_path / "run")
     assert message in _one_line(exc, f"{directory.name}/")
+
+
+def test_chunk_cover_check_is_linear_in_the_chunks() -> None:
+    """Many chunks cost their number, never chunks x cells (a crafted .metadata must not
+    stall discovery); the problems found are named as precisely as with few chunks."""
+    cover = dcp_format._cover_problem
+    n = 2000
+    rows = [((i, 0), (1, n)) for i in range(n)]
+    cols = [((0, j), (n, 1)) for j in range(n)]
+    grid = [((3 * i, 2 * j), (3, 2)) for i in range(300) for j in range(300)]
+    start = time.perf_counter()
+    assert cover((n, n), rows) is None and cover((n, n), cols) is None
+    assert cover((900, 600), grid) is None
+    # each whole-tensor chunk would add the whole grid of 2000 x 2000 cells again
+    crafted = cover((n, n), rows + cols + [((0, 0), (n, n))] * 20_000)
+    assert crafted is not None and "overlap" in crafted
+    assert (
+        cover((900, 600), grid[:-1]) == "no chunk holds element (897, 598) (the chunks leave a gap)"
+    )
+    assert cover((n, n), rows + [((5, 7), (1, 1))]) == "chunks at offsets (5, 0) and (5, 7) overlap"
+    assert time.perf_counter() - start < 5.0
 
 
 def test_truncated_or_garbled_files_are_refused(

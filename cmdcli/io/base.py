@@ -10,6 +10,7 @@ class deriving from :class:`CheckpointFormat`, registered in
 * what the checkpoint holds (:meth:`~CheckpointFormat.probe`, reading headers only),
 * how to read its tensors lazily (:meth:`~CheckpointFormat.open`, a
   :class:`CheckpointReader`),
+* for a directory, which of the files in it are its own (:meth:`~CheckpointFormat.owns`),
 * and, where it has one, how a rebuilt checkpoint is written back in the same
   container (:meth:`~CheckpointFormat.write_native`).
 
@@ -449,6 +450,17 @@ class CheckpointFormat(ABC):
     def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
         """A reader of the tensors of ``ckpt`` (of its ``state_key`` set)."""
 
+    def owns(self, name: str) -> bool:
+        """Whether a file called ``name`` in a directory this format claims is part of it.
+
+        From the name alone: the checkpoint's own files (weights, shards, index,
+        partitions), which are never checkpoints of a run when the directory is both
+        (a final model saved into a Trainer's output directory, or the user pointing
+        at one checkpoint). Directory formats list the files they read; the default,
+        for file formats, owns nothing.
+        """
+        return False
+
     # ------------------------------------------------------------------ output
 
     def output_files(
@@ -464,6 +476,14 @@ class CheckpointFormat(ABC):
     def side_files(self, ckpt: Checkpoint) -> list[str]:
         """Names of files copied beside the weights in the default layout (configs)."""
         return []
+
+    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
+        """Whether a rebuilt directory holds ``torch.save`` files (``pytorch_model*.bin``).
+
+        As the original did, for the layouts whose loaders read either kind: it names
+        the shards and the index written with a shard size. False by default: safetensors.
+        """
+        return False
 
     native_is_default: ClassVar[bool] = False
     """Whether the default layout already is the format's own container (HF, PEFT)."""

@@ -22,8 +22,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from . import names
 from .base import Checkpoint, CheckpointFormat, Entry, Run, TensorSpec
-from .formats.huggingface import regular_files
-from .paths import is_plain_name, is_utf8, printable
+from .paths import is_plain_name, is_utf8, printable, regular_files
 from .registry import FORMATS, claim
 from .steps import (
     alias_token,
@@ -226,8 +225,9 @@ def _scan(
 ) -> tuple[list[_Candidate], list[tuple[str, str]]]:
     """Candidates among the direct children of ``directory`` (by name), and skips.
 
-    ``inside``: the format that claims ``directory`` itself, if any; its own weight
-    files are then parts of it, not checkpoints of a run. An entry matching
+    ``inside``: the format that claims ``directory`` itself, if any; the files it
+    owns (:meth:`~cmdcli.io.base.CheckpointFormat.owns`) are then parts of it, not
+    checkpoints of a run. An entry matching
     ``files_glob`` (``--files``) is a candidate whatever its name says (an ``opt-…``
     model, a ``…_last_layer_…`` checkpoint).
     """
@@ -294,7 +294,7 @@ def _scan(
         # output directory, or the user pointed at one): its weight files are its parts.
         kept = []
         for c in files:
-            if names.LAYOUT_FILE.fullmatch(c.name):
+            if inside.owns(c.name):
                 skipped.append(
                     (printable(c.name), "part of the checkpoint stored in the directory itself")
                 )

@@ -18,7 +18,18 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["MAX_JSON_BYTES", "dumps", "loads", "non_finite_paths", "read_json", "read_object"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "DuplicateKey",
+    "TooDeep",
+    "dumps",
+    "loads",
+    "non_finite_paths",
+    "parse",
+    "read_json",
+    "read_object",
+    "unique_pairs",
+]
 
 MAX_JSON_BYTES = 64 * 2**20
 """Largest JSON file read (64 MiB): an index or a trainer state is far smaller."""
@@ -26,15 +37,24 @@ MAX_DEPTH = 64
 """Deepest nesting accepted: the files read are at most a few levels deep."""
 
 
-class _Duplicate(ValueError):
-    pass
+class DuplicateKey(ValueError):
+    """An object of the JSON text has the same key twice (``key``)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class TooDeep(ValueError):
+    """The JSON text nests deeper than allowed."""
+
+
+def unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing duplicate keys (:class:`DuplicateKey`)."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _Duplicate(f"duplicate key {key!r}")
+            raise DuplicateKey(key)
         out[key] = value
     return out
 
@@ -58,24 +78,42 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def parse(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse ``text`` strictly, raising what is wrong as an exception of its own.
+
+    Raises
+    ------
+    DuplicateKey
+        An object has the same key twice.
+    TooDeep
+        Nesting deeper than ``max_depth``.
+    ValueError, UnicodeDecodeError
+        Invalid JSON, or ``NaN``/``Infinity``.
+    """
+    try:
+        value = json.loads(text, object_pairs_hook=unique_pairs, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise TooDeep(f"more than {max_depth} levels") from None
+    if _depth(value, max_depth) > max_depth:
+        raise TooDeep(f"more than {max_depth} levels")
+    return value
+
+
 def loads(text: str | bytes, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse ``text`` strictly; any problem is an :class:`InputError` naming ``what``.
 
     Refused: invalid JSON, ``NaN``/``Infinity``, duplicate keys, nesting deeper
-    than ``max_depth``.
+    than ``max_depth`` (see :func:`parse`).
     """
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_refuse_constant)
-    except RecursionError:
+        return parse(text, max_depth=max_depth)
+    except TooDeep:
         raise InputError(f"{what}: JSON nested too deeply (more than {max_depth} levels)") from None
-    except _Duplicate as exc:
+    except DuplicateKey as exc:
         raise InputError(f"{what}: invalid JSON ({exc})") from None
     except (ValueError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{what}: not valid JSON ({first})") from None
-    if _depth(value, max_depth) > max_depth:
-        raise InputError(f"{what}: JSON nested too deeply (more than {max_depth} levels)")
-    return value
 
 
 def read_json(path: Path, what: str | None = None, *, max_bytes: int = MAX_JSON_BYTES) -> Any:

@@ -165,7 +165,7 @@ def write_checkpoint(
     if not fmt.is_directory and shard_size is None:
         write_weight_file(target, list(specs), specs, pieces, ckpt)
         return
-    as_bin = fmt.is_directory and ckpt.weight_files[0].name.endswith(".bin")
+    as_bin = fmt.rebuilt_as_bin(ckpt)
     if shard_size is not None:
         groups = sized_groups(specs, shard_size, as_bin)
     else:

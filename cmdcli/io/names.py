@@ -27,7 +27,6 @@ TMP_TAG = ".cmd-tmp-"
 
 # --------------------------------------------------------------------------- checkpoint files
 
-TORCH_SUFFIXES = (".pth.tar", ".ckpt", ".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = (".pth.tar", ".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 """Longest first, so that ``x.pth.tar`` is not taken for a ``.tar`` or ``.pth`` file."""
@@ -45,7 +44,6 @@ HF_TMP_CHECKPOINT_PREFIX = "tmp-checkpoint-"
 # PEFT adapters
 PEFT_SAFETENSORS = "adapter_model.safetensors"
 PEFT_BIN = "adapter_model.bin"
-PEFT_CONFIG = "adapter_config.json"
 
 # accelerate Accelerator.save_state
 ACCELERATE_MODEL = re.compile(r"(model|pytorch_model)(_(\d+))?\.(safetensors|bin)")
@@ -70,17 +68,6 @@ DS_OPTIM_STATES = re.compile(
 DS_LAYER_STATES = re.compile(r"layer_\d+-model_\d+-model_states\.pt")
 """Pipeline-parallel layer files: their weights are not in the model-states file."""
 DS_LATEST = "latest"
-
-# The weight files of a directory checkpoint: when a run's own folder holds them (a
-# final model saved into the Trainer's output directory), they are parts of that
-# checkpoint, not checkpoints of the run.
-LAYOUT_FILE = re.compile(
-    r"(model|pytorch_model|adapter_model)(-\d+-of-\d+|_\d+)?\.(safetensors|bin)"
-    r"|(model|pytorch_model)\.(safetensors|bin)\.index\.json"
-    r"|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt"
-    r"|(layer_\d+-|zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt"
-    r"|__\d+_\d+\.distcp"
-)
 
 # Files saved beside the weights by trainers; never weights, never copied as side files.
 TRAINING_STATE = re.compile(

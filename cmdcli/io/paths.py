@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 from pathlib import Path, PurePosixPath
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 
 __all__ = [
     "check_output_name",
@@ -22,6 +23,7 @@ __all__ = [
     "is_inside",
     "is_plain_name",
     "printable",
+    "regular_files",
     "temporary_name",
 ]
 
@@ -123,3 +125,24 @@ def is_inside(path: Path, base: Path) -> bool:
     p = os.path.normpath(os.path.abspath(path))
     b = os.path.normpath(os.path.abspath(base))
     return p == b or p.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def regular_files(directory: Path) -> list[str]:
+    """Names of the regular files directly in ``directory`` (symbolic links excluded).
+
+    In natural order (``shard-2`` before ``shard-10``).
+    """
+    from .steps import natural_key
+
+    out = []
+    try:
+        with os.scandir(directory) as it:
+            for e in it:
+                try:
+                    if stat.S_ISREG(e.stat(follow_symlinks=False).st_mode):
+                        out.append(e.name)
+                except OSError:
+                    continue
+    except OSError as exc:
+        raise CheckpointError(f"{directory}: cannot list ({exc.strerror or exc})") from exc
+    return sorted(out, key=natural_key)

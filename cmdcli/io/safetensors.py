@@ -19,7 +19,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +29,7 @@ import torch
 
 from ..dtypes import CODE_DTYPES, DTYPE_CODES, itemsize
 from ..errors import CheckpointError, InputError
+from . import jsonio
 from .base import CheckpointReader, TensorSpec, check_index, check_range
 from .paths import temporary_name
 
@@ -38,6 +39,7 @@ __all__ = [
     "SafetensorsReader",
     "SafetensorsWriter",
     "TensorEntry",
+    "gather_elements",
     "pread_into",
     "read_header",
     "tensor_bytes",
@@ -90,19 +92,6 @@ _SEEK_LOCK = threading.Lock()
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
-    return out
 
 
 class HeaderEntry(NamedTuple):
@@ -185,10 +174,10 @@ def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
     if not raw.lstrip().startswith(b"{"):
         raise CheckpointError(f"{bad} (not a JSON object)")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
-    except _Duplicate as exc:
-        raise CheckpointError(f"{bad}: tensor {str(exc)!r} is listed twice") from None
-    except RecursionError:
+        header = jsonio.parse(raw.decode("utf-8"))
+    except jsonio.DuplicateKey as exc:
+        raise CheckpointError(f"{bad}: tensor {exc.key!r} is listed twice") from None
+    except jsonio.TooDeep:
         raise CheckpointError(f"{bad} (JSON nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -398,27 +387,10 @@ class SafetensorsReader(CheckpointReader):
         idx = check_index(entry.spec, index)
         if idx.size == 0:
             return torch.empty(0, dtype=entry.spec.dtype)
-        isz = entry.itemsize
-        plan = _gather_plan(idx, isz)
-        elem = _ELEMENT_TYPES.get(isz) or np.dtype((np.void, isz))
-        out = bytearray(idx.size * isz)
-        out_elems = np.frombuffer(out, dtype=elem)
-        scratch = None
-        for chunk in plan:
-            if chunk.src is None:  # the chunk's bytes are the result, in order
-                buf = out
-            else:
-                if scratch is None:
-                    scratch = np.empty(max(c.nbytes for c in plan), dtype=np.uint8)
-                buf = scratch[: chunk.nbytes]
-            self._read_runs(entry, memoryview(buf), chunk.runs)
-            if chunk.src is None:
-                continue
-            values = buf.view(elem)
-            if chunk.dest is None:
-                np.take(values, chunk.src, out=out_elems, mode="clip")
-            else:
-                out_elems[chunk.dest] = values[chunk.src]
+        out = bytearray(idx.size * entry.itemsize)
+        gather_elements(
+            idx, entry.itemsize, lambda view, runs: self._read_runs(entry, view, runs), out
+        )
         return torch.frombuffer(out, dtype=entry.spec.dtype)
 
     def _read_runs(
@@ -446,6 +418,52 @@ class SafetensorsReader(CheckpointReader):
         for fd in fds:
             if fd is not None:
                 os.close(fd)
+
+
+def gather_elements(
+    idx: np.ndarray,
+    itemsize: int,
+    read_runs: Callable[[memoryview, list[tuple[int, int, int]]], None],
+    out: bytearray | memoryview,
+) -> None:
+    """Pick the elements at flat positions ``idx`` of a tensor stored raw, into ``out``.
+
+    The bytes are read in coalesced runs (see :func:`_make_gather_plan`) by
+    ``read_runs(view, runs)``, which fills ``view[buf_byte : buf_byte + length]`` with
+    bytes ``tensor_byte …`` of the tensor for each ``(tensor_byte, buf_byte, length)``
+    of ``runs``. Used by every reader whose tensors lie in files as raw bytes.
+
+    Parameters
+    ----------
+    idx : ndarray of int64
+        Positions, checked to lie inside the tensor; any order, repeats allowed.
+    itemsize : int
+        Bytes per element.
+    read_runs : callable
+        Reads runs of the tensor's bytes into a buffer (see above).
+    out : bytearray or memoryview
+        ``len(idx) * itemsize`` writable bytes: the result, in the order of ``idx``.
+    """
+    if idx.size == 0:
+        return
+    out = memoryview(out).cast("B")
+    plan = _gather_plan(idx, itemsize)
+    elem = _ELEMENT_TYPES.get(itemsize) or np.dtype((np.void, itemsize))
+    out_elems = np.frombuffer(out, dtype=elem)
+    scratch = None
+    for chunk in plan:
+        if chunk.src is None:  # the chunk's bytes are the result, in order
+            read_runs(out, chunk.runs)
+            continue
+        if scratch is None:
+            scratch = np.empty(max(c.nbytes for c in plan), dtype=np.uint8)
+        buf = scratch[: chunk.nbytes]
+        read_runs(memoryview(buf), chunk.runs)
+        values = buf.view(elem)
+        if chunk.dest is None:
+            np.take(values, chunk.src, out=out_elems, mode="clip")
+        else:
+            out_elems[chunk.dest] = values[chunk.src]
 
 
 # gather() reads the same positions from every checkpoint of a run (pass 1 of a

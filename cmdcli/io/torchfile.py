@@ -12,12 +12,14 @@ read whole.
 from __future__ import annotations
 
 import argparse
+import io
 import numbers
+import pickle
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -25,9 +27,20 @@ import torch
 from ..errors import CheckpointError
 from .base import CheckpointReader, TensorSpec, check_index, check_range
 from .paths import printable
+from .pickles import StandIn, standin_pickle_module
 from .weights import choose
 
-__all__ = ["SAFE_GLOBALS", "TorchFile", "TorchReader", "load_torch", "load_weights"]
+__all__ = [
+    "SAFE_GLOBALS",
+    "SAFE_LOAD_LOCK",
+    "STEP_KEYS",
+    "TRUST_HINT",
+    "TorchFile",
+    "TorchReader",
+    "load_torch",
+    "load_weights",
+    "merge_shards",
+]
 
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 """Classes allowed in a pickle beyond what ``weights_only=True`` allows."""
@@ -36,6 +49,8 @@ SAFE_LOAD_LOCK = threading.Lock()
 """Held around every restricted ``torch.load``: torch keeps the allowed classes of
 ``safe_globals`` in one process-wide list, so two loads in two threads must not
 interleave their additions and removals."""
+
+T = TypeVar("T")
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -89,8 +104,42 @@ def is_zip(path: Path, display: str) -> bool:
     return magic == _ZIP_MAGIC
 
 
-def load_torch(path: Path, display: str, *, trust_pickle: bool, mmap: bool = True) -> Any:
-    """Unpickle a torch file safely (see the module docstring); mapped when zip-format.
+TRUST_HINT = "pass --trust-pickle if you trust its source"
+
+
+def load_torch(
+    source: Path | bytes,
+    display: str,
+    *,
+    trust_pickle: bool,
+    mmap: bool = True,
+    allowed: Sequence[type] = SAFE_GLOBALS,
+    standins: Mapping[str, type[StandIn]] | None = None,
+    subject: str = "this checkpoint",
+    known: str = "weights",
+    hint: str = TRUST_HINT,
+) -> Any:
+    """Unpickle a torch file, or the bytes of one stored item, safely; mapped when zip-format.
+
+    Every restricted load of cmd's goes through here, under :data:`SAFE_LOAD_LOCK`.
+
+    Parameters
+    ----------
+    source : pathlib.Path or bytes
+        A file (memory-mapped when zip-format and ``mmap``), or a whole ``torch.save``
+        archive in memory (a DCP item).
+    display : str
+        The file in messages.
+    trust_pickle : bool
+        Unpickle with ``weights_only=False`` (the stand-ins still resolve by name).
+    allowed : sequence of type
+        Classes allowed beyond what ``weights_only=True`` allows (:data:`SAFE_GLOBALS`).
+    standins : mapping of str to StandIn subclass, optional
+        Inert stand-ins allowed under the qualified names they stand for
+        (:mod:`cmdcli.io.pickles`), e.g. DeepSpeed's classes; needs torch >= 2.5.
+    subject, known, hint : str
+        Words of the refusal: ``"{display}: {subject} needs more than {known} to
+        unpickle ({reason}); {hint}"``.
 
     Raises
     ------
@@ -98,27 +147,47 @@ def load_torch(path: Path, display: str, *, trust_pickle: bool, mmap: bool = Tru
         The file is not a readable torch file, or needs more than weights to
         unpickle and ``trust_pickle`` is False (the message names the class).
     """
-    legacy = not is_zip(path, display)
+    item = isinstance(source, (bytes, bytearray))
+    mapped = False if item else is_zip(source, display) and mmap
+    named = [(cls, qualified) for qualified, cls in (standins or {}).items()]
+    if named and not trust_pickle and not _supports_named_globals():
+        raise CheckpointError(
+            f"{display}: reading {subject} safely needs torch >= 2.5 (found {torch.__version__})"
+        )
+    target = io.BytesIO(source) if item else source
     try:
         if trust_pickle:
+            module = standin_pickle_module(standins) if standins else pickle
             return torch.load(
-                path, map_location="cpu", mmap=mmap and not legacy, weights_only=False
+                target, map_location="cpu", mmap=mapped, weights_only=False, pickle_module=module
             )
-        with SAFE_LOAD_LOCK, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", mmap=mmap and not legacy, weights_only=True)
+        with SAFE_LOAD_LOCK, torch.serialization.safe_globals([*allowed, *named]):
+            return torch.load(target, map_location="cpu", mmap=mapped, weights_only=True)
     except MemoryError:
         raise
     except Exception as exc:  # torch raises many types for bad files; all are the user's
         reason = None if trust_pickle else weights_only_refusal(exc)
         if reason is not None:
             raise CheckpointError(
-                f"{display}: this checkpoint needs more than weights to unpickle ({reason}); "
-                f"pass --trust-pickle if you trust its source"
+                f"{display}: {subject} needs more than {known} to unpickle ({reason}); {hint}"
+            ) from exc
+        if item:
+            raise CheckpointError(
+                f"{display}: {subject} is not a readable torch.save archive ({load_failure(exc)})"
             ) from exc
         raise CheckpointError(
             f"{display}: not a readable torch checkpoint ({load_failure(exc)}); "
             f"is the file complete?"
         ) from exc
+
+
+def _supports_named_globals() -> bool:
+    """Whether torch's restricted loader takes ``(object, "qualified.name")`` pairs (>= 2.5)."""
+    try:
+        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (2, 5) and hasattr(torch.serialization, "safe_globals")
 
 
 class TorchFile(NamedTuple):
@@ -144,11 +213,15 @@ def load_weights(path: Path, display: str, *, trust_pickle: bool, weights: str |
     return TorchFile(tensors, key, others, step, lightning, legacy)
 
 
+STEP_KEYS = ("global_step", "step", "global_steps")
+"""Keys under which a checkpoint stores its step beside the weights, by preference."""
+
+
 def stored_step(obj: Any) -> int | None:
     """An integer ``global_step`` or ``step`` at the top level of a wrapped checkpoint."""
     if not isinstance(obj, Mapping):
         return None
-    for key in ("global_step", "step", "global_steps"):
+    for key in STEP_KEYS:
         value = obj.get(key)
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             value = int(value.item())
@@ -194,6 +267,26 @@ def check_stored(t: torch.Tensor, name: str, display: str) -> None:
         raise CheckpointError(f"{display}: tensor {shown!r} has overlapping elements")
 
 
+def merge_shards(shards: Iterable[tuple[str, Mapping[str, T]]]) -> dict[str, T]:
+    """The entries of a checkpoint's shards, ``(display, tensors)`` each, in one dict.
+
+    Shards are consumed one at a time, so a generator that loads them stops at the
+    first name found in two shards.
+
+    Raises
+    ------
+    CheckpointError
+        A tensor name is in two shards (the message names the second).
+    """
+    merged: dict[str, T] = {}
+    for display, tensors in shards:
+        for name, value in tensors.items():
+            if name in merged:
+                raise CheckpointError(f"{display}: tensor {name!r} also appears in another shard")
+            merged[name] = value
+    return merged
+
+
 def specs_of(tensors: Mapping[str, torch.Tensor], display: str) -> dict[str, TensorSpec]:
     """The specs of a dict of tensors, each checked by :func:`check_stored`."""
     specs = {}
@@ -226,16 +319,14 @@ class TorchReader(CheckpointReader):
         trust_pickle: bool,
         weights: str | None = None,
     ) -> None:
-        self._tensors: dict[str, torch.Tensor] = {}
         self._display = displays[0] if displays else "?"
-        for path, display in zip(files, displays, strict=True):
-            loaded = load_weights(path, display, trust_pickle=trust_pickle, weights=weights)
-            for name, t in loaded.tensors.items():
-                if name in self._tensors:
-                    raise CheckpointError(
-                        f"{display}: tensor {name!r} also appears in another shard"
-                    )
-                self._tensors[name] = t
+        self._tensors = merge_shards(
+            (
+                display,
+                load_weights(path, display, trust_pickle=trust_pickle, weights=weights).tensors,
+            )
+            for path, display in zip(files, displays, strict=True)
+        )
         self._specs = specs_of(self._tensors, self._display)
         self._closed = False
 

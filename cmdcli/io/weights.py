@@ -9,21 +9,36 @@ teacher (DINO), an optimizer state beside both. The rule, shared by every format
    optimizer, scheduler and scaler state;
 3. the default is the first of :data:`RAW_KEYS` present; failing that the first
    set whose name does not say EMA/teacher/average; failing that the first set;
-4. ``--weights KEY`` takes set ``KEY`` instead (``a/b`` reaches one level down);
+4. ``--weights KEY`` takes set ``KEY`` instead (``a/b`` reaches one level down, where
+   ``a`` is not training state either);
 5. every other set is named in a notice, so that nothing is ignored silently.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import CheckpointError
+from .paths import printable
 
-__all__ = ["RAW_KEYS", "NoWeights", "choose", "describe", "is_ema_name", "tensor_sets"]
+__all__ = [
+    "RAW_KEYS",
+    "NoWeights",
+    "choose",
+    "choose_set",
+    "default_key",
+    "describe",
+    "is_ema_name",
+    "is_state_name",
+    "tensor_sets",
+    "weight_sets",
+]
+
+T = TypeVar("T")
 
 RAW_KEYS = (
     "state_dict",
@@ -90,6 +105,28 @@ def _tensor_dict(value: Any) -> dict[str, torch.Tensor] | None:
     return tensors or None
 
 
+def weight_sets(groups: Mapping[str, T], top: T | None) -> dict[str | None, T]:
+    """The sets of weights of a checkpoint (rule 2 of the module), whatever its container.
+
+    Parameters
+    ----------
+    groups : mapping of str to tensors
+        Each top-level key and the tensors under it (empty or None: no tensors).
+    top : tensors or None
+        The tensors at the top level itself.
+
+    Returns
+    -------
+    dict
+        Every group not named as training state; failing that, ``None`` → ``top``.
+    """
+    sets: dict[str | None, T] = {k: v for k, v in groups.items() if v and not is_state_name(k)}
+    if not sets and top:
+        # A state dict with a few non-tensor entries beside its tensors.
+        sets[None] = top
+    return sets
+
+
 def tensor_sets(obj: Any) -> dict[str | None, dict[str, torch.Tensor]]:
     """Every set of weights in an unpickled checkpoint, by key (see the module rule).
 
@@ -103,19 +140,8 @@ def tensor_sets(obj: Any) -> dict[str | None, dict[str, torch.Tensor]]:
         return {}
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {None: {str(k): v for k, v in obj.items()}}
-    sets: dict[str | None, dict[str, torch.Tensor]] = {}
-    for key, value in obj.items():
-        if not isinstance(key, str) or is_state_name(key):
-            continue
-        tensors = _tensor_dict(value)
-        if tensors:
-            sets[key] = tensors
-    if not sets:
-        # A state dict with a few non-tensor entries beside its tensors.
-        tensors = _tensor_dict(obj)
-        if tensors:
-            sets[None] = tensors
-    return sets
+    groups = {k: _tensor_dict(v) for k, v in obj.items() if isinstance(k, str)}
+    return weight_sets(groups, _tensor_dict(obj))
 
 
 def _lookup(obj: Any, path: str) -> dict[str, torch.Tensor] | None:
@@ -140,40 +166,75 @@ def default_key(keys: list[str | None]) -> str | None:
     return keys[0]
 
 
-def choose(
-    obj: Any, requested: str | None, display: str
-) -> tuple[str | None, dict[str, torch.Tensor], dict[str, str]]:
-    """The set of weights to read from an unpickled checkpoint.
+def choose_set(
+    sets: Mapping[str | None, T],
+    requested: str | None,
+    display: str,
+    *,
+    lookup: Callable[[str], T | None] | None = None,
+) -> tuple[str | None, T, dict[str, str]]:
+    """The set of weights to read, among ``sets`` (rules 3 to 5 of the module).
+
+    Parameters
+    ----------
+    sets : mapping
+        The sets of weights (:func:`weight_sets`), key → its tensors (or their specs,
+        names, files: whatever the format reads them by). Not empty unless
+        ``requested`` is given.
+    requested : str or None
+        ``--weights``; ``a/b`` is looked up by ``lookup`` when not a key of ``sets``.
+        The first component of a path passes the rule of a key: training state is
+        never weights.
+    display : str
+        The checkpoint in messages.
+    lookup : callable, optional
+        ``lookup("a/b")``: the tensors one level down, or None (or empty).
 
     Returns
     -------
     key : str or None
         The set taken.
-    tensors : dict of str to torch.Tensor
-        Its tensors.
+    value
+        Its tensors, as ``sets`` (or ``lookup``) gives them.
     others : dict of str to str
-        The other sets seen, key → :func:`describe`.
+        The other sets, key → :func:`describe`.
 
     Raises
     ------
     CheckpointError
-        No set of weights at all, or not the one requested; the message lists
-        what the checkpoint holds.
+        Not the set requested; the message lists the sets found.
+    """
+    if requested is None:
+        key = default_key(list(sets))
+        return key, sets[key], {k: describe(k) for k in sets if k is not None and k != key}
+    value = sets[requested] if requested in sets else None
+    first = requested.split("/", 1)[0]
+    if not value and "/" in requested and lookup is not None and not is_state_name(first):
+        value = lookup(requested)
+    if not value:
+        state = " (optimizer and scheduler state are not weights)" if is_state_name(first) else ""
+        have = ", ".join(repr(printable(k)) for k in sets if k is not None) or "none"
+        raise CheckpointError(
+            f"{display}: no weights under {printable(requested)!r} (--weights){state}; "
+            f"sets of weights found: {have}"
+        )
+    return requested, value, {k: describe(k) for k in sets if k is not None and k != requested}
+
+
+def choose(
+    obj: Any, requested: str | None, display: str
+) -> tuple[str | None, dict[str, torch.Tensor], dict[str, str]]:
+    """The set of weights to read from an unpickled checkpoint (see :func:`choose_set`).
+
+    Raises
+    ------
+    NoWeights
+        No set of weights at all (and none requested).
+    CheckpointError
+        Not the set requested; the message lists what the checkpoint holds.
     """
     sets = tensor_sets(obj)
-    if requested is not None:
-        tensors = sets.get(requested) if requested in sets else None
-        if tensors is None and "/" in requested:
-            tensors = _lookup(obj, requested)
-        if tensors is None:
-            have = ", ".join(repr(k) for k in sets if k is not None) or "none"
-            raise CheckpointError(
-                f"{display}: no weights under {requested!r} (--weights); sets of weights "
-                f"found: {have}"
-            )
-        others = {k: describe(k) for k in sets if k is not None and k != requested}
-        return requested, tensors, others
-    if not sets:
+    if not sets and requested is None:
         if isinstance(obj, Mapping):
             keys = ", ".join(repr(k) for k in list(obj)[:12])
             more = f" and {len(obj) - 12} more" if len(obj) > 12 else ""
@@ -186,6 +247,4 @@ def choose(
             f"{display}: no state dict found (expected a dict of tensors, found a "
             f"{type(obj).__name__})"
         )
-    key = default_key(list(sets))
-    others = {k: describe(k) for k in sets if k is not None and k != key}
-    return key, sets[key], others
+    return choose_set(sets, requested, display, lookup=lambda path: _lookup(obj, path))

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import CheckpointError
 from .. import names
 from ..base import (
     Checkpoint,
-    CheckpointFormat,
     CheckpointReader,
     Entry,
     Probe,
     TensorSource,
     TensorSpec,
 )
-from .huggingface import _open_files, _probe_files, regular_files
+from ..paths import regular_files
+from ..weights import choose_set
+from .files import WeightFilesDirectory, open_weight_files, probe_weight_files
 
 __all__ = ["Accelerate"]
 
@@ -41,11 +41,10 @@ def _model_files(files: frozenset[str]) -> dict[str, str]:
     return {f.rsplit(".", 1)[0]: f for _, f in sorted(found)}
 
 
-class Accelerate(CheckpointFormat):
+class Accelerate(WeightFilesDirectory):
     """A folder written by ``Accelerator.save_state``."""
 
     name = "accelerate"
-    is_directory = True
     has_native_writer = True
     looked_for = "accelerate save_state folders (model.safetensors beside random_states_0.pkl)"
 
@@ -59,40 +58,24 @@ class Accelerate(CheckpointFormat):
             and not entry.files & {names.TRAINER_STATE, "config.json"}
         )
 
+    def owns(self, name: str) -> bool:
+        return bool(names.ACCELERATE_MODEL.fullmatch(name))
+
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
-        models = _model_files(entry.files)
-        if weights is None:
-            key = next(iter(models))
-        elif weights in models:
-            key = weights
-        else:
-            raise CheckpointError(
-                f"{entry.name}: no model {weights!r} (--weights); the folder holds "
-                f"{', '.join(repr(k) for k in models)}"
-            )
-        probe = _probe_files(
-            entry.path,
-            entry.name,
-            (entry.path / models[key],),
-            None,
-            {},
-            trust_pickle=trust_pickle,
-            weights=None,
+        # The default is the first model (model.safetensors or pytorch_model.bin: index 0).
+        key, model_file, others = choose_set(_model_files(entry.files), weights, entry.name)
+        probe, _ = probe_weight_files(
+            entry.name, (entry.path / model_file,), trust_pickle=trust_pickle, weights=None
         )
         probe.state_key = key
-        probe.other_sets = {k: "weights of another model" for k in models if k != key}
+        probe.other_sets = dict.fromkeys(others, "weights of another model")
         return probe
 
     def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
         # The model file holds one state dict: no set to choose inside it.
         from dataclasses import replace
 
-        return _open_files(replace(ckpt, state_key=None), trust_pickle=trust_pickle)
-
-    def output_files(
-        self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
-    ) -> dict[str, list[str]] | None:
-        return {ckpt.weight_files[0].name: list(specs)}
+        return open_weight_files(replace(ckpt, state_key=None), trust_pickle=trust_pickle)
 
     def write_native(
         self,

@@ -65,14 +65,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ...dtypes import itemsize
 from ...errors import CheckpointError, InputError
-from .. import names
+from .. import names, pickles
 from ..base import (
     Checkpoint,
     CheckpointFormat,
@@ -85,16 +85,10 @@ from ..base import (
     check_range,
 )
 from ..paths import is_plain_name, printable
-from ..safetensors import _ELEMENT_TYPES, _gather_plan, pread_into
+from ..safetensors import gather_elements, pread_into
 from ..steps import natural_key
-from ..torchfile import (
-    SAFE_GLOBALS,
-    SAFE_LOAD_LOCK,
-    check_stored,
-    load_failure,
-    weights_only_refusal,
-)
-from ..weights import RAW_KEYS, default_key, describe, is_ema_name, is_state_name
+from ..torchfile import STEP_KEYS, check_stored, load_torch
+from ..weights import RAW_KEYS, choose_set, is_ema_name, is_state_name, weight_sets
 
 __all__ = ["MAX_METADATA_BYTES", "Dcp", "DcpReader", "load_metadata"]
 
@@ -103,14 +97,10 @@ MAX_METADATA_BYTES = 256 * 1024 * 1024
 
 _MAX_DATA_PKL = 1 << 20  # a tensor's data.pkl is ~200 bytes; larger ones are loaded by torch
 _MAX_STEP_ITEM = 1 << 16  # a bytes item holding a step is a few hundred bytes
-_MAX_DIMS = 64
-_MAX_INT = 1 << 62  # sizes, offsets and element counts stay far from int64 overflow
-_MAX_GRID_CELLS = 1 << 22  # chunk cover check: cells of the grid the chunk edges make
-_MAX_PAIRWISE = 2048  # chunk cover check without a grid: chunks compared pairwise
+_MAX_CORNERS = 1 << 22  # chunk cover check: box corners (and box pairs, to name an overlap)
 _SCATTER_LOOP = 64  # fewer runs than this are copied one by one, more with one index
 _PREADV_RUN_BYTES = 4096  # runs at least this long (on average) are read straight to place
 _IOV_MAX = 1024
-_STEP_KEYS = ("global_step", "step", "global_steps")
 _ZIP_LOCAL = b"PK\x03\x04"
 
 
@@ -118,89 +108,51 @@ _ZIP_LOCAL = b"PK\x03\x04"
 
 
 _MD = "torch.distributed.checkpoint.metadata"
-_METADATA_GLOBALS: dict[tuple[str, str], str] = {
-    (_MD, "Metadata"): "Metadata",
-    (_MD, "TensorStorageMetadata"): "TensorStorageMetadata",
-    (_MD, "BytesStorageMetadata"): "BytesStorageMetadata",
-    (_MD, "ChunkStorageMetadata"): "ChunkStorageMetadata",
-    (_MD, "TensorProperties"): "TensorProperties",
-    (_MD, "MetadataIndex"): "MetadataIndex",
-    (_MD, "StorageMeta"): "StorageMeta",
-    (_MD, "_MEM_FORMAT_ENCODING"): "_MEM_FORMAT_ENCODING",
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): "_StorageInfo",
-    ("torch", "Size"): "Size",
-    ("torch.serialization", "_get_layout"): "layout",
-    ("pathlib", "PosixPath"): "PosixPath",
-}
-"""Every global a DCP ``.metadata`` names (besides dtypes), and the stand-in kind for it."""
 
 # From the module's own namespace: a name read from a file is looked up here and never
 # with getattr(torch, name), which could import a submodule.
 _DTYPES: dict[str, torch.dtype] = {
     k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype) and not k.startswith("_")
 }
+_DTYPE_NAMES = {f"torch.{k}": pickles.Named(k) for k in _DTYPES}
 
-
-class _Stub:
-    """An inert stand-in for a class named in a pickle: it records arguments and state.
-
-    Calling it (REDUCE, NEWOBJ) and building it (BUILD) only store what the pickle
-    passes; nothing else can be reached through it.
-    """
-
-    kind: ClassVar[str] = ""
-    args: tuple = ()
-    state: Any = None
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-_STUBS: dict[str, type[_Stub]] = {
-    kind: type(f"_{kind.strip('_')}Stub", (_Stub,), {"kind": kind})
-    for kind in sorted(set(_METADATA_GLOBALS.values()))
+_KINDS: dict[str, type[pickles.StandIn]] = {
+    kind: pickles.standin(qualified, kind)
+    for qualified, kind in (
+        (f"{_MD}.Metadata", "Metadata"),
+        (f"{_MD}.TensorStorageMetadata", "TensorStorageMetadata"),
+        (f"{_MD}.BytesStorageMetadata", "BytesStorageMetadata"),
+        (f"{_MD}.ChunkStorageMetadata", "ChunkStorageMetadata"),
+        (f"{_MD}.TensorProperties", "TensorProperties"),
+        (f"{_MD}.MetadataIndex", "MetadataIndex"),
+        (f"{_MD}.StorageMeta", "StorageMeta"),
+        (f"{_MD}._MEM_FORMAT_ENCODING", "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem._StorageInfo", "_StorageInfo"),
+        ("torch.Size", "Size"),
+        ("torch.serialization._get_layout", "layout"),
+        ("pathlib.PosixPath", "PosixPath"),
+    )
 }
+"""A stand-in for every class a DCP ``.metadata`` names (besides dtypes), by its kind."""
 
 
-class _Named:
-    """A module attribute named in a pickle (a dtype, a storage type): its name only."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __setstate__(self, state: Any) -> None:
-        raise pickle.UnpicklingError(f"{self.name} cannot be given a state")
+def _refuse_metadata_global(module: str, name: str) -> Exception:
+    return pickle.UnpicklingError(
+        f"it names {printable(module)[:80]}.{printable(name)[:80]}, which a DCP "
+        f".metadata never holds; refused without running anything"
+    )
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` into stand-ins; any other global is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        kind = _METADATA_GLOBALS.get((module, name))
-        if kind is not None:
-            return _STUBS[kind]
-        if module == "torch" and name in _DTYPES:
-            return _Named(name)
-        raise pickle.UnpicklingError(
-            f"it names {printable(module)[:80]}.{printable(name)[:80]}, which a DCP "
-            f".metadata never holds; refused without running anything"
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("it holds a persistent id, which a DCP .metadata never does")
+def _refuse_metadata_pid(pid: Any) -> Any:
+    raise pickle.UnpicklingError("it holds a persistent id, which a DCP .metadata never does")
 
 
-class _Bad(Exception):
-    """A check of the metadata failed: the message, and the file it is about."""
-
-    def __init__(self, message: str, file: str | None = None) -> None:
-        super().__init__(message)
-        self.file = file
+_MetadataUnpickler = pickles.restricted_unpickler(
+    {**{k.qualified_name: k for k in _KINDS.values()}, **_DTYPE_NAMES},
+    refuse=_refuse_metadata_global,
+    persistent_load=_refuse_metadata_pid,
+)
+"""Unpickles a DCP ``.metadata`` into stand-ins; any other global is refused."""
 
 
 class _Stored(NamedTuple):
@@ -253,102 +205,87 @@ class _Metadata:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _show(value: Any) -> str:
-    """A short, printable rendering of a value read from a file (no repr of containers)."""
-    if isinstance(value, str):
-        return printable(repr(value[:100]))
-    if value is None or type(value) in (int, bool, float):
-        return repr(value)[:40]
-    return f"a {_what(value)}"
+def _args(obj: pickles.StandIn) -> tuple:
+    """The arguments a pickle called a stand-in's class with (none when it made a bare one)."""
+    return obj.args if obj.called else ()
 
 
-def _what(value: Any) -> str:
-    if isinstance(value, _Stub):
-        return value.kind
-    if isinstance(value, _Named):
-        return printable(value.name)
-    return type(value).__name__
-
-
-def _fields(obj: Any, kind: str, fields: Sequence[str]) -> dict[str, Any]:
+def _fields(obj: Any, kind: str, fields: Sequence[str], shown: str) -> dict[str, Any]:
     """The fields of a stand-in of ``kind``: from its state dict, else its arguments."""
-    if not isinstance(obj, _STUBS[kind]):
-        raise _Bad(f"expected a {kind}, found a {_what(obj)}")
+    if not isinstance(obj, _KINDS[kind]):
+        raise CheckpointError(f"{shown}: expected a {kind}, found a {pickles.describe(obj)}")
     state = obj.state
     if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
         state = {**(state[0] or {}), **state[1]}  # (dict state, slot state)
     if isinstance(state, dict):
         return {f: state.get(f) for f in fields}
     if state is None:
-        return {f: (obj.args[i] if i < len(obj.args) else None) for i, f in enumerate(fields)}
-    raise _Bad(f"a {kind} with a state of type {_what(state)}")
+        args = _args(obj)
+        return {f: (args[i] if i < len(args) else None) for i, f in enumerate(fields)}
+    raise CheckpointError(f"{shown}: a {kind} with a state of type {pickles.describe(state)}")
 
 
-def _int(value: Any, what: str) -> int:
-    if type(value) is not int or not 0 <= value < _MAX_INT:
-        raise _Bad(f"{what} is {_show(value)}, expected a non-negative integer")
-    return value
+def _int(value: Any, shown: str, what: str) -> int:
+    return pickles.integer(value, shown, what, high=pickles.MAX_INT)
 
 
-def _str(value: Any, what: str) -> str:
-    if type(value) is not str:
-        raise _Bad(f"{what} is a {_what(value)}, expected a string")
-    return value
-
-
-def _dims(value: Any, what: str) -> tuple[int, ...]:
-    """A ``torch.Size`` (or a plain sequence of ints, as older versions wrote)."""
-    if isinstance(value, _Stub):
-        if value.kind != "Size" or len(value.args) != 1 or value.state is not None:
-            raise _Bad(f"{what} is a {_what(value)}, expected a torch.Size")
-        value = value.args[0]
-    if type(value) not in (tuple, list) or len(value) > _MAX_DIMS:
-        raise _Bad(f"{what} is a {_what(value)}, expected a size")
-    return tuple(_int(v, what) for v in value)
-
-
-def _properties(value: Any, fqn: str) -> tuple[torch.dtype, str]:
+def _properties(value: Any, fqn: str, shown: str) -> tuple[torch.dtype, str]:
     """dtype and layout name of a ``TensorProperties`` (a 5-tuple state, or a dict)."""
-    what = f"tensor {printable(fqn)!r}"
-    if not isinstance(value, _STUBS["TensorProperties"]):
-        raise _Bad(f"{what}: expected TensorProperties, found a {_what(value)}")
+    what = f"{shown}: tensor {printable(fqn)!r}"
+    if not isinstance(value, _KINDS["TensorProperties"]):
+        raise CheckpointError(
+            f"{what}: expected TensorProperties, found a {pickles.describe(value)}"
+        )
     state = value.state
     if isinstance(state, tuple) and len(state) == 5:
         dtype, layout = state[0], state[1]
     elif isinstance(state, dict):
         dtype, layout = state.get("dtype"), state.get("layout")
     else:
-        raise _Bad(f"{what}: TensorProperties of an unknown form")
-    if not isinstance(dtype, _Named) or dtype.name not in _DTYPES:
-        raise _Bad(f"{what}: dtype is a {_what(dtype)}, expected a torch dtype")
-    if isinstance(layout, _STUBS["layout"]) and len(layout.args) == 1:
-        layout_name = _str(layout.args[0], f"{what}: layout")
+        raise CheckpointError(f"{what}: TensorProperties of an unknown form")
+    if not isinstance(dtype, pickles.Named) or dtype.name not in _DTYPES:
+        raise CheckpointError(
+            f"{what}: dtype is a {pickles.describe(dtype)}, expected a torch dtype"
+        )
+    if isinstance(layout, _KINDS["layout"]) and len(_args(layout)) == 1:
+        layout_name = pickles.text(layout.args[0], what, "its layout")
     elif layout is None:
         layout_name = "torch.strided"  # the dataclass default
     else:
-        raise _Bad(f"{what}: layout is a {_what(layout)}, expected a torch layout")
+        raise CheckpointError(
+            f"{what}: layout is a {pickles.describe(layout)}, expected a torch layout"
+        )
     return _DTYPES[dtype.name], layout_name
 
 
-def _transforms(value: Any, fqn: str) -> tuple[str, ...]:
+def _transforms(value: Any, fqn: str, shown: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if type(value) not in (list, tuple) or not all(type(v) is str for v in value):
-        raise _Bad(f"item {printable(fqn)!r}: transform_descriptors is a {_what(value)}")
+        raise CheckpointError(
+            f"{shown}: item {printable(fqn)!r}: transform_descriptors is a "
+            f"{pickles.describe(value)}"
+        )
     return tuple(value)
 
 
-def _key_path(value: Any, fqn: str) -> tuple[str | int, ...]:
+def _key_path(value: Any, fqn: str, shown: str) -> tuple[str | int, ...]:
     """A planner_data key path: strings (dict keys) and list indices joining to ``fqn``."""
     if type(value) not in (tuple, list) or not value or len(value) > 1024:
-        raise _Bad(f"planner_data maps {printable(fqn)!r} to a {_what(value)}, expected a key path")
+        raise CheckpointError(
+            f"{shown}: planner_data maps {printable(fqn)!r} to a {pickles.describe(value)}, "
+            f"expected a key path"
+        )
     for part in value:
         if type(part) is not str and (type(part) is not int or part < 0):
-            raise _Bad(f"planner_data key path of {printable(fqn)!r} holds a {_what(part)}")
+            raise CheckpointError(
+                f"{shown}: planner_data key path of {printable(fqn)!r} holds a "
+                f"{pickles.describe(part)}"
+            )
     if type(value[0]) is not str or ".".join(map(str, value)) != fqn:
-        raise _Bad(
-            f"planner_data maps {printable(fqn)!r} to {printable(repr(tuple(value)))[:120]}, "
-            f"which is not its key path"
+        raise CheckpointError(
+            f"{shown}: planner_data maps {printable(fqn)!r} to "
+            f"{printable(repr(tuple(value)))[:120]}, which is not its key path"
         )
     return tuple(value)
 
@@ -365,58 +302,75 @@ def _join(parts: Sequence[str | int]) -> str:
     return ".".join(map(str, parts))
 
 
-def _file_size(directory: Path, name: str, sizes: dict[str, int]) -> int:
+def _file_size(directory: Path, name: str, sizes: dict[str, int], shown: str) -> int:
     """Size of storage file ``name``, a regular file directly in ``directory``."""
     if name in sizes:
         return sizes[name]
     try:
         st = os.lstat(directory / name)
     except OSError:
-        raise _Bad(f"lists storage file {printable(name)}, which is missing") from None
+        raise CheckpointError(
+            f"{shown}: lists storage file {printable(name)}, which is missing"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
-        raise _Bad(f"storage file {printable(name)} is not a regular file in the directory")
+        raise CheckpointError(
+            f"{shown}: storage file {printable(name)} is not a regular file in the directory"
+        )
     sizes[name] = st.st_size
     return st.st_size
 
 
-def _convert(obj: Any, directory: Path) -> _Metadata:
+def _convert(obj: Any, directory: Path, display: str) -> _Metadata:
     """Check the unpickled stand-ins and turn them into a :class:`_Metadata`."""
-    top = _fields(obj, "Metadata", ("state_dict_metadata", "planner_data", "storage_data"))
+    shown = f"{display}/{names.DCP_METADATA}"
+    top = _fields(obj, "Metadata", ("state_dict_metadata", "planner_data", "storage_data"), shown)
     sdm, planner, storage = top["state_dict_metadata"], top["planner_data"], top["storage_data"]
     if type(sdm) is not dict or not sdm:
-        raise _Bad(f"state_dict_metadata is a {_what(sdm)}, expected a dict of items")
+        raise CheckpointError(
+            f"{shown}: state_dict_metadata is a {pickles.describe(sdm)}, expected a dict of items"
+        )
     if type(storage) is not dict:
-        raise _Bad(f"storage_data is a {_what(storage)}, expected a dict")
+        raise CheckpointError(
+            f"{shown}: storage_data is a {pickles.describe(storage)}, expected a dict"
+        )
     if planner is not None and type(planner) is not dict:
-        raise _Bad(f"planner_data is a {_what(planner)}, expected a dict")
+        raise CheckpointError(
+            f"{shown}: planner_data is a {pickles.describe(planner)}, expected a dict"
+        )
 
     sizes: dict[str, int] = {}
     stored: dict[tuple[str, tuple[int, ...] | None], _Stored] = {}
     for key, info in storage.items():
-        index = _fields(key, "MetadataIndex", ("fqn", "offset", "index"))
-        fqn = _str(index["fqn"], "a storage_data key")
-        offset = None if index["offset"] is None else _dims(index["offset"], "a chunk offset")
+        index = _fields(key, "MetadataIndex", ("fqn", "offset", "index"), shown)
+        fqn = pickles.text(index["fqn"], shown, "a storage_data key")
+        offset = None
+        if index["offset"] is not None:
+            offset = pickles.dims(index["offset"], shown, "a chunk offset")
         where = _fields(
-            info, "_StorageInfo", ("relative_path", "offset", "length", "transform_descriptors")
+            info,
+            "_StorageInfo",
+            ("relative_path", "offset", "length", "transform_descriptors"),
+            shown,
         )
         rel = where["relative_path"]
         if not is_plain_name(rel):
-            raise _Bad(
-                f"item {printable(fqn)!r} is stored in {_show(rel)}, which is "
+            raise CheckpointError(
+                f"{shown}: item {printable(fqn)!r} is stored in {pickles.show(rel)}, which is "
                 f"not a file name in the checkpoint directory"
             )
-        size = _file_size(directory, rel, sizes)
-        start = _int(where["offset"], f"the offset of item {printable(fqn)!r}")
-        length = _int(where["length"], f"the length of item {printable(fqn)!r}")
+        size = _file_size(directory, rel, sizes, shown)
+        start = _int(where["offset"], shown, f"the offset of item {printable(fqn)!r}")
+        length = _int(where["length"], shown, f"the length of item {printable(fqn)!r}")
         if start + length > size:
-            raise _Bad(
-                f"file is truncated: item {printable(fqn)!r} is recorded at bytes "
-                f"{start}…{start + length}, but the file has {size} bytes",
-                file=rel,
+            raise CheckpointError(
+                f"{display}/{printable(rel)}: file is truncated: item {printable(fqn)!r} is "
+                f"recorded at bytes {start}…{start + length}, but the file has {size} bytes"
             )
         if (fqn, offset) in stored:
-            raise _Bad(f"item {printable(fqn)!r} at offsets {offset} is stored twice")
-        transforms = _transforms(where["transform_descriptors"], fqn)
+            raise CheckpointError(
+                f"{shown}: item {printable(fqn)!r} at offsets {offset} is stored twice"
+            )
+        transforms = _transforms(where["transform_descriptors"], fqn, shown)
         stored[(fqn, offset)] = _Stored(rel, start, length, transforms)
 
     planned = bool(planner)
@@ -424,47 +378,63 @@ def _convert(obj: Any, directory: Path) -> _Metadata:
     groups: dict[str, dict[str, _TensorMeta]] = {}
     tops: dict[str, _TensorMeta] = {}
     for fqn, meta in sdm.items():
-        fqn = _str(fqn, "an item name")
-        path = _key_path(planner.get(fqn), fqn) if planned else _split_fqn(fqn)
-        if isinstance(meta, _STUBS["BytesStorageMetadata"]):
+        fqn = pickles.text(fqn, shown, "an item name")
+        path = _key_path(planner.get(fqn), fqn, shown) if planned else _split_fqn(fqn)
+        if isinstance(meta, _KINDS["BytesStorageMetadata"]):
             where = stored.get((fqn, None))
             if where is None:
-                raise _Bad(f"no stored data for item {printable(fqn)!r}")
+                raise CheckpointError(f"{shown}: no stored data for item {printable(fqn)!r}")
             items[fqn] = _BytesMeta(fqn, path, where)
             continue
-        t = _fields(meta, "TensorStorageMetadata", ("properties", "size", "chunks"))
-        dtype, layout = _properties(t["properties"], fqn)
-        shape = _dims(t["size"], f"the size of tensor {printable(fqn)!r}")
-        if math.prod(shape) >= _MAX_INT:
-            raise _Bad(f"tensor {printable(fqn)!r} of shape {shape} is too large")
-        if type(t["chunks"]) not in (list, tuple):
-            raise _Bad(f"tensor {printable(fqn)!r}: chunks is a {_what(t['chunks'])}")
-        chunks = []
-        for c in t["chunks"]:
-            box = _fields(c, "ChunkStorageMetadata", ("offsets", "sizes"))
-            offsets = _dims(box["offsets"], f"a chunk offset of {printable(fqn)!r}")
-            sizes_ = _dims(box["sizes"], f"a chunk size of {printable(fqn)!r}")
-            if len(offsets) != len(shape) or len(sizes_) != len(shape):
-                raise _Bad(
-                    f"tensor {printable(fqn)!r} of shape {shape} has a chunk at offsets "
-                    f"{offsets} of sizes {sizes_}"
-                )
-            if any(o + z > s for o, z, s in zip(offsets, sizes_, shape, strict=True)):
-                raise _Bad(
-                    f"tensor {printable(fqn)!r} of shape {shape} has a chunk at offsets "
-                    f"{offsets} of sizes {sizes_}, outside the tensor"
-                )
-            where = stored.get((fqn, offsets))
-            if where is None:
-                raise _Bad(f"no stored data for tensor {printable(fqn)!r} at offsets {offsets}")
-            chunks.append(_Chunk(offsets, sizes_, where))
-        tensor = _TensorMeta(fqn, path, dtype, shape, layout, tuple(chunks))
+        tensor = _tensor_meta(fqn, path, meta, stored, shown)
         items[fqn] = tensor
         if len(path) == 1:
             tops[fqn] = tensor
         else:
             groups.setdefault(str(path[0]), {})[_join(path[1:])] = tensor
     return _Metadata(items, planned, groups, tops)
+
+
+def _tensor_meta(
+    fqn: str,
+    path: tuple[str | int, ...],
+    meta: Any,
+    stored: dict[tuple[str, tuple[int, ...] | None], _Stored],
+    shown: str,
+) -> _TensorMeta:
+    """One tensor item: its properties, shape and chunks, each chunk inside the tensor."""
+    name = printable(fqn)
+    t = _fields(meta, "TensorStorageMetadata", ("properties", "size", "chunks"), shown)
+    dtype, layout = _properties(t["properties"], fqn, shown)
+    shape = pickles.dims(t["size"], shown, f"the size of tensor {name!r}")
+    if math.prod(shape) >= pickles.MAX_INT:
+        raise CheckpointError(f"{shown}: tensor {name!r} of shape {shape} is too large")
+    if type(t["chunks"]) not in (list, tuple):
+        raise CheckpointError(
+            f"{shown}: tensor {name!r}: chunks is a {pickles.describe(t['chunks'])}"
+        )
+    chunks = []
+    for c in t["chunks"]:
+        box = _fields(c, "ChunkStorageMetadata", ("offsets", "sizes"), shown)
+        offsets = pickles.dims(box["offsets"], shown, f"a chunk offset of {name!r}")
+        sizes = pickles.dims(box["sizes"], shown, f"a chunk size of {name!r}")
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise CheckpointError(
+                f"{shown}: tensor {name!r} of shape {shape} has a chunk at offsets "
+                f"{offsets} of sizes {sizes}"
+            )
+        if any(o + z > s for o, z, s in zip(offsets, sizes, shape, strict=True)):
+            raise CheckpointError(
+                f"{shown}: tensor {name!r} of shape {shape} has a chunk at offsets "
+                f"{offsets} of sizes {sizes}, outside the tensor"
+            )
+        where = stored.get((fqn, offsets))
+        if where is None:
+            raise CheckpointError(
+                f"{shown}: no stored data for tensor {name!r} at offsets {offsets}"
+            )
+        chunks.append(_Chunk(offsets, sizes, where))
+    return _TensorMeta(fqn, path, dtype, shape, layout, tuple(chunks))
 
 
 def _parse_metadata(raw: bytes, directory: Path, display: str) -> _Metadata:
@@ -477,10 +447,9 @@ def _parse_metadata(raw: bytes, directory: Path, display: str) -> _Metadata:
             f"{shown}: not a readable DCP metadata file ({printable(reason)[:200]})"
         ) from None
     try:
-        return _convert(obj, directory)
-    except _Bad as exc:
-        where = f"{display}/{printable(exc.file)}" if exc.file else shown
-        raise CheckpointError(f"{where}: {exc}") from None
+        return _convert(obj, directory, display)
+    except CheckpointError:
+        raise
     except Exception as exc:  # a structure no DCP version writes
         raise CheckpointError(
             f"{shown}: not a DCP metadata file ({type(exc).__name__}: {printable(str(exc))[:120]})"
@@ -501,6 +470,24 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _open_regular(path: Path, shown: str) -> tuple[int, os.stat_result]:
+    """A read-only fd of ``path`` and its stat: a regular file, not through a symbolic link."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointError(f"{shown}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{shown}: not a regular file")
+    return fd, st
+
+
 def load_metadata(directory: Path, display: str, *, fresh: bool = False) -> _Metadata:
     """The checked ``.metadata`` of DCP directory ``directory`` (cached by file identity).
 
@@ -517,16 +504,8 @@ def load_metadata(directory: Path, display: str, *, fresh: bool = False) -> _Met
     global _metadata_cache_bytes
     display = printable(display)
     shown = f"{display}/{names.DCP_METADATA}"
-    path = Path(directory) / names.DCP_METADATA
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd, st = _open_regular(Path(directory) / names.DCP_METADATA, shown)
     try:
-        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
-    except OSError as exc:
-        raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{shown}: not a regular file")
         if st.st_size > MAX_METADATA_BYTES:
             raise CheckpointError(
                 f"{shown}: {st.st_size} bytes, more than a DCP metadata file holds "
@@ -592,63 +571,83 @@ def _check_tensor(md: _Metadata, meta: _TensorMeta, display: str) -> None:
 def _cover_problem(
     shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
 ) -> str | None:
-    """Why the boxes (inside ``shape``) do not cover it exactly once, or None."""
+    """Why the boxes (inside ``shape``) do not cover it exactly once, or None.
+
+    Linear in the corners of the boxes, whatever their number or layout. Inside the
+    tensor, a box ``[lo, hi)`` is, modulo 2, the sum of the orthants ``{x >= c}`` at its
+    corners ``c`` (each coordinate ``lo_j``, or ``hi_j`` where that is not the end of
+    dimension ``j``). So the corners that occur an odd number of times over all boxes
+    are those of the whole tensor, the origin alone, exactly when every element is
+    covered an odd number of times; together with volumes summing to the tensor's,
+    that is every element covered exactly once. Otherwise two overlapping boxes are
+    looked for (sorted along dimension 0, a bounded number of pairs compared); failing
+    that, the lexicographically first corner left over is an element covered an even
+    number of times: by none (a gap) or by two or more (an overlap).
+    """
     numel = math.prod(shape)
     full = [(o, z) for o, z in boxes if math.prod(z) > 0]
-    total = sum(math.prod(z) for _, z in full)
     if numel == 0:
         return None
     if not full:
         return "no chunk holds any of it"
-    if len(full) == 1:
-        return None if total == numel else f"its one chunk holds {total} of {numel} elements"
+    total = sum(math.prod(z) for _, z in full)
     d = len(shape)
-    edges = [
-        sorted({0, shape[j], *(o[j] for o, _ in full), *(o[j] + z[j] for o, z in full)})
-        for j in range(d)
-    ]
-    cells = math.prod(len(e) - 1 for e in edges)
-    if cells <= _MAX_GRID_CELLS:
-        grid = np.zeros([len(e) - 1 for e in edges], dtype=np.int32)
-        at_edge = [{v: i for i, v in enumerate(e)} for e in edges]
-        for o, z in full:
-            box = tuple(slice(at_edge[j][o[j]], at_edge[j][o[j] + z[j]]) for j in range(d))
-            grid[box] += 1
-        if int(grid.max()) > 1:
-            cell = np.unravel_index(int(np.argmax(grid > 1)), grid.shape)
-            at = tuple(edges[j][int(cell[j])] for j in range(d))
-            inside = [o for o, z in full if all(o[j] <= at[j] < o[j] + z[j] for j in range(d))]
-            return f"chunks at offsets {inside[0]} and {inside[1]} overlap"
-        if int(grid.min()) == 0:
-            cell = np.unravel_index(int(np.argmin(grid)), grid.shape)
-            at = tuple(edges[j][int(cell[j])] for j in range(d))
-            return f"no chunk holds element {at} (the chunks leave a gap)"
+    if d == 0:  # a scalar: every chunk is all of it
+        return None if len(full) == 1 else "chunks at offsets () and () overlap"
+    lo = np.array([o for o, _ in full], dtype=np.int64).reshape(len(full), d)
+    hi = lo + np.array([z for _, z in full], dtype=np.int64).reshape(len(full), d)
+    ends = np.array(shape, dtype=np.int64)
+    if float(np.ldexp(1.0, (hi < ends).sum(axis=1)).sum()) > _MAX_CORNERS:
+        return f"{len(full)} chunks in a layout too irregular to check"
+    corners, owner = lo, np.arange(len(full))
+    for j in range(d):  # every choice of lo_j or hi_j, where hi_j is inside the tensor
+        inner = hi[owner, j] < shape[j]
+        more = corners[inner].copy()
+        more[:, j] = hi[owner[inner], j]
+        corners, owner = np.concatenate([corners, more]), np.concatenate([owner, owner[inner]])
+    found, counts = np.unique(corners, axis=0, return_counts=True)
+    odd = found[counts % 2 == 1]
+    origin = np.zeros((1, d), dtype=np.int64)
+    if len(odd) and not odd[0].any():
+        left = odd[1:]  # the origin is odd, as the tensor's own corner: not left over
+    else:
+        left = np.concatenate([origin, odd])  # the origin covered an even number of times
+    if len(left) == 0 and total == numel:
         return None
-    if len(full) > _MAX_PAIRWISE:
-        return f"{len(full)} chunks in an irregular layout, too many to check"
-    lo = np.array([o for o, _ in full], dtype=np.int64)
-    hi = lo + np.array([z for _, z in full], dtype=np.int64)
-    for i in range(len(full) - 1):
-        hit = np.all((lo[i + 1 :] < hi[i]) & (lo[i] < hi[i + 1 :]), axis=1)
-        if hit.any():
-            j = i + 1 + int(np.argmax(hit))
-            return f"chunks at offsets {full[i][0]} and {full[j][0]} overlap"
-    if total != numel:
-        return f"its chunks hold {total} of its {numel} elements (they leave a gap)"
-    return None
+    overlap = _overlap(full, lo, hi)  # named first, as an overlap is the likelier mistake
+    if overlap is not None:
+        return overlap
+    if len(left) == 0:  # too many boxes to pair up: every element is covered, some twice
+        return f"its chunks hold {total} elements, more than its {numel}: they overlap"
+    inside = np.flatnonzero(np.all((lo <= left[0]) & (left[0] < hi), axis=1))
+    if len(inside) >= 2:
+        return f"chunks at offsets {full[inside[0]][0]} and {full[inside[1]][0]} overlap"
+    at = tuple(int(v) for v in left[0])
+    return f"no chunk holds element {at} (the chunks leave a gap)"
+
+
+def _overlap(
+    full: list[tuple[tuple[int, ...], tuple[int, ...]]], lo: np.ndarray, hi: np.ndarray
+) -> str | None:
+    """Two overlapping boxes, found by sorting along dimension 0 (bounded work), or None."""
+    order = np.lexsort(lo.T[::-1])
+    lo, hi = lo[order], hi[order]
+    # Box i can only overlap the boxes after it that start before it ends along dim 0.
+    start = np.arange(1, len(lo))
+    stop = np.searchsorted(lo[:, 0], hi[:-1, 0], side="left")
+    count = np.maximum(stop - start, 0)
+    if int(count.sum()) > _MAX_CORNERS:
+        return None
+    i = np.repeat(np.arange(len(lo) - 1), count)
+    j = np.repeat(start - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
+    hit = np.flatnonzero(np.all((lo[j] < hi[i]) & (lo[i] < hi[j]), axis=1))
+    if hit.size == 0:
+        return None
+    a, b = sorted((int(order[i[hit[0]]]), int(order[j[hit[0]]])))
+    return f"chunks at offsets {full[a][0]} and {full[b][0]} overlap"
 
 
 # --------------------------------------------------------------------------- sets
-
-
-def _weight_sets(md: _Metadata) -> dict[str | None, dict[str, _TensorMeta]]:
-    """The sets of weights, by the rule of :mod:`cmdcli.io.weights`."""
-    sets: dict[str | None, dict[str, _TensorMeta]] = {
-        k: v for k, v in md.groups.items() if not is_state_name(k)
-    }
-    if not sets and md.top:
-        sets[None] = dict(md.top)
-    return sets
 
 
 def _exact_set(md: _Metadata, key: str | None) -> dict[str, _TensorMeta]:
@@ -673,29 +672,14 @@ def _choose(
     md: _Metadata, requested: str | None, display: str
 ) -> tuple[str | None, dict[str, _TensorMeta], dict[str, str]]:
     """Set taken, its tensors, and the other sets (key → what they are)."""
-    sets = _weight_sets(md)
-    have = ", ".join(repr(printable(k)) for k in sets if k is not None) or "none"
-    if requested is not None:
-        tensors = sets.get(requested)
-        if tensors is None and "/" in requested:
-            tensors = _exact_set(md, requested)
-        if not tensors:
-            state = " (optimizer and scheduler state are not weights)"
-            raise CheckpointError(
-                f"{display}: no weights under {printable(requested)!r} (--weights)"
-                f"{state if is_state_name(requested) else ''}; sets of weights found: {have}"
-            )
-        others = {k: describe(k) for k in sets if k is not None and k != requested}
-        return requested, tensors, others
-    if not sets:
+    sets = weight_sets(md.groups, md.top)
+    if not sets and requested is None:
         found = ", ".join(repr(printable(k)) for k in md.groups) or "none"
         raise CheckpointError(
             f"{display}: no weights found (expected tensors saved under a key such as "
             f"'model'; keys holding tensors: {found})"
         )
-    key = default_key(list(sets))
-    others = {k: describe(k) for k in sets if k is not None and k != key}
-    return key, sets[key], others
+    return choose_set(sets, requested, display, lookup=lambda path: _exact_set(md, path))
 
 
 # --------------------------------------------------------------------------- items
@@ -721,52 +705,41 @@ class _NotPlain(Exception):
     """The item is not one plain tensor: torch.load reads it whole instead."""
 
 
-class _Rebuild(_Stub):
-    kind = "rebuild"
-    version: ClassVar[str] = "v2"
-
-
-class _RebuildV3(_Rebuild):
-    version = "v3"
-
-
-class _Hooks(_Stub):
-    kind = "OrderedDict"
-
-
 class _StorageRef(NamedTuple):
     type_name: str
     key: str
     numel: int  # elements of the typed storage (v2), bytes of an untyped one (v3)
 
 
-class _TensorPickle(pickle.Unpickler):
-    """Reads a tensor item's ``data.pkl`` into stand-ins: which storage, where, what shape."""
+def _storage_ref(pid: Any) -> _StorageRef:
+    if (
+        type(pid) is tuple
+        and len(pid) == 5
+        and pid[0] == "storage"
+        and isinstance(pid[1], pickles.Named)
+        and type(pid[2]) is str
+        and type(pid[4]) is int
+    ):
+        return _StorageRef(pid[1].name, pid[2], pid[4])
+    raise _NotPlain("persistent id")
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _Rebuild
-        if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _RebuildV3
-        if (module, name) == ("collections", "OrderedDict"):
-            return _Hooks
-        if module == "torch" and (name in _STORAGE_DTYPES or name in _DTYPES):
-            return _Named(name)
-        if (module, name) == ("torch.storage", "UntypedStorage"):
-            return _Named("UntypedStorage")
-        raise _NotPlain(f"{module}.{name}")
 
-    def persistent_load(self, pid: Any) -> Any:
-        if (
-            type(pid) is tuple
-            and len(pid) == 5
-            and pid[0] == "storage"
-            and isinstance(pid[1], _Named)
-            and type(pid[2]) is str
-            and type(pid[4]) is int
-        ):
-            return _StorageRef(pid[1].name, pid[2], pid[4])
-        raise _NotPlain("persistent id")
+_REBUILD = {
+    version: pickles.standin(f"torch._utils._rebuild_tensor_{version}", "rebuild", version=version)
+    for version in ("v2", "v3")
+}
+_TensorPickle = pickles.restricted_unpickler(
+    {
+        **{cls.qualified_name: cls for cls in _REBUILD.values()},
+        "collections.OrderedDict": pickles.standin("collections.OrderedDict"),
+        **_DTYPE_NAMES,
+        **{f"torch.{k}": pickles.Named(k) for k in _STORAGE_DTYPES},
+        "torch.storage.UntypedStorage": pickles.Named("UntypedStorage"),
+    },
+    refuse=lambda module, name: _NotPlain(f"{module}.{name}"),
+    persistent_load=_storage_ref,
+)
+"""Reads a tensor item's ``data.pkl`` into stand-ins: which storage, where, what shape."""
 
 
 class _Plain(NamedTuple):
@@ -788,10 +761,10 @@ def _plain_tensor(raw: bytes) -> _Plain:
         raise
     except Exception as exc:  # torch.load will say what is wrong with it
         raise _NotPlain(type(exc).__name__) from None
-    if not isinstance(obj, _Rebuild):
-        raise _NotPlain(_what(obj))
-    args = obj.args
-    v3 = type(obj).version == "v3"
+    if not isinstance(obj, tuple(_REBUILD.values())):
+        raise _NotPlain(pickles.describe(obj))
+    args = _args(obj)
+    v3 = obj.version == "v3"
     if len(args) not in ((7, 8) if v3 else (6, 7)) or not isinstance(args[0], _StorageRef):
         raise _NotPlain("arguments")
     storage, offset, shape, stride = args[0], args[1], args[2], args[3]
@@ -800,7 +773,7 @@ def _plain_tensor(raw: bytes) -> _Plain:
         raise _NotPlain("tensor metadata")
     if v3:
         dtype_ref = args[6]
-        if storage.type_name != "UntypedStorage" or not isinstance(dtype_ref, _Named):
+        if storage.type_name != "UntypedStorage" or not isinstance(dtype_ref, pickles.Named):
             raise _NotPlain("storage")
         dtype = _DTYPES.get(dtype_ref.name)
         if dtype is None or storage.numel % itemsize(dtype):
@@ -1071,10 +1044,10 @@ class DcpReader(CheckpointReader):
         self._md = load_metadata(self._dir, display)
         self._tensors = _exact_set(self._md, state_key)
         if not self._tensors:
+            now = weight_sets(self._md.groups, self._md.top)
             raise CheckpointError(
                 f"{self._display}: no weights under {printable(repr(state_key))} any more "
-                f"(sets of weights now: "
-                f"{', '.join(repr(k) for k in _weight_sets(self._md)) or 'none'})"
+                f"(sets of weights now: {', '.join(repr(k) for k in now) or 'none'})"
             )
         for meta in self._tensors.values():
             _check_tensor(self._md, meta, self._display)
@@ -1107,20 +1080,7 @@ class DcpReader(CheckpointReader):
             got = self._fds.get(file)
             if got is not None:
                 return got
-            shown = f"{self._display}/{printable(file)}"
-            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-            try:
-                fd = os.open(self._dir / file, flags | getattr(os, "O_BINARY", 0))
-            except OSError as exc:
-                raise CheckpointError(f"{shown}: cannot open ({exc.strerror or exc})") from None
-            try:
-                st = os.fstat(fd)
-            except OSError as exc:
-                os.close(fd)
-                raise CheckpointError(f"{shown}: cannot read ({exc.strerror or exc})") from None
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise CheckpointError(f"{shown}: not a regular file")
+            fd, st = _open_regular(self._dir / file, f"{self._display}/{printable(file)}")
             self._fds[file] = got = (fd, _identity(st))
             return got
 
@@ -1318,30 +1278,13 @@ class DcpReader(CheckpointReader):
         if isinstance(item, _MemoryItem):
             out.copy_(item.flat[torch.from_numpy(local)])
             return
-        isz = out.element_size()
-        elem = _ELEMENT_TYPES.get(isz) or np.dtype((np.void, isz))
-        result = _byte_view(out)
-        out_elems = np.frombuffer(result, dtype=elem)
-        plan = _gather_plan(local, isz)
-        scratch = None
-        for part in plan:
-            if part.src is None:  # the runs back to back are the result, in order
-                buf = result
-            else:
-                if scratch is None:
-                    scratch = np.empty(max(p.nbytes for p in plan), np.uint8)
-                buf = memoryview(scratch)[: part.nbytes]
-            for tensor_byte, buf_byte, length in part.runs:
-                self._pread(
-                    item.fd, buf[buf_byte : buf_byte + length], item.data + tensor_byte, item.file
-                )
-            if part.src is None:
-                continue
-            values = np.frombuffer(buf, dtype=elem)
-            if part.dest is None:
-                np.take(values, part.src, out=out_elems, mode="clip")
-            else:
-                out_elems[part.dest] = values[part.src]
+
+        def read_runs(view: memoryview, runs: list[tuple[int, int, int]]) -> None:
+            for tensor_byte, buf_byte, length in runs:
+                part = view[buf_byte : buf_byte + length]
+                self._pread(item.fd, part, item.data + tensor_byte, item.file)
+
+        gather_elements(local, out.element_size(), read_runs, _byte_view(out))
 
     def _full(self, meta: _TensorMeta) -> torch.Tensor:
         """A whole tensor of the checkpoint (any set), in its shape."""
@@ -1361,25 +1304,7 @@ class DcpReader(CheckpointReader):
 
 def _torch_load(raw: bytes, shown: str, fqn: str, *, trust_pickle: bool) -> Any:
     """One stored item, unpickled by torch: weights only unless ``trust_pickle``."""
-    try:
-        if trust_pickle:
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-        # safe_globals is one process-wide list: every restricted load of cmd's holds the lock
-        with SAFE_LOAD_LOCK, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except MemoryError:
-        raise
-    except Exception as exc:  # torch raises many types for bad bytes; all are the file's
-        reason = None if trust_pickle else weights_only_refusal(exc)
-        if reason is not None:
-            raise CheckpointError(
-                f"{shown}: item {printable(fqn)!r} needs more than weights to unpickle "
-                f"({reason}); pass --trust-pickle if you trust its source"
-            ) from None
-        raise CheckpointError(
-            f"{shown}: item {printable(fqn)!r} is not a readable torch.save archive "
-            f"({load_failure(exc)})"
-        ) from None
+    return load_torch(raw, shown, trust_pickle=trust_pickle, subject=f"item {printable(fqn)!r}")
 
 
 # --------------------------------------------------------------------------- writing
@@ -1469,6 +1394,9 @@ class Dcp(CheckpointFormat):
             and any(names.DCP_SHARD.fullmatch(f) for f in entry.files)
         )
 
+    def owns(self, name: str) -> bool:
+        return name == names.DCP_METADATA or bool(names.DCP_SHARD.fullmatch(name))
+
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         display = printable(entry.name)
         md = load_metadata(entry.path, entry.name, fresh=True)
@@ -1546,7 +1474,7 @@ class Dcp(CheckpointFormat):
 
 def _stored_step(directory: Path, display: str, md: _Metadata, key: str | None) -> int | None:
     """An integer ``global_step``/``step`` saved at the top level beside the weights."""
-    for step_key in _STEP_KEYS:
+    for step_key in STEP_KEYS:
         item = md.items.get(step_key)
         if item is None or len(item.path) != 1:
             continue

@@ -37,7 +37,7 @@ The partition arithmetic, per optimizer group and data-parallel world size ``W``
 Every file is unpickled by torch's restricted loader (``weights_only=True``); the
 few DeepSpeed classes the optimizer files pickle (``ZeroStageEnum``, the loss
 scalers, ``fragment_address``) resolve to inert stand-ins that record what the
-pickle says and run nothing (:class:`DeepSpeedObject`). The model-states files
+pickle says and run nothing (:class:`~cmdcli.io.pickles.StandIn`). The model-states files
 follow ``--trust-pickle`` like any torch file; the optimizer files are always
 read restricted. Tensors are memory-mapped, so a read touches only its pages.
 
@@ -50,27 +50,22 @@ change), the DeepSpeed class references written back under their own names.
 
 from __future__ import annotations
 
-import argparse
 import bisect
-import copyreg
 import math
 import mmap
-import numbers
 import os
-import pickle
 import stat
-import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ...errors import CheckpointError, InputError
-from .. import names
+from .. import names, pickles
 from ..base import (
     Checkpoint,
     CheckpointFormat,
@@ -82,9 +77,8 @@ from ..base import (
     check_index,
     check_range,
 )
-from ..paths import is_plain_name, printable
-from ..torchfile import SAFE_LOAD_LOCK, is_zip, load_failure, weights_only_refusal
-from .huggingface import regular_files
+from ..paths import is_plain_name, printable, regular_files
+from ..torchfile import SAFE_GLOBALS, TRUST_HINT, is_zip, load_torch
 
 __all__ = ["STANDINS", "DeepSpeed", "DeepSpeedObject", "DeepSpeedReader", "save_deepspeed_file"]
 
@@ -99,126 +93,15 @@ _DS_CLASSES: tuple[str, ...] = (
 """The DeepSpeed classes that ZeRO optimizer files pickle (DeepSpeed 0.19.8)."""
 
 
-class DeepSpeedObject:
-    """An inert record of one object of a DeepSpeed class, as a pickle describes it.
+DeepSpeedObject = pickles.StandIn
+"""The base of the DeepSpeed stand-ins (:class:`cmdcli.io.pickles.StandIn`)."""
 
-    The restricted unpickler builds one in either of the two ways a pickle can
-    make an object, and both only store data: ``REDUCE`` calls the class with the
-    pickled arguments (how an ``Enum`` member such as ``ZeroStageEnum(2)`` is
-    pickled) and ``NEWOBJ`` + ``BUILD`` make a bare instance and hand it the
-    pickled attribute dict (a loss scaler, a ``fragment_address``). ``__new__``,
-    ``__init__`` and ``__setstate__`` below are the only methods the unpickler can
-    reach; they assign three slots and nothing else, so no code named by the file
-    runs. Pickling the record again (:meth:`__reduce_ex__`) writes the same
-    construction back, under the DeepSpeed class name (see
-    :func:`save_deepspeed_file`).
-
-    Attributes
-    ----------
-    args : tuple
-        The arguments the pickle gave (``(2,)`` for ``ZeroStageEnum.gradients``).
-    state : object
-        The state the pickle set (an attribute dict), or None.
-    called : bool
-        Whether the pickle called the class (``REDUCE``) rather than making a bare
-        instance (``NEWOBJ``).
-    """
-
-    __slots__ = ("args", "called", "state")
-    qualified_name: ClassVar[str] = ""
-
-    def __new__(cls, *args: Any) -> DeepSpeedObject:
-        self = object.__new__(cls)
-        self.args = args
-        self.state = None
-        self.called = False
-        return self
-
-    def __init__(self, *args: Any) -> None:
-        # Reached only when the pickle called the class (REDUCE); NEWOBJ stops at __new__.
-        self.called = True
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        cls = type(self)
-        head: tuple = (cls, self.args) if self.called else (copyreg.__newobj__, (cls, *self.args))
-        return head if self.state is None else (*head, self.state)
-
-    def __repr__(self) -> str:
-        shown = self.args if self.called else self.state
-        return f"<stand-in for {self.qualified_name} {printable(repr(shown))[:80]}>"
-
-
-def _standin(qualified: str) -> type[DeepSpeedObject]:
-    name = qualified.rsplit(".", 1)[1]
-    attrs = {"__slots__": (), "qualified_name": qualified, "__module__": __name__}
-    return type(name, (DeepSpeedObject,), attrs)
-
-
-STANDINS: dict[str, type[DeepSpeedObject]] = {q: _standin(q) for q in _DS_CLASSES}
+STANDINS: dict[str, type[pickles.StandIn]] = {q: pickles.standin(q) for q in _DS_CLASSES}
 """Stand-in class for each DeepSpeed class, by DeepSpeed's qualified name."""
 
-# Registered only for the duration of one load (torch keeps one process-wide list,
-# so every restricted load of cmd's is serialised by torchfile.SAFE_LOAD_LOCK).
-_STANDIN_GLOBALS: list = [(cls, qualified) for qualified, cls in STANDINS.items()]
-_MODEL_STATES_GLOBALS: list = [argparse.Namespace, *_STANDIN_GLOBALS]
-
-
-class _DeepSpeedPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
-    """The pure-Python pickler, writing the stand-ins' classes under DeepSpeed's names.
-
-    Only ``save_global`` differs: for a stand-in class it writes the ``GLOBAL`` (or
-    ``STACK_GLOBAL``) reference DeepSpeed's own file had, without looking the name
-    up in ``sys.modules`` (nothing is registered there, nothing is imported).
-    """
-
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        qualified = _standin_name(obj)
-        if qualified is None:
-            super().save_global(obj, name)
-            return
-        module, attr = qualified.rsplit(".", 1)
-        if self.proto >= 4:
-            self.save(module)
-            self.save(attr)
-            self.write(pickle.STACK_GLOBAL)
-        else:
-            self.write(pickle.GLOBAL + f"{module}\n{attr}\n".encode())
-        self.memoize(obj)
-
-
-def _standin_name(obj: Any) -> str | None:
-    if isinstance(obj, type) and issubclass(obj, DeepSpeedObject) and obj.qualified_name:
-        return obj.qualified_name
-    return None
-
-
-class _TrustedUnpickler(pickle.Unpickler):
-    """Full unpickling (``--trust-pickle``), DeepSpeed's classes still as stand-ins."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        standin = STANDINS.get(f"{module}.{name}")
-        return standin if standin is not None else super().find_class(module, name)
-
-
-_PICKLE_MODULE = types.ModuleType("cmdcli_deepspeed_pickle")
-_PICKLE_MODULE.Pickler = _DeepSpeedPickler  # type: ignore[attr-defined]
-_PICKLE_MODULE.Unpickler = _TrustedUnpickler  # type: ignore[attr-defined]
-_PICKLE_MODULE.load = lambda f, **kw: _TrustedUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-_PICKLE_MODULE.dump = lambda obj, f, protocol=None, **kw: _DeepSpeedPickler(  # type: ignore[attr-defined]
-    f, protocol, **kw
-).dump(obj)
-
-
-def _supports_named_globals() -> bool:
-    """Whether torch's restricted loader takes ``(object, "qualified.name")`` pairs (>= 2.5)."""
-    try:
-        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    except ValueError:
-        return True
-    return (major, minor) >= (2, 5) and hasattr(torch.serialization, "safe_globals")
+_PICKLE_MODULE = pickles.standin_pickle_module(STANDINS)
+"""Full unpickling (``--trust-pickle``) with DeepSpeed's classes still stand-ins; saving
+writes the stand-ins back under DeepSpeed's names."""
 
 
 def _load(
@@ -226,55 +109,31 @@ def _load(
 ) -> tuple[Any, bool]:
     """Unpickle one DeepSpeed file, memory-mapped when zip-format: ``(object, legacy)``.
 
-    ``restricted``: torch's ``weights_only`` loader, with the stand-ins registered
-    under DeepSpeed's names for this load only (plus ``argparse.Namespace`` in
-    model-states files, as for any torch file); else a full unpickler that still
-    maps DeepSpeed's names to the stand-ins. ``writable``: the tensors will be
-    changed in place (native writer), which a private mapping keeps off the file.
+    ``restricted``: torch's ``weights_only`` loader, with the stand-ins allowed under
+    DeepSpeed's names for this load only (plus ``argparse.Namespace`` in model-states
+    files, as for any torch file); else a full unpickler that still maps DeepSpeed's
+    names to the stand-ins. ``writable``: the tensors will be changed in place (native
+    writer), which a private mapping keeps off the file.
     """
     _check_regular(path, display)
     legacy = not is_zip(path, display)
     # torch maps privately (copy-on-write) unless told otherwise process-wide; a shared
     # mapping would carry in-place changes into the original, so read such files whole.
     shared = torch.serialization.get_default_mmap_options() != mmap.MAP_PRIVATE
-    mapped = not legacy and not (writable and shared)
-    try:
-        if not restricted:
-            obj = torch.load(
-                path,
-                map_location="cpu",
-                mmap=mapped,
-                weights_only=False,
-                pickle_module=_PICKLE_MODULE,
-            )
-            return obj, legacy
-        if not _supports_named_globals():
-            raise CheckpointError(
-                f"{display}: reading DeepSpeed files safely needs torch >= 2.5 (found "
-                f"{torch.__version__})"
-            )
-        allowed = _MODEL_STATES_GLOBALS if model_states else _STANDIN_GLOBALS
-        with SAFE_LOAD_LOCK, torch.serialization.safe_globals(allowed):
-            obj = torch.load(path, map_location="cpu", mmap=mapped, weights_only=True)
-        return obj, legacy
-    except (MemoryError, CheckpointError):
-        raise
-    except Exception as exc:  # torch raises many types for bad files; all are the file's
-        reason = weights_only_refusal(exc) if restricted else None
-        if reason is not None:
-            hint = (
-                "pass --trust-pickle if you trust its source"
-                if model_states
-                else "DeepSpeed optimizer files are only ever read with the restricted loader"
-            )
-            raise CheckpointError(
-                f"{display}: this file needs more than weights and DeepSpeed's known classes "
-                f"to unpickle ({reason}); {hint}"
-            ) from exc
-        raise CheckpointError(
-            f"{display}: not a readable torch checkpoint ({load_failure(exc)}); "
-            f"is the file complete?"
-        ) from exc
+    obj = load_torch(
+        path,
+        display,
+        trust_pickle=not restricted,
+        mmap=not (writable and shared),
+        allowed=SAFE_GLOBALS if model_states else (),
+        standins=STANDINS,
+        subject="this file",
+        known="weights and DeepSpeed's known classes",
+        hint=TRUST_HINT
+        if model_states
+        else "DeepSpeed optimizer files are only ever read with the restricted loader",
+    )
+    return obj, legacy
 
 
 def save_deepspeed_file(obj: Any, path: Path) -> None:
@@ -441,10 +300,20 @@ def _scatter(out: torch.Tensor, keys: np.ndarray, pos: np.ndarray, tensor_of) ->
 
 
 def _fill(source: _Source, start: int, stop: int, out: torch.Tensor) -> None:
+    """Elements ``[start, stop)`` of ``source`` into ``out``."""
     k = 0
     for piece in source.pieces(start, stop):
         n = piece.stop - piece.start
         out[k : k + n].copy_(piece.tensor[piece.start : piece.stop])
+        k += n
+
+
+def _store(source: _Source, start: int, values: torch.Tensor) -> None:
+    """``values`` into elements ``start …`` of ``source`` (the native writer, in place)."""
+    k = 0
+    for piece in source.pieces(start, start + values.numel()):
+        n = piece.stop - piece.start
+        piece.tensor[piece.start : piece.stop].copy_(values[k : k + n])
         k += n
 
 
@@ -523,44 +392,6 @@ def _ranks(folder: _Folder, files: dict[int, str], world: int, pattern: str) -> 
 # --------------------------------------------------------------------------- validation
 
 
-def _int(value: Any, display: str, what: str, *, low: int = 0) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = value.item()
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) < low:
-        raise CheckpointError(
-            f"{display}: {what} must be an integer >= {low}, found {printable(repr(value))[:60]}"
-        )
-    return int(value)
-
-
-def _shape(value: Any, display: str, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (torch.Size, tuple, list)):
-        raise CheckpointError(
-            f"{display}: {what} must be a shape, found {printable(repr(value))[:60]}"
-        )
-    return tuple(_int(d, display, what) for d in value)
-
-
-def _mapping(value: Any, display: str, what: str, *, optional: bool = False) -> Mapping:
-    if value is None and optional:
-        return {}
-    if not isinstance(value, Mapping):
-        raise CheckpointError(f"{display}: '{what}' must be a dict, found {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, display: str, what: str) -> list:
-    if not isinstance(value, (list, tuple)):
-        raise CheckpointError(f"{display}: '{what}' must be a list, found {type(value).__name__}")
-    return list(value)
-
-
-def _name(value: Any, display: str, what: str) -> str:
-    if not isinstance(value, str):
-        raise CheckpointError(f"{display}: {what} must be a name, found {type(value).__name__}")
-    return value
-
-
 def _vector(value: Any, display: str, what: str) -> torch.Tensor:
     if (
         not isinstance(value, torch.Tensor)
@@ -605,41 +436,43 @@ def _model_states(
         model_states=True,
         writable=writable,
     )
-    top = _mapping(obj, display, "model states")
-    module = _mapping(top.get("module"), display, "module")
+    top = pickles.mapping(obj, display, "model states")
+    module = pickles.mapping(top.get("module"), display, "module")
     buffer_names = [
-        _name(b, display, "a buffer name")
-        for b in _list(top.get("buffer_names", []), display, "buffer_names")
+        pickles.text(b, display, "a buffer name")
+        for b in pickles.sequence(top.get("buffer_names", []), display, "buffer_names")
     ]
     param_shapes = None
     if top.get("param_shapes") is not None:
         param_shapes = []
         seen: set[str] = set()
-        for g in _list(top["param_shapes"], display, "param_shapes"):
+        for g in pickles.sequence(top["param_shapes"], display, "param_shapes"):
             group = {}
-            for pname, shape in _mapping(g, display, "param_shapes group").items():
-                pname = _name(pname, display, "a parameter name")
+            for pname, shape in pickles.mapping(g, display, "param_shapes group").items():
+                pname = pickles.text(pname, display, "a parameter name")
                 if pname in seen:
                     raise CheckpointError(
                         f"{display}: parameter {printable(pname)!r} appears twice in param_shapes"
                     )
                 seen.add(pname)
-                group[pname] = _shape(shape, display, f"the shape of {printable(pname)!r}")
+                group[pname] = pickles.dims(shape, display, f"the shape of {printable(pname)!r}")
             param_shapes.append(group)
     frozen_shapes = {
-        _name(k, display, "a frozen parameter name"): _shape(
+        pickles.text(k, display, "a frozen parameter name"): pickles.dims(
             v, display, f"the shape of {printable(k)!r}"
         )
-        for k, v in _mapping(
+        for k, v in pickles.mapping(
             top.get("frozen_param_shapes"), display, "frozen_param_shapes", optional=True
         ).items()
     }
-    frozen_fragments = _mapping(
+    frozen_fragments = pickles.mapping(
         top.get("frozen_param_fragments"), display, "frozen_param_fragments", optional=True
     )
     shared = {
-        _name(k, display, "a shared parameter name"): _name(v, display, "a shared parameter name")
-        for k, v in _mapping(
+        pickles.text(k, display, "a shared parameter name"): pickles.text(
+            v, display, "a shared parameter name"
+        )
+        for k, v in pickles.mapping(
             top.get("shared_params"), display, "shared_params", optional=True
         ).items()
     }
@@ -653,8 +486,8 @@ def _model_states(
         frozen_shapes=frozen_shapes,
         frozen_fragments=frozen_fragments,
         shared=shared,
-        global_steps=None if steps is None else _int(steps, display, "global_steps"),
-        world=_int(top.get("dp_world_size", 1), display, "dp_world_size", low=1),
+        global_steps=None if steps is None else pickles.integer(steps, display, "global_steps"),
+        world=pickles.integer(top.get("dp_world_size", 1), display, "dp_world_size", low=1),
         legacy=legacy,
     )
 
@@ -685,10 +518,10 @@ def _stage_of(osd: Mapping, display: str) -> int:
             f"{display}: no 'zero_stage', 'fp32_flat_groups' or 'single_partition_of_fp32_groups' "
             f"in optimizer_state_dict; not a ZeRO optimizer file"
         )
-    if isinstance(value, DeepSpeedObject):
+    if isinstance(value, pickles.StandIn):
         ok = value.called and len(value.args) == 1
         value = value.args[0] if ok else None
-    stage = _int(value, display, "zero_stage")
+    stage = pickles.integer(value, display, "zero_stage")
     if stage not in (1, 2, 3):
         raise CheckpointError(f"{display}: zero_stage is {stage}; expected 1, 2 or 3")
     return stage
@@ -700,19 +533,20 @@ def _optim_states(folder: _Folder, fname: str, *, writable: bool) -> _OptimState
     obj, legacy = _load(
         folder.path / fname, display, restricted=True, model_states=False, writable=writable
     )
-    osd = _mapping(
-        _mapping(obj, display, "optimizer states").get("optimizer_state_dict"),
+    osd = pickles.mapping(
+        pickles.mapping(obj, display, "optimizer states").get("optimizer_state_dict"),
         display,
         "optimizer_state_dict",
     )
     stage = _stage_of(osd, display)
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     groups = [
-        _vector(t, display, f"{key}[{i}]") for i, t in enumerate(_list(osd.get(key), display, key))
+        _vector(t, display, f"{key}[{i}]")
+        for i, t in enumerate(pickles.sequence(osd.get(key), display, key))
     ]
     count = osd.get("partition_count")
     counts = count if isinstance(count, (list, tuple)) else [count]
-    counts = [_int(c, display, "partition_count", low=1) for c in counts]
+    counts = [pickles.integer(c, display, "partition_count", low=1) for c in counts]
     if not counts or any(c != counts[0] for c in counts):
         raise CheckpointError(
             f"{display}: partition_count differs between groups ({counts}); expert-parallel "
@@ -722,16 +556,18 @@ def _optim_states(folder: _Folder, fname: str, *, writable: bool) -> _OptimState
     alignment = None
     if stage != 3:
         paddings = [
-            _int(p, display, "group_paddings")
-            for p in _list(osd.get("group_paddings"), display, "group_paddings")
+            pickles.integer(p, display, "group_paddings")
+            for p in pickles.sequence(osd.get("group_paddings"), display, "group_paddings")
         ]
         if osd.get("param_alignment_paddings") is not None:
             alignment = [
                 [
-                    _int(p, display, "param_alignment_paddings")
-                    for p in _list(g, display, "param_alignment_paddings")
+                    pickles.integer(p, display, "param_alignment_paddings")
+                    for p in pickles.sequence(g, display, "param_alignment_paddings")
                 ]
-                for g in _list(osd["param_alignment_paddings"], display, "param_alignment_paddings")
+                for g in pickles.sequence(
+                    osd["param_alignment_paddings"], display, "param_alignment_paddings"
+                )
             ]
     return _OptimStates(fname, obj, stage, counts[0], groups, paddings, alignment, legacy)
 
@@ -1201,6 +1037,12 @@ class DeepSpeed(CheckpointFormat):
         hf_weights = {names.HF_SAFETENSORS, names.HF_SAFETENSORS_INDEX, names.HF_BIN}
         return not entry.files & hf_weights and _inner_step(entry.path, entry.files) is not None
 
+    def owns(self, name: str) -> bool:
+        return any(
+            pattern.fullmatch(name)
+            for pattern in (names.DS_MODEL_STATES, names.DS_OPTIM_STATES, names.DS_LAYER_STATES)
+        )
+
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         path, files, name = _step_folder(entry.path, entry.files, entry.name)
         folder = _scan(path, files, name)
@@ -1267,7 +1109,9 @@ class DeepSpeed(CheckpointFormat):
         layout = _build(folder, trust_pickle=trust_pickle, weights=ckpt.state_key, writable=True)
         if (
             layout.stage == 0
-            and _mapping(layout.model_states[0].obj, folder.name, "model states").get("optimizer")
+            and pickles.mapping(layout.model_states[0].obj, folder.name, "model states").get(
+                "optimizer"
+            )
             is not None
         ):
             raise CheckpointError(
@@ -1278,13 +1122,8 @@ class DeepSpeed(CheckpointFormat):
         plan = _write_plan(folder, layout, specs)
         for name, targets in plan.items():
             for start, values in pieces(name):
-                flat = values.reshape(-1)
                 for source in targets:
-                    k = 0
-                    for piece in source.pieces(start, start + flat.numel()):
-                        n = piece.stop - piece.start
-                        piece.tensor[piece.start : piece.stop].copy_(flat[k : k + n])
-                        k += n
+                    _store(source, start, values.reshape(-1))
         rewritten = {ms.file: ms.obj for ms in layout.model_states}
         rewritten.update({o.file: o.obj for o in layout.optim_states})
         target.mkdir()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,18 @@ from ..base import (
 )
 from ..safetensors import SafetensorsReader
 from ..steps import checkpoint_suffix, metadata_step
-from ..torchfile import TorchReader, load_torch, load_weights, specs_of
+from ..torchfile import TorchReader, load_torch, load_weights, merge_shards, specs_of
 
-__all__ = ["LightningFile", "SafetensorsFile", "TorchFile"]
+__all__ = [
+    "LightningFile",
+    "SafetensorsFile",
+    "TorchFile",
+    "WeightFilesDirectory",
+    "holds_bin",
+    "open_weight_files",
+    "probe_torch_files",
+    "probe_weight_files",
+]
 
 
 class SafetensorsFile(CheckpointFormat):
@@ -71,7 +80,7 @@ class TorchFile(CheckpointFormat):
         return not entry.is_dir and checkpoint_suffix(entry.name) in self.suffixes
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
-        return probe_torch_files((entry.path,), [entry.name], trust_pickle, weights)
+        return probe_torch_files((entry.path,), [entry.name], trust_pickle, weights)[0]
 
     def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
         return TorchReader(
@@ -122,22 +131,91 @@ class LightningFile(TorchFile):
 
 def probe_torch_files(
     files: tuple[Path, ...], displays: list[str], trust_pickle: bool, weights: str | None
-) -> Probe:
-    """Specs and stored facts of torch file(s) of one checkpoint; mapped tensors dropped after."""
-    tensors = {}
+) -> tuple[Probe, dict[str, str]]:
+    """Specs and stored facts of the torch file(s) of one checkpoint, and which file holds
+    each tensor (its name); the mapped tensors of each file are dropped once it is probed."""
     probe = Probe(weight_files=files, specs={})
-    for i, (path, display) in enumerate(zip(files, displays, strict=True)):
-        loaded = load_weights(path, display, trust_pickle=trust_pickle, weights=weights)
-        for tname, t in loaded.tensors.items():
-            if tname in tensors:
-                raise errors.CheckpointError(
-                    f"{display}: tensor {tname!r} also appears in another shard"
-                )
-            tensors[tname] = t
-        if i == 0:
-            probe.state_key, probe.other_sets = loaded.state_key, loaded.others
-            probe.detail = "lightning" if loaded.lightning else None
-        probe.step = loaded.step if probe.step is None else probe.step
-        probe.lazy = probe.lazy and not loaded.legacy
-    probe.specs = specs_of(tensors, displays[0])
-    return probe
+    where: dict[str, str] = {}
+
+    def shards() -> Iterator[tuple[str, dict[str, TensorSpec]]]:
+        for i, (path, display) in enumerate(zip(files, displays, strict=True)):
+            loaded = load_weights(path, display, trust_pickle=trust_pickle, weights=weights)
+            if i == 0:
+                probe.state_key, probe.other_sets = loaded.state_key, loaded.others
+                probe.detail = "lightning" if loaded.lightning else None
+            probe.step = loaded.step if probe.step is None else probe.step
+            probe.lazy = probe.lazy and not loaded.legacy
+            specs = specs_of(loaded.tensors, display)
+            where.update(dict.fromkeys(specs, path.name))
+            yield display, specs
+
+    probe.specs = merge_shards(shards())
+    return probe, where
+
+
+# ----------------------------------------------------------------- weight files of directories
+
+
+def holds_bin(files: tuple[Path, ...]) -> bool:
+    """Whether the weight files of a directory checkpoint are ``torch.save`` ``.bin`` files."""
+    return files[0].name.endswith(".bin")
+
+
+def probe_weight_files(
+    name: str, files: tuple[Path, ...], *, trust_pickle: bool, weights: str | None
+) -> tuple[Probe, dict[str, str]]:
+    """Probe the weight files of directory checkpoint ``name``: safetensors, or torch ``.bin``.
+
+    ``files`` are one file or the shards of one model (all of one kind). Returns the
+    probe and which file holds each tensor (its name), for checking an index.
+    """
+    displays = [f"{name}/{f.name}" for f in files]
+    if holds_bin(files):
+        probe, where = probe_torch_files(files, displays, trust_pickle, weights)
+        probe.detail = None  # "lightning" describes a file, never a directory's weights
+        return probe, where
+    if weights is not None:
+        raise errors.CheckpointError(
+            f"{name}: safetensors weights are one set; --weights {weights!r} does not apply"
+        )
+    reader = SafetensorsReader(files, displays)
+    try:
+        probe = Probe(
+            weight_files=files,
+            specs=reader.specs(),
+            step=metadata_step(reader.metadata, displays[0]),
+        )
+        return probe, dict(reader.where)
+    finally:
+        reader.close()
+
+
+def open_weight_files(ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
+    """A reader of the weight files of a directory checkpoint (see :func:`probe_weight_files`)."""
+    displays = [f"{ckpt.name}/{f.name}" for f in ckpt.weight_files]
+    if holds_bin(ckpt.weight_files):
+        return TorchReader(
+            ckpt.weight_files, displays, trust_pickle=trust_pickle, weights=ckpt.state_key
+        )
+    return SafetensorsReader(ckpt.weight_files, displays)
+
+
+class WeightFilesDirectory(CheckpointFormat):
+    """A directory checkpoint whose weights are model files: safetensors or torch ``.bin``.
+
+    The base of the Hugging Face, PEFT and accelerate formats: read with
+    :func:`open_weight_files`, rebuilt as one file of the original's name (and kind).
+    """
+
+    is_directory = True
+
+    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
+        return open_weight_files(ckpt, trust_pickle=trust_pickle)
+
+    def rebuilt_as_bin(self, ckpt: Checkpoint) -> bool:
+        return holds_bin(ckpt.weight_files)
+
+    def output_files(
+        self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
+    ) -> dict[str, list[str]] | None:
+        return {ckpt.weight_files[0].name: list(specs)}

@@ -17,31 +17,13 @@ from pathlib import Path
 
 from ...errors import CheckpointError
 from .. import names
-from ..base import Checkpoint, CheckpointFormat, CheckpointReader, Entry, Probe, TensorSpec
+from ..base import Checkpoint, Entry, Probe, TensorSpec
 from ..jsonio import read_json
-from ..paths import is_plain_name, printable
-from ..safetensors import SafetensorsReader
-from ..steps import metadata_step, natural_key
-from ..torchfile import TorchReader
-from .files import probe_torch_files
+from ..paths import is_plain_name, printable, regular_files
+from ..steps import natural_key
+from .files import WeightFilesDirectory, probe_weight_files
 
-__all__ = ["HuggingFace", "Peft", "read_index", "regular_files"]
-
-
-def regular_files(directory: Path) -> list[str]:
-    """Names of the regular files directly in ``directory`` (symbolic links excluded)."""
-    out = []
-    try:
-        with os.scandir(directory) as it:
-            for e in it:
-                try:
-                    if stat.S_ISREG(e.stat(follow_symlinks=False).st_mode):
-                        out.append(e.name)
-                except OSError:
-                    continue
-    except OSError as exc:
-        raise CheckpointError(f"{directory}: cannot list ({exc.strerror or exc})") from exc
-    return sorted(out, key=natural_key)
+__all__ = ["HuggingFace", "Peft", "read_index"]
 
 
 def read_index(directory: Path, index_name: str, display: str) -> tuple[tuple[Path, ...], dict]:
@@ -93,8 +75,7 @@ def _check_index_map(
 
 
 def _probe_files(
-    directory: Path,
-    name: str,
+    entry: Entry,
     files: tuple[Path, ...],
     index_name: str | None,
     weight_map: dict,
@@ -102,48 +83,10 @@ def _probe_files(
     trust_pickle: bool,
     weights: str | None,
 ) -> Probe:
-    displays = [f"{name}/{f.name}" for f in files]
-    if files[0].name.endswith(".bin"):
-        probe = Probe(weight_files=files, specs={})
-        where: dict[str, str] = {}
-        for i, (f, d) in enumerate(zip(files, displays, strict=True)):
-            single = probe_torch_files((f,), [d], trust_pickle, weights)
-            for tensor, spec in single.specs.items():
-                if tensor in probe.specs:
-                    raise CheckpointError(f"{d}: tensor {tensor!r} also appears in another shard")
-                probe.specs[tensor] = spec
-                where[tensor] = f.name
-            if i == 0:
-                probe.state_key, probe.other_sets = single.state_key, single.other_sets
-            probe.step = single.step if probe.step is None else probe.step
-            probe.lazy = probe.lazy and single.lazy
-    else:
-        if weights is not None:
-            raise CheckpointError(
-                f"{name}: safetensors weights are one set; --weights {weights!r} does not apply"
-            )
-        reader = SafetensorsReader(files, displays)
-        try:
-            probe = Probe(
-                weight_files=files,
-                specs=reader.specs(),
-                step=metadata_step(reader.metadata, displays[0]),
-            )
-            where = dict(reader.where)
-        finally:
-            reader.close()
+    probe, where = probe_weight_files(entry.name, files, trust_pickle=trust_pickle, weights=weights)
     if index_name is not None:
-        _check_index_map(name, index_name, weight_map, where)
+        _check_index_map(entry.name, index_name, weight_map, where)
     return probe
-
-
-def _open_files(ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-    displays = [f"{ckpt.name}/{f.name}" for f in ckpt.weight_files]
-    if ckpt.weight_files[0].name.endswith(".bin"):
-        return TorchReader(
-            ckpt.weight_files, displays, trust_pickle=trust_pickle, weights=ckpt.state_key
-        )
-    return SafetensorsReader(ckpt.weight_files, displays)
 
 
 def _side_files(ckpt: Checkpoint, exclude: set[str]) -> list[str]:
@@ -155,11 +98,10 @@ def _side_files(ckpt: Checkpoint, exclude: set[str]) -> list[str]:
     ]
 
 
-class HuggingFace(CheckpointFormat):
+class HuggingFace(WeightFilesDirectory):
     """A ``save_pretrained``/Trainer directory: ``model.safetensors``, shards, or ``.bin``."""
 
     name = "hf"
-    is_directory = True
     native_is_default = True
     looked_for = (
         "directories holding model.safetensors, model.safetensors.index.json or pytorch_model.bin"
@@ -172,11 +114,15 @@ class HuggingFace(CheckpointFormat):
         (None, names.HF_BIN_INDEX, "bin, sharded"),
     )
 
+    _FILES = frozenset(
+        {names.HF_SAFETENSORS, names.HF_SAFETENSORS_INDEX, names.HF_BIN, names.HF_BIN_INDEX}
+    )
+
     def claims(self, entry: Entry) -> bool:
-        return entry.is_dir and bool(
-            entry.files
-            & {names.HF_SAFETENSORS, names.HF_SAFETENSORS_INDEX, names.HF_BIN, names.HF_BIN_INDEX}
-        )
+        return entry.is_dir and bool(entry.files & self._FILES)
+
+    def owns(self, name: str) -> bool:
+        return name in self._FILES or bool(names.HF_SHARD.fullmatch(name))
 
     def _layout(self, directory: Path, files: frozenset[str], display: str):
         for single, index, detail in self._LAYOUTS:
@@ -190,24 +136,15 @@ class HuggingFace(CheckpointFormat):
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         files, index_name, weight_map, detail = self._layout(entry.path, entry.files, entry.name)
         probe = _probe_files(
-            entry.path,
-            entry.name,
-            files,
-            index_name,
-            weight_map,
-            trust_pickle=trust_pickle,
-            weights=weights,
+            entry, files, index_name, weight_map, trust_pickle=trust_pickle, weights=weights
         )
         probe.detail = detail
         return probe
 
-    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-        return _open_files(ckpt, trust_pickle=trust_pickle)
-
     def output_files(
         self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
     ) -> dict[str, list[str]] | None:
-        as_bin = ckpt.weight_files[0].name.endswith(".bin")
+        as_bin = self.rebuilt_as_bin(ckpt)
         single = names.HF_BIN if as_bin else names.HF_SAFETENSORS
         index_name = names.HF_BIN_INDEX if as_bin else names.HF_SAFETENSORS_INDEX
         if len(ckpt.weight_files) == 1 and ckpt.weight_files[0].name == single:
@@ -228,16 +165,10 @@ class HuggingFace(CheckpointFormat):
         return groups
 
     def side_files(self, ckpt: Checkpoint) -> list[str]:
-        exclude = {p.name for p in ckpt.weight_files} | {
-            names.HF_SAFETENSORS,
-            names.HF_SAFETENSORS_INDEX,
-            names.HF_BIN,
-            names.HF_BIN_INDEX,
-        }
-        return _side_files(ckpt, exclude)
+        return _side_files(ckpt, {p.name for p in ckpt.weight_files} | self._FILES)
 
 
-class Peft(CheckpointFormat):
+class Peft(WeightFilesDirectory):
     """A PEFT adapter directory: ``adapter_model.safetensors`` and ``adapter_config.json``.
 
     The weights are the adapter's (the LoRA factors); the rebuilt directory keeps
@@ -245,34 +176,24 @@ class Peft(CheckpointFormat):
     """
 
     name = "peft"
-    is_directory = True
     native_is_default = True
     looked_for = "directories holding adapter_model.safetensors and adapter_config.json"
 
+    _FILES = frozenset({names.PEFT_SAFETENSORS, names.PEFT_BIN})
+
     def claims(self, entry: Entry) -> bool:
-        return entry.is_dir and bool(entry.files & {names.PEFT_SAFETENSORS, names.PEFT_BIN})
+        return entry.is_dir and bool(entry.files & self._FILES)
+
+    def owns(self, name: str) -> bool:
+        return name in self._FILES
 
     def probe(self, entry: Entry, *, trust_pickle: bool, weights: str | None) -> Probe:
         single = names.PEFT_SAFETENSORS if names.PEFT_SAFETENSORS in entry.files else names.PEFT_BIN
         probe = _probe_files(
-            entry.path,
-            entry.name,
-            (entry.path / single,),
-            None,
-            {},
-            trust_pickle=trust_pickle,
-            weights=weights,
+            entry, (entry.path / single,), None, {}, trust_pickle=trust_pickle, weights=weights
         )
         probe.detail = "adapter"
         return probe
 
-    def open(self, ckpt: Checkpoint, *, trust_pickle: bool) -> CheckpointReader:
-        return _open_files(ckpt, trust_pickle=trust_pickle)
-
-    def output_files(
-        self, ckpt: Checkpoint, specs: dict[str, TensorSpec]
-    ) -> dict[str, list[str]] | None:
-        return {ckpt.weight_files[0].name: list(specs)}
-
     def side_files(self, ckpt: Checkpoint) -> list[str]:
-        return _side_files(ckpt, {names.PEFT_SAFETENSORS, names.PEFT_BIN})
+        return _side_files(ckpt, set(self._FILES))
