@@ -46,7 +46,11 @@ PEFT_SAFETENSORS = "adapter_model.safetensors"
 PEFT_BIN = "adapter_model.bin"
 
 # accelerate Accelerator.save_state
-ACCELERATE_MODEL = re.compile(r"(model|pytorch_model)(_(\d+))?\.(safetensors|bin)")
+ACCELERATE_MODEL = re.compile(
+    r"(model|pytorch_model|pytorch_model_fsdp)(_(\d+))?\.(safetensors|bin)"
+)
+ACCELERATE_FSDP_DIR = re.compile(r"pytorch_model_fsdp_(\d+)")
+"""A model saved by accelerate's FSDP plugin as a sharded state dict: a DCP directory."""
 ACCELERATE_STATE = re.compile(
     r"(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|random_states_\d+\.pkl"
     r"|custom_checkpoint_\d+\.pkl"
