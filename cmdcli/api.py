@@ -1107,10 +1107,13 @@ def reconstruct_run(
         raise InputError(f"{printable(target)}: exists and is not a directory")
     names = layout.output_names(ckpts, sharded=shard_size is not None, native=native)
     chosen = [names[t] for t in positions]
+    # In OUT/reconstructed, a rebuild of the same model may replace cmd's own rebuild
+    # of the same checkpoint; anywhere else, or anything not cmd's, needs --overwrite.
+    own = dest is None
     for name in chosen:  # refuse before the work; checked again when moving in
         final = target / name
         if os.path.lexists(final):
-            if not overwrite:
+            if not overwrite and not (own and outdir.is_ours(final, root.resolve())):
                 raise InputError(
                     f"{printable(final)}: already exists; pass --overwrite to replace it"
                 )
@@ -1137,7 +1140,7 @@ def reconstruct_run(
         )
         return [rec["path"] for rec in written]
 
-    placed = outdir.place(root.resolve(), prefix, build, overwrite=overwrite)
+    placed = outdir.place(root.resolve(), prefix, build, overwrite=overwrite, replace_own=own)
     for rec, path in zip(written, placed, strict=True):
         rec["path"] = str(path)
     return written

@@ -47,6 +47,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _examples(*lines: str) -> str:
+    """A help epilog of example command lines, kept as written (click's ``\\b``)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -233,15 +238,17 @@ ShardSize = Annotated[
 
 
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  cmd fit runs/my-run --out my-run-cmd\n\n"
-        "  cmd fit runs/resnet --out resnet-cmd --modes auto --target-variance 0.97\n\n"
-        "  cmd fit runs/resnet --out resnet-paper --references sampled --modes 10 --seed 0\n\n"
-        "  cmd fit runs/resnet --out resnet-cmd --modes 10 --seed 0 --steps 1000:50000 "
-        "--exclude '*.running_*' --reconstruct all\n\n"
-        "  cmd fit runs/big --out big-cmd --max-memory 4GiB --dry-run\n\n"
-        "  cmd fit /shared/runs/big --out /shared/big-cmd --scheduler tcp://10.0.0.5:8786"
+    epilog=_examples(
+        "cmd fit runs/my-run --out my-run-cmd",
+        "cmd fit runs/resnet --out resnet-cmd --modes auto --target-variance 0.97",
+        "cmd fit runs/resnet --out resnet-paper --references sampled --modes 10 --seed 0",
+        "cmd fit runs/resnet --out resnet-cmd --steps 1000:50000 --exclude '*.running_*' \\",
+        "    --reconstruct all",
+        "cmd fit runs/dit/checkpoints --out dit-ema --weights ema",
+        "cmd fit runs/guided --out guided-ema --files 'ema_*'",
+        "cmd fit runs/lightning --out lightning-cmd --reconstruct last --native",
+        "cmd fit runs/big --out big-cmd --max-memory 4GiB --dry-run",
+        "cmd fit /shared/runs/big --out /shared/big-cmd --scheduler tcp://10.0.0.5:8786",
     )
 )
 def fit(
@@ -438,8 +445,7 @@ def _size(n: float) -> str:
 def _print_plan(plan: dict) -> None:
     for note in plan.get("notices", []):
         err.print(f"note: {_line(note)}", markup=False)
-    for s in plan.get("skipped", []):
-        err.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
+    _print_skipped(err, plan.get("skipped", []))
     rows: list[list[str]] = []
     rows.append(
         [
@@ -483,7 +489,9 @@ def _print_plan(plan: dict) -> None:
             "reconstruct",
             "none"
             if not steps
-            else ", ".join(map(str, steps[:6])) + (", …" if len(steps) > 6 else ""),
+            else ("step " if len(steps) == 1 else "steps ")
+            + ", ".join(map(str, steps[:6]))
+            + (", …" if len(steps) > 6 else ""),
         ]
     )
     if plan["out"] is not None:
@@ -516,8 +524,7 @@ def _parse_modes(text: str) -> int | str:
 def _print_fit_summary(report: dict) -> None:
     for note in report.get("notices", []):
         err.print(f"note: {_line(note)}", markup=False)
-    for s in report.get("skipped", []):
-        err.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
+    _print_skipped(err, report.get("skipped", []))
     rows = [
         [
             "checkpoints",
@@ -550,9 +557,10 @@ def _print_fit_summary(report: dict) -> None:
 
 @app.command(
     name="reconstruct",
-    epilog=(
-        "Examples:\n\n  cmd reconstruct my-run-cmd --step all\n\n"
-        "  cmd reconstruct my-run-cmd --step 10,20"
+    epilog=_examples(
+        "cmd reconstruct my-run-cmd --step all",
+        "cmd reconstruct my-run-cmd --step 10,20 --dest rebuilt/",
+        "cmd reconstruct my-run-cmd --step last --native --run /data/moved/my-run",
     ),
 )
 def reconstruct_cmd(
@@ -616,11 +624,10 @@ EvalFn = Annotated[
 
 
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate\n\n"
-        "  cmd evaluate resnet-cmd --eval-fn eval.py:score --checkpoints last "
-        "--ema-decay 0.95 --swa-start 30000"
+    epilog=_examples(
+        "cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate",
+        "cmd evaluate resnet-cmd --eval-fn eval.py:score --checkpoints last \\",
+        "    --ema-decay 0.95 --swa-start 30000",
     )
 )
 def evaluate(
@@ -708,14 +715,12 @@ def _print_evaluation(result: dict) -> None:
 
 
 @app.command(
-    epilog=(
-        "Kinds: correlation, trajectories, error, modes, accuracy (needs `cmd evaluate`), "
-        "landscape (needs --eval-fn, or an earlier landscape.json), all.\n\n"
-        "Examples:\n\n"
-        "  cmd plot correlation my-run-cmd\n\n"
-        "  cmd plot all my-run-cmd --format svg\n\n"
-        "  cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate "
-        "--grid 15 --span 0.5"
+    epilog="Kinds: correlation, trajectories, error, modes, accuracy (needs `cmd evaluate`), "
+    "landscape (needs --eval-fn, or an earlier landscape.json), all.\n\n"
+    + _examples(
+        "cmd plot correlation my-run-cmd",
+        "cmd plot all my-run-cmd --format svg",
+        "cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate --grid 15 --span 0.5",
     )
 )
 def plot(
@@ -755,7 +760,11 @@ def plot(
         ),
     ] = None,
     metric: Annotated[
-        str | None, typer.Option(help="landscape: the metric to draw.", metavar="NAME")
+        str | None,
+        typer.Option(
+            help="landscape: the metric to draw [default: the first your function returns].",
+            metavar="NAME",
+        ),
     ] = None,
     run: RunOverride = None,
     trust_pickle: TrustPickle = False,
@@ -809,6 +818,32 @@ def _say_skipped(skipped: list[tuple[str, str]]) -> None:
         err.print(f"skipped {_line(kind)}: {_line(reason)}", markup=False)
 
 
+_STEP_SOURCES = {"checkpoint": "in the file"}  # how inspect shows where a step came from
+
+
+def _print_skipped(console: Console, skipped: list[dict]) -> None:
+    """One line per skipped entry; a run of files of one family skipped for one reason
+    (``adam_1.pt`` … ``adam_12.pt``) is one line."""
+    from .io.steps import family_key
+
+    groups: list[list[dict]] = []
+    for s in skipped:
+        last = groups[-1][-1] if groups else None
+        if last and last["reason"] == s["reason"] and family_key(last["name"]) == family_key(
+            s["name"]
+        ):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    for group in groups:
+        first, reason = _line(group[0]["name"]), _line(group[0]["reason"])
+        if len(group) > 2:
+            first = f"{first} … {_line(group[-1]['name'])} ({len(group)} files)"
+        elif len(group) == 2:
+            first = f"{first}, {_line(group[1]['name'])}"
+        console.print(f"skipped {first}: {reason}", markup=False)
+
+
 def _format_cell(c: dict) -> str:
     """Format, its variant where it adds something ("deepspeed ZeRO-3"), the weights' key."""
     detail = c.get("detail")
@@ -829,7 +864,7 @@ def _parse_pair(text: str) -> tuple[int, int]:
 
 
 @app.command(
-    epilog="Examples:\n\n  cmd report my-run-cmd\n\n  python -m webbrowser my-run-cmd/report.html"
+    epilog=_examples("cmd report my-run-cmd", "python -m webbrowser my-run-cmd/report.html")
 )
 def report(
     out_dir: OutDir,
@@ -855,7 +890,13 @@ def report(
 # --------------------------------------------------------------------------- inspect
 
 
-@app.command(epilog="Examples:\n\n  cmd inspect runs/my-run\n\n  cmd inspect runs/my-run --json")
+@app.command(
+    epilog=_examples(
+        "cmd inspect runs/my-run",
+        "cmd inspect runs/my-run --json",
+        "cmd inspect runs/timm-run --weights state_dict_ema",
+    )
+)
 def inspect(
     run_dir: RunDir,
     weights: Weights = None,
@@ -888,21 +929,23 @@ def inspect(
             str(c["n_tensors"]),
             f"{c['n_weights']:,}",
             c["dtype"],
-            c["step_source"],
+            _STEP_SOURCES.get(c["step_source"], c["step_source"]),
         ]
         for c in info["checkpoints"]
     ]
     print_table(out, columns, rows, title=str(run_dir), key_columns=1)  # as the user wrote it
-    size = info["bytes_per_checkpoint"] * info["n_checkpoints"] / 2**20
+    n = info["n_checkpoints"]
+    size = _size(info["bytes_per_checkpoint"] * n)
     out.print(
-        f"{info['n_checkpoints']} checkpoints, {info['n_weights']:,} floating-point weights in "
-        f"{info['n_float_tensors']} of {info['n_tensors']} tensors, {size:.1f} MiB in all",
+        f"{n} checkpoint{'s' if n != 1 else ''}, {info['n_weights']:,} floating-point weights in "
+        f"{info['n_float_tensors']} of {info['n_tensors']} tensors, {size} in all",
         markup=False,
     )
+    if n < 3:
+        out.print(f"note: `cmd fit` needs at least 3 checkpoints; this run has {n}", markup=False)
     for note in info["notices"]:
         out.print(f"note: {_line(note)}", markup=False)
-    for s in info["skipped"]:
-        out.print(f"skipped {_line(s['name'])}: {_line(s['reason'])}", markup=False)
+    _print_skipped(out, info["skipped"])
 
 
 def main() -> None:

@@ -275,9 +275,14 @@ def test_reconstruct_from_the_model_alone(tmp_path):
         TinyNet().load_state_dict(rebuilt, strict=True)
         assert_rebuilt_within_rounding(out, sds, t, rebuilt)
         assert torch.equal(rebuilt["bn.num_batches_tracked"], sd["bn.num_batches_tracked"])
-    again = cmd("reconstruct", out, "--step", "30", "-q")
+    # cmd's own rebuild in OUT/reconstructed is replaced by a rebuild of the same model
+    assert cmd("reconstruct", out, "--step", "30", "-q").exit_code == 0
+    # anywhere else, an existing rebuild needs --overwrite
+    assert cmd("reconstruct", out, "--step", "30", "--dest", tmp_path / "d", "-q").exit_code == 0
+    again = cmd("reconstruct", out, "--step", "30", "--dest", tmp_path / "d", "-q")
     assert_input_error(again, "already exists; pass --overwrite")
-    assert cmd("reconstruct", out, "--step", "30", "--overwrite", "-q").exit_code == 0
+    ok = cmd("reconstruct", out, "--step", "30", "--dest", tmp_path / "d", "--overwrite", "-q")
+    assert ok.exit_code == 0
     assert_input_error(
         cmd("reconstruct", out, "--step", "35", "-q"), "step 35 is not a fitted checkpoint"
     )
@@ -552,9 +557,14 @@ def test_reconstruct_clash_writes_nothing(tmp_path):
     assert (
         cmd("fit", tmp_path / "run", "-o", out, "-m", "2", "-q").exit_code == 0
     )  # writes the last
+    (out / "reconstructed" / "epoch_50.safetensors").write_text("a file of the user's")
     result = cmd("reconstruct", out, "--step", "all", "-q")
-    assert_input_error(result, "epoch_80.safetensors: already exists")
-    assert [p.name for p in (out / "reconstructed").iterdir()] == ["epoch_80.safetensors"]
+    assert_input_error(result, "epoch_50.safetensors: already exists")
+    assert sorted(p.name for p in (out / "reconstructed").iterdir()) == [
+        "epoch_50.safetensors",
+        "epoch_80.safetensors",
+    ]
+    assert (out / "reconstructed" / "epoch_50.safetensors").read_text() == "a file of the user's"
     assert sorted(p.name for p in out.iterdir()) == [
         ".cmd-manifest.json",
         "cmd.safetensors",

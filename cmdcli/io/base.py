@@ -415,7 +415,8 @@ class CheckpointFormat(ABC):
     is_directory : bool
         Whether a checkpoint is a directory rather than one file.
     looked_for : str
-        How the layout is recognised, for the "no checkpoints found" message.
+        What the layout is called in the "no checkpoints found" message: file patterns
+        for a file format (``"*.ckpt"``), the framework for a directory format.
     """
 
     name: ClassVar[str]
@@ -484,6 +485,10 @@ class CheckpointFormat(ABC):
         the shards and the index written with a shard size. False by default: safetensors.
         """
         return False
+
+    step_note: ClassVar[str | None] = None
+    """Said once when the steps of this format's checkpoints come from their names and
+    mean something else than training steps (accelerate's save counts)."""
 
     native_is_default: ClassVar[bool] = False
     """Whether the default layout already is the format's own container (HF, PEFT)."""

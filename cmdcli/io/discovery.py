@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from . import names
 from .base import Checkpoint, CheckpointFormat, Entry, Run, TensorSpec
 from .paths import is_plain_name, is_utf8, printable, regular_files
-from .registry import FORMATS, claim
+from .registry import FORMATS, claim, get_format
 from .steps import (
     alias_token,
     checked_step,
@@ -54,7 +54,9 @@ class _Candidate:
 def _looked_for() -> str:
     files = [f.looked_for for f in FORMATS if f.looked_for and not f.is_directory]
     dirs = [f.looked_for for f in FORMATS if f.looked_for and f.is_directory]
-    return "; ".join([*reversed(files), *dirs])
+    return (
+        f"{', '.join(reversed(files))} files, and {', '.join(dirs)} checkpoint folders"
+    )
 
 
 def discover(
@@ -277,7 +279,9 @@ def _scan(
                 continue
             state = names.TRAINING_STATE.fullmatch(name) or is_state_name(family_key(name))
             if state and not chosen:
-                skipped.append((shown, "training state (optimizer, scheduler, ...), not weights"))
+                skipped.append(
+                    (shown, "training state or arguments (optimizer, scheduler, ...), not weights")
+                )
                 continue
         else:
             if is_link and (claim(Entry(name, Path(e.path), False, True)) is not None):
@@ -296,7 +300,11 @@ def _scan(
         for c in files:
             if inside.owns(c.name):
                 skipped.append(
-                    (printable(c.name), "part of the checkpoint stored in the directory itself")
+                    (
+                        printable(c.name),
+                        "the model saved in the run's own folder (a final model beside the "
+                        "checkpoints, or the parts of this one checkpoint)",
+                    )
                 )
             else:
                 kept.append(c)
@@ -525,7 +533,7 @@ def _summary_notices(
             others.setdefault(k, what)
     for key, count in keys.items():
         notices.append(
-            f"weights taken from key {printable(key)!r} ({count} of {total} checkpoints)"
+            f"weights taken from {printable(key)!r} ({count} of {total} checkpoints)"
         )
     for key, what in others.items():
         notices.append(
@@ -535,6 +543,10 @@ def _summary_notices(
     for source, count in sources.items():
         if source != "name":
             notices.append(f"step numbers read from {source} ({count} of {total} checkpoints)")
+    for fmt in sorted({c.format for c, _, _ in found}):
+        note = get_format(fmt).step_note
+        if note and any(c.format == fmt and c.step_source == "name" for c, _, _ in found):
+            notices.append(note)
     legacy = sum(1 for c, _, _ in found if not c.lazy)
     if legacy:
         notices.append(

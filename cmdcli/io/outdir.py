@@ -600,21 +600,31 @@ def write_file(root: Path, rel: str, write: Callable[[Path], None] | str) -> Pat
     return target
 
 
+def is_ours(target: Path, root: Path) -> bool:
+    """Whether ``target`` (a file or directory under ``root``) is all cmd's, per manifests."""
+    try:
+        check_replaceable(target, root=root)
+    except InputError:
+        return False
+    return True
+
+
 def place(
     root: Path,
     prefix: str,
     build: Callable[[Path], list[str]],
     *,
     overwrite: bool,
+    replace_own: bool = False,
 ) -> list[Path]:
     """Build entries in a temporary directory inside ``root/prefix`` and move them in.
 
     ``build(tmp)`` writes the entries (files or directories, plain names) into
     ``tmp`` and returns their names. Each is then moved to ``root/prefix/name``:
     a new name never replaces something that appeared meanwhile, an existing one
-    only with ``overwrite`` and only when ``root``'s manifest lists all of it.
-    Every existing entry is checked before anything moves, so a refusal leaves
-    the directory as it was.
+    only with ``overwrite`` (or ``replace_own``) and only when ``root``'s manifest
+    lists all of it. Every existing entry is checked before anything moves, so a
+    refusal leaves the directory as it was.
     """
     dest = root / prefix if prefix else root
     _check_no_links(root, dest)
@@ -626,7 +636,7 @@ def place(
     except OSError as exc:
         raise InputError(f"{printable(dest)}: cannot create ({exc.strerror or exc})") from None
     try:
-        return _place(root, prefix, dest, build, overwrite=overwrite)
+        return _place(root, prefix, dest, build, overwrite=overwrite, replace_own=replace_own)
     except BaseException:
         if created is not None:  # leave no directory of ours behind an error
             _remove_empty(dest, stop=created.parent)
@@ -659,7 +669,13 @@ def _check_no_links(root: Path, path: Path) -> None:
 
 
 def _place(
-    root: Path, prefix: str, dest: Path, build: Callable[[Path], list[str]], *, overwrite: bool
+    root: Path,
+    prefix: str,
+    dest: Path,
+    build: Callable[[Path], list[str]],
+    *,
+    overwrite: bool,
+    replace_own: bool,
 ) -> list[Path]:
     clean_stale(dest)
     placed: list[Path] = []
@@ -669,7 +685,7 @@ def _place(
             for name in built:
                 final = dest / name
                 if os.path.lexists(final):
-                    if not overwrite:
+                    if not overwrite and not replace_own:
                         raise InputError(
                             f"{printable(final)}: already exists; pass --overwrite to replace it"
                         )

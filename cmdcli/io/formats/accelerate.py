@@ -88,7 +88,11 @@ class Accelerate(WeightFilesDirectory):
 
     name = "accelerate"
     has_native_writer = True
-    looked_for = "accelerate save_state folders (model.safetensors beside random_states_0.pkl)"
+    step_note = (
+        "the steps of accelerate folders are their save counts (checkpoint_<i>): accelerate "
+        "records no training step; they order the run as training did"
+    )
+    looked_for = "accelerate"
 
     def claims(self, entry: Entry) -> bool:
         # A Trainer directory (trainer_state.json, config.json) is Hugging Face's, even

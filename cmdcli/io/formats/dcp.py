@@ -1385,7 +1385,7 @@ class Dcp(CheckpointFormat):
     name = "dcp"
     is_directory = True
     has_native_writer = True
-    looked_for = "torch.distributed.checkpoint directories (.metadata beside *.distcp files)"
+    looked_for = "torch.distributed.checkpoint"
 
     def claims(self, entry: Entry) -> bool:
         return (

@@ -1025,7 +1025,7 @@ class DeepSpeed(CheckpointFormat):
     name = "deepspeed"
     is_directory = True
     has_native_writer = True
-    looked_for = "DeepSpeed global_step<N> folders (*_model_states.pt)"
+    looked_for = "DeepSpeed"
 
     def claims(self, entry: Entry) -> bool:
         if not entry.is_dir:

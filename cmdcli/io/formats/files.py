@@ -39,7 +39,7 @@ class SafetensorsFile(CheckpointFormat):
 
     name = "safetensors"
     native_is_default = True
-    looked_for = "*.safetensors files"
+    looked_for = "*.safetensors"
 
     def claims(self, entry: Entry) -> bool:
         return not entry.is_dir and checkpoint_suffix(entry.name) == ".safetensors"
@@ -73,7 +73,7 @@ class TorchFile(CheckpointFormat):
 
     name = "torch"
     has_native_writer = True
-    looked_for = "*.pt, *.pth, *.bin, *.pth.tar files"
+    looked_for = "*.pt, *.pth, *.bin, *.pth.tar"
     suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".pth.tar")
 
     def claims(self, entry: Entry) -> bool:
@@ -125,7 +125,7 @@ class LightningFile(TorchFile):
     """A PyTorch Lightning ``*.ckpt`` file (``state_dict`` beside the trainer's state)."""
 
     name = "lightning"
-    looked_for = "*.ckpt files"
+    looked_for = "*.ckpt"
     suffixes = (".ckpt",)
 
 

@@ -103,9 +103,7 @@ class HuggingFace(WeightFilesDirectory):
 
     name = "hf"
     native_is_default = True
-    looked_for = (
-        "directories holding model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-    )
+    looked_for = "Hugging Face"
 
     _LAYOUTS = (
         (names.HF_SAFETENSORS, None, "safetensors"),
@@ -177,7 +175,7 @@ class Peft(WeightFilesDirectory):
 
     name = "peft"
     native_is_default = True
-    looked_for = "directories holding adapter_model.safetensors and adapter_config.json"
+    looked_for = "PEFT"
 
     _FILES = frozenset({names.PEFT_SAFETENSORS, names.PEFT_BIN})
 
