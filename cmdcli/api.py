@@ -371,7 +371,9 @@ def _parse_reconstruct(
     text: str, ckpts: Sequence[Checkpoint] | Sequence[int], option: str = "--reconstruct"
 ) -> list[int]:
     """Positions of the checkpoints (or steps) chosen by ``last``, ``all``, ``none`` or steps."""
-    text = (text or "last").strip().lower()
+    text = str(text).strip().lower()
+    if not text:
+        raise InputError(f"{option}: expected last, all, none or steps like 100,200, got ''")
     if text == "none":
         return []
     if text == "last":
@@ -869,6 +871,8 @@ def run_directory(model: CMD, run: str | Path | None = None, *, trust_pickle: bo
     """
     mf = model.model_file_
     if run is not None:
+        if not Path(run).is_dir():
+            raise InputError(f"--run: {printable(run)}: no such directory")
         return Path(run)
     if trust_pickle:
         raise InputError(
@@ -963,6 +967,20 @@ def _checkpoint_pieces(
         if problem is not None:
             raise problem
         reader = ckpt.open(trust_pickle=trust_pickle)
+        # The tensors to copy must be what the model file says, before anything is
+        # allocated for them (a tampered tensor_specs could ask for terabytes).
+        found = reader.specs()
+        for n in copied:
+            if f"extra/{t}/{n}" in stored:
+                continue
+            have = found.get(n)
+            if have is None or have.shape != specs[n].shape or have.dtype != specs[n].dtype:
+                reader.close()
+                what = "is missing" if have is None else f"is {have.shape} {have.dtype}"
+                raise InputError(
+                    f"{printable(ckpt.name)}: tensor {printable(n)!r} {what} in the original "
+                    f"checkpoint; the model file says {specs[n].shape} {specs[n].dtype}"
+                )
 
     def pieces(name: str) -> Iterator[tuple[int, torch.Tensor]]:
         spec = specs[name]
@@ -1140,7 +1158,14 @@ def reconstruct_run(
         )
         return [rec["path"] for rec in written]
 
-    placed = outdir.place(root.resolve(), prefix, build, overwrite=overwrite, replace_own=own)
+    placed = outdir.place(
+        root.resolve(),
+        prefix,
+        build,
+        overwrite=overwrite,
+        replace_own=own,
+        model=model.model_file_.identity if own else None,
+    )
     for rec, path in zip(written, placed, strict=True):
         rec["path"] = str(path)
     return written

@@ -47,6 +47,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 def _examples(*lines: str) -> str:
     """A help epilog of example command lines, kept as written (click's ``\\b``)."""
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
@@ -829,8 +830,10 @@ def _print_skipped(console: Console, skipped: list[dict]) -> None:
     groups: list[list[dict]] = []
     for s in skipped:
         last = groups[-1][-1] if groups else None
-        if last and last["reason"] == s["reason"] and family_key(last["name"]) == family_key(
-            s["name"]
+        if (
+            last
+            and last["reason"] == s["reason"]
+            and family_key(last["name"]) == family_key(s["name"])
         ):
             groups[-1].append(s)
         else:

@@ -215,7 +215,7 @@ def _load(spec: str) -> _EvalFunction:
     path = Path(file_part).expanduser()
     if not path.exists():
         raise InputError(f"--eval-fn: {path}: no such file")
-    if path.is_dir() or path.suffix != ".py":
+    if not path.is_file() or path.suffix != ".py":  # a directory, a FIFO, a device
         raise InputError(f"--eval-fn: {path}: expected a Python file ending in .py")
     if not func_name.isidentifier():
         raise InputError(f"--eval-fn: {func_name!r} is not a Python function name")
@@ -384,15 +384,19 @@ def _parse_checkpoints(text: str, records: Sequence[dict], option: str) -> list[
     return api._parse_reconstruct(cleaned, steps, option=option)
 
 
-def _write_json(out: Path, name: str, data: dict) -> None:
-    """Write ``out/name`` as strict JSON; non-finite figures become null, with a notice."""
+def _write_json(out: Path, name: str, data: dict, model: CMD) -> None:
+    """Write ``out/name`` as strict JSON; non-finite figures become null, with a notice.
+
+    Only while ``out`` still holds ``model``'s file: results of a model that another
+    ``cmd fit --overwrite`` replaced meanwhile are not written beside the new one.
+    """
     bad = list(non_finite_paths(data))
     if bad:
         data.setdefault("notices", []).append(
             f"{len(bad)} value(s) returned by the evaluation function are not finite numbers "
             f"(e.g. {bad[0]}) and are written as null"
         )
-    outdir.write_file(Path(out), name, dumps(data) + "\n")
+    outdir.write_file(Path(out), name, dumps(data) + "\n", model=model.model_file_.identity)
 
 
 def _check_decay(ema_decay: float) -> float:
@@ -568,7 +572,7 @@ def evaluate_fit(
             },
         },
     }
-    _write_json(Path(out), EVALUATION_FILE, result)
+    _write_json(Path(out), EVALUATION_FILE, result, model)
     return result
 
 
@@ -686,8 +690,8 @@ def compute_landscape(
         ``x``, ``y``, ``cmd_point``, ``metrics`` (name → grid of shape (len(y), len(x))),
         ``metric``, ``maximize``, ``best``.
     """
-    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2:
-        raise InputError(f"--grid: expected an integer >= 2, got {grid!r}")
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 2 <= grid <= 1000:
+        raise InputError(f"--grid: expected an integer in 2 … 1000, got {grid!r}")
     ok = isinstance(span, numbers.Real) and not isinstance(span, bool)
     if not ok or not math.isfinite(float(span)) or float(span) <= 0:
         raise InputError(f"--span: expected a number > 0, got {span!r}")
@@ -760,5 +764,5 @@ def compute_landscape(
         "maximize": maximize,
         "best": {"x": float(xs[bi]), "y": float(ys[bj]), "value": float(z[bj, bi])},
     }
-    _write_json(Path(out), LANDSCAPE_FILE, result)
+    _write_json(Path(out), LANDSCAPE_FILE, result, model)
     return result

@@ -499,6 +499,7 @@ def build_html(
         If ``out`` has no ``report.json``, a JSON file there is unreadable, or an
         image given cannot be read or embedded.
     """
+    model = outdir.model_identity(Path(out))  # the page describes this model only
     out = Path(out)
     report_path = out / REPORT_JSON
     if not report_path.is_file():
@@ -546,4 +547,4 @@ def build_html(
         + "\n".join(b for b in body if b)
         + "\n</body>\n</html>\n"
     )
-    return outdir.write_file(out, REPORT_FILE, page)
+    return outdir.write_file(out, REPORT_FILE, page, model=model)

@@ -278,8 +278,8 @@ class CMD:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 extra = " or 'auto'" if name == "n_modes" else ""
                 raise InputError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
-        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be an integer in 0 … 2**63-1, got {self.seed!r}")
         if self.references not in REFERENCE_KINDS:
             raise InputError(
                 f"references must be one of {', '.join(REFERENCE_KINDS)}, got {self.references!r}"

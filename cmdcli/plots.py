@@ -267,7 +267,10 @@ def _number(value: object) -> float:
     """A metric value as float; anything missing or non-numeric becomes NaN (a gap)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return math.nan
 
 
 def _sampled(model: CMD, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1077,8 +1080,10 @@ def landscape_figure(
         )
     try:
         z = np.array([[_number(v) for v in row] for row in grids[metric]], dtype=float, ndmin=2)
-    except TypeError:
-        raise InputError(f"{path}: metrics[{metric!r}] must be a list of rows") from None
+    except (TypeError, ValueError):  # not rows, or rows of different lengths
+        raise InputError(
+            f"{path}: metrics[{metric!r}] must be a list of rows of numbers, all as long"
+        ) from None
     if z.shape != (len(y), len(x)):
         raise InputError(
             f"{path}: metrics[{metric!r}] has shape {z.shape}, expected "
@@ -1267,13 +1272,19 @@ def save_plot(
             raise InputError(f"the {kind} plot has no option {name!r}; {takes}")
     out = _fit_dir(out)
     target = _target(kind, out, fmt, dest)
-    fig = _draw(kind, _load_model(out) if model is None else model, out, options)
-    _write_figure(fig, target, fmt, root=out if dest is None else None)
+    model = _load_model(out) if model is None else model
+    fig = _draw(kind, model, out, options)
+    mf = getattr(model, "model_file_", None)
+    identity = mf.identity if mf is not None else None
+    _write_figure(fig, target, fmt, root=out if dest is None else None, model=identity)
     return target
 
 
-def _write_figure(fig: Figure, target: Path, fmt: str, *, root: Path | None = None) -> None:
-    """Save ``fig`` atomically; inside a fit's output ``root``, recorded in its manifest."""
+def _write_figure(
+    fig: Figure, target: Path, fmt: str, *, root: Path | None = None, model: tuple | None = None
+) -> None:
+    """Save ``fig`` atomically; inside a fit's output ``root``, recorded in its manifest
+    (only while ``root`` holds the model file ``model`` identifies)."""
     import matplotlib
 
     from .io import outdir
@@ -1285,7 +1296,7 @@ def _write_figure(fig: Figure, target: Path, fmt: str, *, root: Path | None = No
             fig.savefig(path, format=fmt, dpi=PNG_DPI, metadata=metadata[fmt])
 
     if root is not None:
-        outdir.write_file(root, target.relative_to(root).as_posix(), save)
+        outdir.write_file(root, target.relative_to(root).as_posix(), save, model=model)
         return
     from .io.paths import temporary_name
 

@@ -581,7 +581,7 @@ def test_landscape_matches_a_hand_rebuild(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"grid": 1}, r"--grid: expected an integer >= 2, got 1"),
+        ({"grid": 1}, r"--grid: expected an integer in 2 … 1000, got 1"),
         ({"span": 0}, r"--span: expected a number > 0, got 0"),
         ({"span": float("nan")}, r"--span"),
         ({"modes": (0, 0)}, r"two different modes"),

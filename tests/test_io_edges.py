@@ -76,9 +76,12 @@ def test_stale_temporaries_inside_an_output_do_not_block_overwrite(fitted, tmp_p
     run, out = _copy(fitted, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
-    (out / "reconstructed" / f".x.cmd-tmp-{dead.pid}-abcd").mkdir()
-    (out / "reconstructed" / f".x.cmd-tmp-{dead.pid}-abcd.lock").write_text("")
-    (out / f".report.json.cmd-tmp-{dead.pid}-beef").write_text("{")
+    (out / "reconstructed" / f".x.cmd-tmp-{dead.pid}-7-abcd").mkdir()
+    (out / "reconstructed" / f".x.cmd-tmp-{dead.pid}-7-abcd.lock").write_text("")
+    (out / f".report.json.cmd-tmp-{dead.pid}-7-beef").write_text("{")
+    # pid 1 lives (in a container it is the next cmd itself), but not the process
+    # that started at tick 7 and left this behind
+    (out / ".error.png.cmd-tmp-1-7-cafe").write_text("")
     assert_ok(invoke("fit", run, "--out", out, "--overwrite", *FAST))
     assert not [p for p in out.rglob("*") if ".cmd-tmp-" in p.name]
 
@@ -238,7 +241,7 @@ def test_a_huge_empty_dimension_is_refused(tmp_path):
             return header
 
         rewrite_header(path, huge)
-    with pytest.raises(CheckpointError, match="empty"):
+    with pytest.raises(CheckpointError, match="step_1.safetensors: corrupt.*'empty'"):
         discover(tmp_path)
 
 
@@ -313,3 +316,52 @@ def test_trust_pickle_needs_the_run_named(fitted, tmp_path):
         reconstruct_run(out, "last", dest=tmp_path / "d", trust_pickle=True)
     assert not (tmp_path / "d").exists()
     np.testing.assert_equal(os.path.exists(tmp_path / "d"), False)
+
+
+def test_a_model_file_cannot_copy_another_directory_into_the_output(tmp_path):
+    # A shared model file names a run directory and a "checkpoint" of its choosing
+    # (~/.ssh, say): only a directory that is a checkpoint of its format gives side files.
+    victim = tmp_path / "victim" / ".ssh"
+    victim.mkdir(parents=True)
+    (victim / "id_rsa").write_text("PRIVATE KEY")
+    write_hf_run(tmp_path / "run", tiny_state_dicts(5), STEPS)
+    assert_ok(invoke("fit", tmp_path / "run", "--out", tmp_path / "out", *FAST))
+
+    def aim(meta):
+        meta["run_dir"] = str(tmp_path / "victim")
+        meta["checkpoints"][-1]["path"] = ".ssh"
+        meta["checkpoints"][-1]["weight_files"] = [".ssh/model.safetensors"]
+        return meta
+
+    edit_metadata(tmp_path / "out" / "cmd.safetensors", aim)
+    invoke("reconstruct", tmp_path / "out", "--step", "last", "--dest", tmp_path / "d", "-q")
+    assert not [p for p in (tmp_path / "d").rglob("*") if p.name == "id_rsa"]
+
+
+def test_a_malformed_manifest_refuses_before_anything_moves(fitted, tmp_path):
+    _, out = _copy(fitted, tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / MANIFEST).write_text("not json")
+    outcome = invoke("reconstruct", out, "--step", "all", "--dest", tmp_path / "d", "-q")
+    assert_refused(outcome, [MANIFEST])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [MANIFEST]
+
+
+def test_results_of_a_replaced_model_are_not_written(fitted, tmp_path):
+    from cmdcli.io.outdir import model_identity, write_file
+
+    run, out = _copy(fitted, tmp_path)
+    before = model_identity(out)
+    assert_ok(invoke("fit", run, "--out", out, "--overwrite", "--seed", "5", *FAST))
+    with pytest.raises(InputError, match="was replaced while cmd was working"):
+        write_file(out, "evaluation.json", "{}", model=before)
+    assert not (out / "evaluation.json").exists()
+
+
+def test_a_file_changed_since_cmd_wrote_it_is_the_users(fitted, tmp_path):
+    run, out = _copy(fitted, tmp_path)
+    with open(out / "report.md", "a") as fh:
+        fh.write("\nmy notes\n")
+    outcome = invoke("fit", run, "--out", out, "--overwrite", *FAST)
+    assert_refused(outcome, ["report.md"])
+    assert "my notes" in (out / "report.md").read_text()

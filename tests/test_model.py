@@ -131,7 +131,7 @@ def test_reconstruct_selected_checkpoints(fitted):
     [
         ({"n_modes": 0}, "n_modes must be an integer >= 1 or .auto., got 0"),
         ({"n_samples": 2.5}, "n_samples must be an integer"),
-        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": -1}, r"seed must be an integer in 0 … 2\*\*63-1"),
         ({"n_modes": 20, "n_samples": 10}, "n_modes=20 is more than the 10 sampled weights"),
     ],
 )

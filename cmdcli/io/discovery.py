@@ -54,9 +54,7 @@ class _Candidate:
 def _looked_for() -> str:
     files = [f.looked_for for f in FORMATS if f.looked_for and not f.is_directory]
     dirs = [f.looked_for for f in FORMATS if f.looked_for and f.is_directory]
-    return (
-        f"{', '.join(reversed(files))} files, and {', '.join(dirs)} checkpoint folders"
-    )
+    return f"{', '.join(reversed(files))} files, and {', '.join(dirs)} checkpoint folders"
 
 
 def discover(
@@ -532,9 +530,7 @@ def _summary_notices(
         for k, what in other.items():
             others.setdefault(k, what)
     for key, count in keys.items():
-        notices.append(
-            f"weights taken from {printable(key)!r} ({count} of {total} checkpoints)"
-        )
+        notices.append(f"weights taken from {printable(key)!r} ({count} of {total} checkpoints)")
     for key, what in others.items():
         notices.append(
             f"also found {what} under {printable(key)!r}; to fit them instead pass "

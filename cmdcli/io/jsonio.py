@@ -78,6 +78,14 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _bounded_int(text: str) -> int:
+    """An integer a float can hold (at most 300 digits): a 400-digit one would overflow
+    every float it reaches. Where a value must fit 64 bits (steps) it is checked there."""
+    if len(text.lstrip("-")) > 300:
+        raise ValueError(f"integer {text[:24]}… has more than 300 digits")
+    return int(text)
+
+
 def parse(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse ``text`` strictly, raising what is wrong as an exception of its own.
 
@@ -88,10 +96,15 @@ def parse(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     TooDeep
         Nesting deeper than ``max_depth``.
     ValueError, UnicodeDecodeError
-        Invalid JSON, or ``NaN``/``Infinity``.
+        Invalid JSON, ``NaN``/``Infinity``, or an integer of more than 300 digits.
     """
     try:
-        value = json.loads(text, object_pairs_hook=unique_pairs, parse_constant=_refuse_constant)
+        value = json.loads(
+            text,
+            object_pairs_hook=unique_pairs,
+            parse_constant=_refuse_constant,
+            parse_int=_bounded_int,
+        )
     except RecursionError:
         raise TooDeep(f"more than {max_depth} levels") from None
     if _depth(value, max_depth) > max_depth:

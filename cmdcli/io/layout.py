@@ -160,7 +160,15 @@ def write_checkpoint(
     if native and not fmt.native_is_default:
         if not fmt.has_native_writer:
             raise InputError(f"--native: no native writer for {fmt.name} checkpoints")
-        fmt.write_native(ckpt, target, specs, pieces, trust_pickle=trust_pickle)
+        try:
+            fmt.write_native(ckpt, target, specs, pieces, trust_pickle=trust_pickle)
+        except RecursionError:
+            raise InputError(
+                f"{printable(ckpt.name)}: nested too deeply to be written back (--native); "
+                f"the default safetensors output works"
+            ) from None
+        except OSError as exc:
+            raise InputError(f"{printable(target)}: cannot write ({exc.strerror or exc})") from None
         return
     if not fmt.is_directory and shard_size is None:
         write_weight_file(target, list(specs), specs, pieces, ckpt)
@@ -182,21 +190,39 @@ def write_checkpoint(
         index_name = names.HF_BIN_INDEX if as_bin else names.HF_SAFETENSORS_INDEX
         (target / index_name).write_text(dumps(index) + "\n", encoding="utf-8")
         written.add(index_name)
-    if fmt.is_directory:
+    if fmt.is_directory and is_checkpoint(fmt, ckpt):
         copy_side_files(ckpt, [f for f in fmt.side_files(ckpt) if f not in written], target)
     for fname, group in groups.items():
         write_weight_file(target / fname, group, specs, pieces, ckpt)
 
 
+def is_checkpoint(fmt, ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt.path`` is, now, a checkpoint of its format: side files are copied only
+    from one (a model file's record could name any directory, ``~/.ssh`` say)."""
+    from .base import Entry
+    from .paths import regular_files
+
+    try:
+        files = frozenset(regular_files(ckpt.path))
+    except InputError:
+        return False
+    if os.path.islink(ckpt.path):
+        return False
+    return fmt.claims(Entry(ckpt.path.name, ckpt.path, True, False, files))
+
+
 def copy_side_files(ckpt: Checkpoint, side: Sequence[str], target: Path) -> list[str]:
     """Copy the regular files ``side`` of checkpoint directory ``ckpt`` into ``target``.
 
-    A name that is not a plain file name, a symbolic link, or anything but a
-    regular file (a FIFO, a device, a directory) is not copied. Returns the names copied.
+    A name that is not a plain file name, a symbolic link, anything but a regular file
+    (a FIFO, a device, a directory), or a name cmd keeps for its own bookkeeping (its
+    manifest, its temporaries) is not copied. Returns the names copied.
     """
     copied = []
     for name in side:
         check_plain_name(name, f"{ckpt.name}: side file")
+        if name == names.MANIFEST or names.TMP_TAG in name:
+            continue
         src = ckpt.path / name
         try:
             fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -205,8 +231,14 @@ def copy_side_files(ckpt: Checkpoint, side: Sequence[str], target: Path) -> list
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
-            with os.fdopen(fd, "rb", closefd=False) as fin, open(target / name, "xb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+            try:
+                with os.fdopen(fd, "rb", closefd=False) as fin, open(target / name, "xb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            except OSError as exc:  # a full disk, a file that went away
+                raise InputError(
+                    f"{printable(target / name)}: cannot copy {printable(ckpt.name)}/"
+                    f"{printable(name)} ({exc.strerror or exc})"
+                ) from None
             copied.append(name)
         finally:
             os.close(fd)

@@ -24,6 +24,7 @@ resolved by the caller under the directory it chooses.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -259,6 +260,7 @@ class ModelFile:
     path: Path
     header: SafetensorsHeader
     metadata: dict[str, Any]
+    identity: tuple[int, int, int, int] | None
     n_modes: int
     n_checkpoints: int
     shapes: dict[str, tuple[int, ...]]
@@ -346,6 +348,10 @@ def read_model(path: str | os.PathLike) -> ModelFile:
     shown = printable(path)
     if not path.is_file():
         raise InputError(f"{shown}: no such model file")
+    # Which file this is, taken before reading it: results computed from it are written
+    # into its directory only while it is still there (cmdcli.io.outdir.write_file).
+    st = os.stat(path)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     try:
         header = read_header(path, shown)
     except InputError as exc:
@@ -371,7 +377,7 @@ def read_model(path: str | os.PathLike) -> ModelFile:
     for key, check in _OPTIONAL.items():
         if key in meta:
             check(meta[key], _Where(shown, key))
-    return _check_tensors(path, shown, header, meta)
+    return _check_tensors(path, shown, header, meta, identity)
 
 
 # --------------------------------------------------------------------------- the schema
@@ -602,7 +608,11 @@ def _need(header: SafetensorsHeader, shown: str, name: str, codes: tuple[str, ..
 
 
 def _check_tensors(
-    path: Path, shown: str, header: SafetensorsHeader, meta: dict[str, Any]
+    path: Path,
+    shown: str,
+    header: SafetensorsHeader,
+    meta: dict[str, Any],
+    identity: tuple[int, int, int, int],
 ) -> ModelFile:
     refs = _need(header, shown, "references", ("F32",))
     if len(refs.spec.shape) != 2 or refs.spec.shape[0] < 1 or refs.spec.shape[1] < 1:
@@ -626,7 +636,7 @@ def _check_tensors(
             f"{shown}: tensors 'mode/…' have several dtypes ({', '.join(sorted(mode_codes))}); "
             f"a model file stores every mode id in one"
         )
-    model = ModelFile(path, header, meta, n_modes, n_ckpt, shapes)
+    model = ModelFile(path, header, meta, identity, n_modes, n_ckpt, shapes)
 
     references = model.array("references")
     if not np.isfinite(references).all():
@@ -709,6 +719,12 @@ def _check_samples(model: ModelFile, names: list[str], sizes: dict[str, int], sh
 
 def _specs(rows: list, shapes: dict[str, tuple[int, ...]], shown: str):
     specs = [(r[0], r[1], tuple(r[2]), r[3]) for r in rows]
+    for name, _, shape, _ in specs:
+        if math.prod(shape) >= 2**48:  # far beyond any tensor, and an allocation to refuse
+            raise InputError(
+                f"{shown}: metadata 'tensor_specs' gives {printable(name)!r} shape {shape}, "
+                f"{math.prod(shape):.3g} elements"
+            )
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
         raise InputError(f"{shown}: metadata 'tensor_specs' lists a tensor twice")

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +32,7 @@ from typing import NamedTuple
 from ..errors import InputError
 from . import names
 from .jsonio import dumps, read_json
-from .paths import check_relative, is_inside, printable, temporary_name
+from .paths import check_relative, is_inside, printable, process_start, temporary_name
 
 try:  # POSIX
     import fcntl
@@ -49,7 +50,7 @@ __all__ = [
     "write_text",
 ]
 
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2
 
 
 # --------------------------------------------------------------------------- renames
@@ -105,25 +106,63 @@ def exchange(a: Path, b: Path) -> None:
 # --------------------------------------------------------------------------- manifests
 
 
-def read_manifest(root: Path) -> set[str] | None:
-    """The files cmd recorded as written under ``root``, or None without a manifest."""
+Stamp = tuple[int, int] | None
+"""A file's size and modification time (ns) when cmd wrote it; None when not recorded."""
+
+
+def read_manifest(root: Path) -> dict[str, Stamp] | None:
+    """The files cmd recorded as written under ``root`` with their stamps, or None.
+
+    A file counts as cmd's only while its size and modification time are those cmd
+    recorded: a file of the user's put at a listed path, or a rebuilt checkpoint the
+    user edited in place, is theirs.
+    """
     path = root / names.MANIFEST
     if not os.path.lexists(path):
         return None
+    shown = printable(path)
     if not path.is_file() or path.is_symlink():
-        raise InputError(f"{printable(path)}: not a regular file")
-    data = read_json(path, printable(path), max_bytes=16 * 2**20)
+        raise InputError(f"{shown}: not a regular file")
+    data = read_json(path, shown, max_bytes=16 * 2**20)
     files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, list):
-        raise InputError(f"{printable(path)}: no 'files' list; not a cmd manifest")
-    out = set()
-    for f in files:
-        out.add(str(check_relative(f, printable(path))))
+    out: dict[str, Stamp] = {}
+    if isinstance(files, list):  # version 1: names only
+        for f in files:
+            out[str(check_relative(f, shown))] = None
+        return out
+    if not isinstance(files, dict):
+        raise InputError(f"{shown}: no 'files' of cmd's; not a cmd manifest")
+    for f, stamp in files.items():
+        ok = (
+            isinstance(stamp, list)
+            and len(stamp) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in stamp)
+        )
+        if not ok:
+            raise InputError(f"{shown}: entry {printable(f)[:80]!r} is not [size, mtime_ns]")
+        out[str(check_relative(f, shown))] = (stamp[0], stamp[1])
     return out
 
 
-def _write_manifest(root: Path, files: set[str]) -> None:
-    text = dumps({"format": "cmd-manifest", "version": _MANIFEST_VERSION, "files": sorted(files)})
+def _stamp(path: Path) -> Stamp:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _write_manifest(root: Path, files: dict[str, Stamp]) -> None:
+    stamped = {
+        f: list(s) if s is not None else list(_stamp(root / f) or (0, 0)) for f, s in files.items()
+    }
+    text = dumps(
+        {
+            "format": "cmd-manifest",
+            "version": _MANIFEST_VERSION,
+            "files": dict(sorted(stamped.items())),
+        }
+    )
     _atomic_text(root / names.MANIFEST, text)
 
 
@@ -155,14 +194,16 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 def _record(root: Path, added: Sequence[str], removed_prefixes: Sequence[str] = ()) -> None:
-    """Add ``added`` to ``root``'s manifest (dropping entries under ``removed_prefixes``)."""
+    """Add ``added`` (as they are now) to ``root``'s manifest, dropping entries under
+    ``removed_prefixes``."""
     files = read_manifest(root)
     if files is None:  # an output of cmd before manifests: what it wrote stays its
-        files = _legacy_listed(root, list_files(root)) or set()
+        files = dict.fromkeys(_legacy_listed(root, list_files(root)) or ())
     for prefix in removed_prefixes:
-        files = {f for f in files if f != prefix and not f.startswith(prefix + "/")}
-    files.update(added)
-    files.discard(names.MANIFEST)
+        files = {f: s for f, s in files.items() if f != prefix and not f.startswith(prefix + "/")}
+    for f in added:
+        files[f] = _stamp(root / f)
+    files.pop(names.MANIFEST, None)
     _write_manifest(root, files)
 
 
@@ -201,17 +242,26 @@ def check_replaceable(
         return
     listed = read_manifest(root)
     if listed is None:
-        listed = _legacy_listed(root, present)
+        legacy = _legacy_listed(root, present)
+        listed = None if legacy is None else dict.fromkeys(legacy)
     if listed is None:
         first = printable(present[0]) if present else printable(target.name)
         raise InputError(
             f"{shown}: {first} was not written by cmd (there is no {names.MANIFEST}); refusing "
             f"to replace it, choose another {what}"
         )
-    nested: dict[str, set[str] | None] = {}
+    nested: dict[str, dict[str, Stamp] | None] = {}
     for rel in present:
-        if rel.rsplit("/", 1)[-1] == names.MANIFEST or _listed(root, rel, listed, nested):
+        if rel.rsplit("/", 1)[-1] == names.MANIFEST:
             continue
+        state = _owner(root, rel, listed, nested)
+        if state == "ours":
+            continue
+        if state == "changed":
+            raise InputError(
+                f"{shown}: {printable(rel)} was changed since cmd wrote it; refusing to replace "
+                f"it, move it away or choose another {what}"
+            )
         raise InputError(
             f"{shown}: {printable(rel)} was not written by cmd; refusing to replace it, "
             f"move it away or choose another {what}"
@@ -222,19 +272,33 @@ def check_replaceable(
         read_model(target / names.MODEL_FILE)
 
 
-def _listed(root: Path, rel: str, listed: set[str], nested: dict[str, set[str] | None]) -> bool:
-    """Whether ``rel`` is cmd's: in the manifest of the deepest directory above it that has
-    one (a ``--dest`` inside an output keeps its own), else in ``root``'s."""
+def _owner(
+    root: Path,
+    rel: str,
+    listed: dict[str, Stamp],
+    nested: dict[str, dict[str, Stamp] | None],
+) -> str:
+    """``"ours"`` when a manifest above ``rel`` (``root``'s, or a nested one: a ``--dest``
+    inside an output keeps its own) lists it as it is now; ``"changed"`` when one lists
+    it but the file changed since; ``"foreign"`` otherwise."""
+    found = False
+    manifests = []
     parts = rel.split("/")[:-1]
     for depth in range(len(parts), 0, -1):
         sub = "/".join(parts[:depth])
         if sub not in nested:
-            nested[sub] = (
-                read_manifest(root / sub) if (root / sub / names.MANIFEST).is_file() else None
-            )
+            is_file = (root / sub / names.MANIFEST).is_file()
+            nested[sub] = read_manifest(root / sub) if is_file else None
         if nested[sub] is not None:
-            return rel[len(sub) + 1 :] in nested[sub]
-    return rel in listed
+            manifests.append((nested[sub], rel[len(sub) + 1 :]))
+    manifests.append((listed, rel))
+    now = _stamp(root / rel)
+    for manifest, key in manifests:
+        if key in manifest:
+            found = True
+            if manifest[key] is None or manifest[key] == now:
+                return "ours"
+    return "changed" if found else "foreign"
 
 
 _LEGACY_TOP = frozenset(
@@ -329,14 +393,25 @@ def _release(tmp: Path, fd: int | None) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process that made a temporary (``pid``, started at ``start``) lives."""
+    if pid == os.getpid():
+        return process_start(pid) in (start, None)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # exists, but not ours to signal
+        pass
+    now = process_start(pid)
+    return now is None or start == 0 or now == start
+
+
+def _younger_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.lstat(path).st_mtime < seconds
+    except OSError:
         return True
-    return True
 
 
 def _remove(path: str) -> None:
@@ -363,6 +438,8 @@ def clean_stale(parent: Path) -> list[Path]:
         if not (name.startswith(".") and names.TMP_TAG in name):
             continue
         path = os.path.join(parent, name)
+        if name.endswith(".lock-init") and _younger_than(path, 60.0):
+            continue  # being created: its owner locks it in a moment
         if name.endswith((".lock", ".lock-init")):
             if fcntl is None:  # pragma: no cover
                 continue
@@ -388,8 +465,8 @@ def clean_stale(parent: Path) -> list[Path]:
             continue
         if f"{name}.lock" in entries or f"{name}.lock-init" in entries:
             continue  # judged by its lock
-        match = re.search(re.escape(names.TMP_TAG) + r"(\d+)-", name)
-        if match and not _alive(int(match.group(1))):
+        match = re.search(re.escape(names.TMP_TAG) + r"(\d+)-(\d+)-", name)
+        if match and not _alive(int(match.group(1)), int(match.group(2))):
             _remove(path)
             removed.append(Path(path))
     return removed
@@ -558,7 +635,35 @@ def _atomic_text(path: Path, text: str) -> None:
         raise
 
 
-def write_file(root: Path, rel: str, write: Callable[[Path], None] | str) -> Path:
+Identity = tuple[int, int, int, int]
+"""Device, inode, size and modification time (ns) of a model file."""
+
+
+def model_identity(root: Path) -> Identity | None:
+    """Which model file ``root`` holds now (None without one)."""
+    try:
+        st = os.stat(Path(root) / names.MODEL_FILE)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _same_model(root: Path, expected: Identity | None) -> None:
+    """Refuse to add to ``root`` results computed from another model than it holds now."""
+    if expected is not None and model_identity(root) != expected:
+        raise InputError(
+            f"{printable(root / names.MODEL_FILE)}: was replaced while cmd was working "
+            f"(another `cmd fit --overwrite`?); nothing computed from the old one is written"
+        )
+
+
+def write_file(
+    root: Path,
+    rel: str,
+    write: Callable[[Path], None] | str,
+    *,
+    model: Identity | None = None,
+) -> Path:
     """Write file ``root/rel`` atomically and record it in ``root``'s manifest.
 
     An existing file there is replaced only if the manifest lists it.
@@ -571,14 +676,24 @@ def write_file(root: Path, rel: str, write: Callable[[Path], None] | str) -> Pat
         Relative path of plain components (``evaluation.json``, ``plots/error.png``).
     write : callable or str
         Text to write, or ``write(tmp_path)`` writing the file at a temporary path.
+    model : tuple, optional
+        :func:`model_identity` of the model the file was computed from: refused if
+        ``root`` holds another model by now.
     """
     check_relative(rel, "output file")
     target = root / rel
     _check_no_links(root, target.parent)
     with _locked(root):
+        _same_model(root, model)
+        read_manifest(root)  # a manifest that cannot be read refuses before anything moves
         if os.path.lexists(target):
             check_replaceable(target, root=root, what="output file")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(
+                f"{printable(target.parent)}: cannot create ({exc.strerror or exc})"
+            ) from None
         if isinstance(write, str):
             _atomic_text(target, write)
         else:
@@ -616,6 +731,7 @@ def place(
     *,
     overwrite: bool,
     replace_own: bool = False,
+    model: Identity | None = None,
 ) -> list[Path]:
     """Build entries in a temporary directory inside ``root/prefix`` and move them in.
 
@@ -636,7 +752,9 @@ def place(
     except OSError as exc:
         raise InputError(f"{printable(dest)}: cannot create ({exc.strerror or exc})") from None
     try:
-        return _place(root, prefix, dest, build, overwrite=overwrite, replace_own=replace_own)
+        return _place(
+            root, prefix, dest, build, overwrite=overwrite, replace_own=replace_own, model=model
+        )
     except BaseException:
         if created is not None:  # leave no directory of ours behind an error
             _remove_empty(dest, stop=created.parent)
@@ -676,12 +794,15 @@ def _place(
     *,
     overwrite: bool,
     replace_own: bool,
+    model: Identity | None,
 ) -> list[Path]:
     clean_stale(dest)
     placed: list[Path] = []
     with _tmp_directory(dest / "x") as (tmp, _):
         built = build(tmp)
         with _locked(root):
+            _same_model(root, model)
+            read_manifest(root)  # a manifest that cannot be read refuses before anything moves
             for name in built:
                 final = dest / name
                 if os.path.lexists(final):
@@ -698,7 +819,8 @@ def _place(
                     for f in _entry_files(tmp / name)
                 ]
                 if os.path.lexists(final):
-                    exchange(tmp / name, final)
+                    exchange(tmp / name, final)  # checked just above, under the lock
+                    _record(root, inner, removed_prefixes=[rel])  # before the old goes
                     old = tmp / name
                     if stat.S_ISDIR(os.lstat(old).st_mode):
                         shutil.rmtree(old)
@@ -711,7 +833,7 @@ def _place(
                         raise InputError(
                             f"{printable(final)}: appeared while cmd was writing it; not replaced"
                         ) from None
-                _record(root, inner, removed_prefixes=[rel])
+                    _record(root, inner, removed_prefixes=[rel])
                 placed.append(final)
     return placed
 

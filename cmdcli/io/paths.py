@@ -109,15 +109,32 @@ def check_relative(path: object, what: str) -> PurePosixPath:
     return pure
 
 
-def temporary_name(path: Path) -> Path:
-    """A fresh hidden sibling name for building ``path``: ``.<name>.cmd-tmp-<pid>-<tag>``.
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), or None if unknown.
 
-    The pid lets a later run tell a dead process's leftover from a live one's
-    (:func:`cmdcli.io.outdir.clean_stale`).
+    With the pid it names a process uniquely: a pid alone is reused (in a container
+    every first process is pid 1).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden sibling name for building ``path``:
+    ``.<name>.cmd-tmp-<pid>-<start>-<random>``.
+
+    The pid and the process's start time let a later run tell a dead process's
+    leftover from a live one's (:func:`cmdcli.io.outdir.clean_stale`).
     """
     from .names import TMP_TAG
 
-    return path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+    pid = os.getpid()
+    start = process_start(pid) or 0
+    return path.with_name(f".{path.name}{TMP_TAG}{pid}-{start}-{secrets.token_hex(4)}")
 
 
 def is_inside(path: Path, base: Path) -> bool:

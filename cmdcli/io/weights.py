@@ -236,9 +236,7 @@ def choose(
     sets = tensor_sets(obj)
     if not sets and requested is None:
         if isinstance(obj, Mapping) and {"state", "param_groups"} <= set(obj):
-            raise NoWeights(
-                f"{display}: optimizer state ('state', 'param_groups'), not weights"
-            )
+            raise NoWeights(f"{display}: optimizer state ('state', 'param_groups'), not weights")
         if isinstance(obj, Mapping):
             keys = ", ".join(repr(k) for k in list(obj)[:12])
             more = f" and {len(obj) - 12} more" if len(obj) > 12 else ""

@@ -21,6 +21,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from ...errors import CheckpointError
 from .. import names
 from ..base import (
     Checkpoint,
@@ -78,9 +79,7 @@ def _dcp_part(ckpt: Checkpoint) -> Checkpoint | None:
     head, _, inner = key.partition("/")
     if not names.ACCELERATE_FSDP_DIR.fullmatch(head):
         return None
-    return replace(
-        ckpt, path=ckpt.path / head, name=f"{ckpt.name}/{head}", state_key=inner or None
-    )
+    return replace(ckpt, path=ckpt.path / head, name=f"{ckpt.name}/{head}", state_key=inner or None)
 
 
 class Accelerate(WeightFilesDirectory):
@@ -151,8 +150,13 @@ class Accelerate(WeightFilesDirectory):
         *,
         trust_pickle: bool,
     ) -> None:
-        from ..layout import copy_side_files, write_weight_file
+        from ..layout import copy_side_files, is_checkpoint, write_weight_file
 
+        if not is_checkpoint(self, ckpt):
+            raise CheckpointError(
+                f"{ckpt.name}: is not an accelerate checkpoint folder any more; --native "
+                f"copies only from one"
+            )
         part = _dcp_part(ckpt)
         target.mkdir()
         model = part.path.name if part is not None else ckpt.weight_files[0].name

@@ -339,7 +339,9 @@ def _convert(obj: Any, directory: Path, display: str) -> _Metadata:
         )
 
     sizes: dict[str, int] = {}
-    stored: dict[tuple[str, tuple[int, ...] | None], _Stored] = {}
+    # Keyed by strings: their hashes are salted per process, so a crafted .metadata cannot
+    # make every key collide (tuples of ints hash the same in every process).
+    stored: dict[str, _Stored] = {}
     for key, info in storage.items():
         index = _fields(key, "MetadataIndex", ("fqn", "offset", "index"), shown)
         fqn = pickles.text(index["fqn"], shown, "a storage_data key")
@@ -366,12 +368,12 @@ def _convert(obj: Any, directory: Path, display: str) -> _Metadata:
                 f"{display}/{printable(rel)}: file is truncated: item {printable(fqn)!r} is "
                 f"recorded at bytes {start}…{start + length}, but the file has {size} bytes"
             )
-        if (fqn, offset) in stored:
+        if _key(fqn, offset) in stored:
             raise CheckpointError(
                 f"{shown}: item {printable(fqn)!r} at offsets {offset} is stored twice"
             )
         transforms = _transforms(where["transform_descriptors"], fqn, shown)
-        stored[(fqn, offset)] = _Stored(rel, start, length, transforms)
+        stored[_key(fqn, offset)] = _Stored(rel, start, length, transforms)
 
     planned = bool(planner)
     items: dict[str, _TensorMeta | _BytesMeta] = {}
@@ -381,7 +383,7 @@ def _convert(obj: Any, directory: Path, display: str) -> _Metadata:
         fqn = pickles.text(fqn, shown, "an item name")
         path = _key_path(planner.get(fqn), fqn, shown) if planned else _split_fqn(fqn)
         if isinstance(meta, _KINDS["BytesStorageMetadata"]):
-            where = stored.get((fqn, None))
+            where = stored.get(_key(fqn, None))
             if where is None:
                 raise CheckpointError(f"{shown}: no stored data for item {printable(fqn)!r}")
             items[fqn] = _BytesMeta(fqn, path, where)
@@ -395,11 +397,16 @@ def _convert(obj: Any, directory: Path, display: str) -> _Metadata:
     return _Metadata(items, planned, groups, tops)
 
 
+def _key(fqn: str, offsets: tuple[int, ...] | None) -> str:
+    """The key of one stored item: its name and the offsets of its chunk, as one string."""
+    return fqn + "\x00" + ("" if offsets is None else ",".join(map(str, offsets)))
+
+
 def _tensor_meta(
     fqn: str,
     path: tuple[str | int, ...],
     meta: Any,
-    stored: dict[tuple[str, tuple[int, ...] | None], _Stored],
+    stored: dict[str, _Stored],
     shown: str,
 ) -> _TensorMeta:
     """One tensor item: its properties, shape and chunks, each chunk inside the tensor."""
@@ -428,7 +435,7 @@ def _tensor_meta(
                 f"{shown}: tensor {name!r} of shape {shape} has a chunk at offsets "
                 f"{offsets} of sizes {sizes}, outside the tensor"
             )
-        where = stored.get((fqn, offsets))
+        where = stored.get(_key(fqn, offsets))
         if where is None:
             raise CheckpointError(
                 f"{shown}: no stored data for tensor {name!r} at offsets {offsets}"

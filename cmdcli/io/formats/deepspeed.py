@@ -1140,7 +1140,11 @@ def _inner_step(path: Path, files: Iterable[str]) -> str | None:
     ``latest`` is read bounded, its content must be a plain name, and the folder a real
     directory (not a link) inside ``path`` holding DeepSpeed model states; else None.
     """
-    if names.DS_LATEST not in files:
+    # Only a Trainer's checkpoint directory (a DeepSpeed save directory of its own is
+    # a run of step folders, not one checkpoint).
+    if names.DS_LATEST not in files or not (
+        names.TRAINER_STATE in files or names.HF_CHECKPOINT_DIR.fullmatch(path.name)
+    ):
         return None
     try:
         with open(path / names.DS_LATEST, "rb") as fh:
