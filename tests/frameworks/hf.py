@@ -8,6 +8,7 @@ in-memory training copies.  Nothing touches the network: every model is built fr
 
 Timings on the 2-core test machine (one builder, warm imports): see ``test_hf_builders.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -159,8 +160,17 @@ def _trainer_steps(root: Path, names: list[str]) -> list[int]:
 def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(n) for n in ("transformers", "lightning", "lightning.pytorch",
-                                                  "lightning.fabric", "accelerate", "peft")]
+        loggers = [
+            logging.getLogger(n)
+            for n in (
+                "transformers",
+                "lightning",
+                "lightning.pytorch",
+                "lightning.fabric",
+                "accelerate",
+                "peft",
+            )
+        ]
         levels = [lg.level for lg in loggers]
         for lg in loggers:
             lg.setLevel(logging.ERROR)
@@ -179,8 +189,16 @@ def _tiny_gpt2_config():
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=32,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -252,8 +270,9 @@ def _train_gpt2(out: Path, *, n_checkpoints: int, seed: int, callbacks=()):
     model = GPT2LMHeadModel(_tiny_gpt2_config())
     args = _trainer_args(out, save_steps=2, n_checkpoints=n_checkpoints, seed=seed, lr=1e-2)
     with _quiet():
-        trainer = Trainer(model=model, args=args, train_dataset=_CountingLM(seed=seed),
-                          callbacks=list(callbacks))
+        trainer = Trainer(
+            model=model, args=args, train_dataset=_CountingLM(seed=seed), callbacks=list(callbacks)
+        )
         trainer.train()
 
 
@@ -337,9 +356,16 @@ def _peft_base(seed: int):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)
 
@@ -378,8 +404,13 @@ def build_peft_trainer(tmp_path: Path, *, n_checkpoints: int = 6, seed: int = 0)
     _one_thread()
     root = Path(tmp_path) / "peft_trainer"
     base = _peft_base(seed)
-    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     torch.manual_seed(seed)
     model = get_peft_model(base, lora)
     args = _trainer_args(root, save_steps=2, n_checkpoints=n_checkpoints, seed=seed, lr=2e-2)
@@ -489,12 +520,18 @@ def _build_accelerate(tmp_path: Path, n_checkpoints: int, seed: int, safe: bool)
     model, opt, sched = _accelerate_objects(seed)
     x, y = _regression_data(seed)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True,
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=16,
+        shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
     with _quiet():
-        acc = Accelerator(cpu=True, project_config=ProjectConfiguration(
-            project_dir=str(project), automatic_checkpoint_naming=True))
+        acc = Accelerator(
+            cpu=True,
+            project_config=ProjectConfiguration(
+                project_dir=str(project), automatic_checkpoint_naming=True
+            ),
+        )
         model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
         batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
         for _ in range(n_checkpoints):
@@ -515,8 +552,9 @@ def _build_accelerate(tmp_path: Path, n_checkpoints: int, seed: int, safe: bool)
         raise AssertionError(f"accelerate wrote {names}")
     steps = []
     for n in names:  # the optimizer step is only on disk as the scheduler's step count
-        sched_state = torch.load(holder / n / "scheduler.bin", map_location="cpu",
-                                 weights_only=True)
+        sched_state = torch.load(
+            holder / n / "scheduler.bin", map_location="cpu", weights_only=True
+        )
         steps.append(int(sched_state["last_epoch"]))
     expected = [steps_per_save * (_index_of(n, r"checkpoint_(\d+)") + 1) for n in names]
     if steps != expected:
@@ -606,22 +644,38 @@ def build_lightning(tmp_path: Path, *, n_checkpoints: int = 6, seed: int = 0) ->
         L.seed_everything(seed, verbose=False)
         x, y = _regression_data(seed, n=56)
         train = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(x[:40], y[:40]), batch_size=8, shuffle=True,
-            generator=torch.Generator().manual_seed(seed))
+            torch.utils.data.TensorDataset(x[:40], y[:40]),
+            batch_size=8,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
         val = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(x[40:], y[40:]), batch_size=8)
+            torch.utils.data.TensorDataset(x[40:], y[40:]), batch_size=8
+        )
         checkpoint = ModelCheckpoint(
-            dirpath=str(root), filename="{epoch}-{step}-{val_loss:.2f}", save_top_k=-1,
-            every_n_epochs=1, save_last=True,
+            dirpath=str(root),
+            filename="{epoch}-{step}-{val_loss:.2f}",
+            save_top_k=-1,
+            every_n_epochs=1,
+            save_last=True,
         )
         trainer = L.Trainer(
-            max_epochs=n_checkpoints, accelerator="cpu", devices=1, callbacks=[checkpoint],
-            logger=False, enable_progress_bar=False, enable_model_summary=False,
-            deterministic=True, log_every_n_steps=1, default_root_dir=str(root),
+            max_epochs=n_checkpoints,
+            accelerator="cpu",
+            devices=1,
+            callbacks=[checkpoint],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            deterministic=True,
+            log_every_n_steps=1,
+            default_root_dir=str(root),
         )
         trainer.fit(TinyLitRegressor(**_LIGHTNING_HPARAMS), train, val)
-    names = sorted((p.name for p in root.glob("*.ckpt") if re.fullmatch(_LIGHTNING_NAME, p.name)),
-                   key=_lightning_step)
+    names = sorted(
+        (p.name for p in root.glob("*.ckpt") if re.fullmatch(_LIGHTNING_NAME, p.name)),
+        key=_lightning_step,
+    )
     if len(names) < n_checkpoints:
         raise AssertionError(f"Lightning wrote {sorted(p.name for p in root.iterdir())}")
     weights = []
@@ -740,8 +794,9 @@ class _TimmStyleSaver:
         os.replace(tmp, last)
         self._link(last, self.checkpoint_dir / f"checkpoint-{epoch}{self.extension}")
         self.saved += 1
-        better = (self.best_metric is None
-                  or (metric < self.best_metric if self.decreasing else metric > self.best_metric))
+        better = self.best_metric is None or (
+            metric < self.best_metric if self.decreasing else metric > self.best_metric
+        )
         if better:
             self.best_metric = metric
             self._link(last, self.checkpoint_dir / f"model_best{self.extension}")
@@ -782,16 +837,37 @@ def build_timm_style(tmp_path: Path, *, n_checkpoints: int = 6, seed: int = 0) -
     x_train, y_train, x_val, y_val = images[:64], labels[:64], images[64:], labels[64:]
 
     args = argparse.Namespace(
-        model="tinynet", num_classes=4, input_size=[3, 6, 6], batch_size=16, epochs=n_checkpoints,
-        opt="sgd", lr=0.1, momentum=0.9, weight_decay=2e-5, sched="cosine", model_ema=True,
-        model_ema_decay=0.9, model_ema_warmup=False, eval_metric="top1",
-        checkpoint_hist=max(10, n_checkpoints), seed=seed, output=str(root.parent.parent),
-        experiment=root.name, amp=False, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+        model="tinynet",
+        num_classes=4,
+        input_size=[3, 6, 6],
+        batch_size=16,
+        epochs=n_checkpoints,
+        opt="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=2e-5,
+        sched="cosine",
+        model_ema=True,
+        model_ema_decay=0.9,
+        model_ema_warmup=False,
+        eval_metric="top1",
+        checkpoint_hist=max(10, n_checkpoints),
+        seed=seed,
+        output=str(root.parent.parent),
+        experiment=root.name,
+        amp=False,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
     )
     torch.manual_seed(seed)
     model = TinyConvNet(num_classes=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=True, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=True,
+        weight_decay=args.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     ema = _EmaV3Like(model, decay=args.model_ema_decay)
     saver = _TimmStyleSaver(model, optimizer, args, ema, root, decreasing=False)
@@ -809,7 +885,7 @@ def build_timm_style(tmp_path: Path, *, n_checkpoints: int = 6, seed: int = 0) -
         perm = torch.randperm(len(x_train), generator=order)
         losses = []
         for i in range(0, len(perm), args.batch_size):
-            idx = perm[i:i + args.batch_size]
+            idx = perm[i : i + args.batch_size]
             loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad()
             loss.backward()

@@ -1,4 +1,5 @@
 """The LightningModule trained by ``hf.build_lightning`` (imports lightning at module level)."""
+
 from __future__ import annotations
 
 import lightning as L

@@ -11,6 +11,7 @@ Each builder runs once per module (module-scoped fixtures).  Builder wall times 
 2-core machine: hf_trainer ~2.5 s, hf_trainer_sharded ~2.5 s, peft_trainer ~3 s, accelerate
 ~1 s, accelerate_bin ~1 s, lightning ~4 s, timm_style ~1 s (first-import costs included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,9 @@ def _check_common(run: FrameworkRun, n: int = 6) -> None:
     first, last = run.weights[0], run.weights[-1]
     moved = max(
         ((last[k].float() - first[k].float()).norm() / (first[k].float().norm() + 1e-8)).item()
-        for k in keys if first[k].is_floating_point())
+        for k in keys
+        if first[k].is_floating_point()
+    )
     assert moved > 0.01, moved
     for family, sets in run.alternatives.items():
         assert len(sets) == len(run.weights), family
@@ -116,8 +119,15 @@ def test_hf_trainer_layout(hf_run):
     assert hf_run.steps == [2, 4, 6, 8, 10, 12]
     for name, step in zip(hf_run.names, hf_run.steps):
         d = hf_run.root / name
-        for f in ("model.safetensors", "config.json", "trainer_state.json", "optimizer.pt",
-                  "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        for f in (
+            "model.safetensors",
+            "config.json",
+            "trainer_state.json",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "training_args.bin",
+        ):
             assert (d / f).is_file(), (name, f)
         assert json.loads((d / "trainer_state.json").read_text())["global_step"] == step
         assert torch.load(d / "optimizer.pt", weights_only=True).keys() == {"state", "param_groups"}
@@ -142,8 +152,9 @@ def test_hf_trainer_load_back(hf_run, tmp_path):
         shutil.copy(hf_run.root / hf_run.names[-1] / f, out / f)
     _assert_same(hf_run.load_back(out), hf_run.weights[-1])
     broken = tmp_path / "broken"
-    _copy_without(hf_run.root / hf_run.names[-1], broken, "transformer.ln_f.bias",
-                  "model.safetensors")
+    _copy_without(
+        hf_run.root / hf_run.names[-1], broken, "transformer.ln_f.bias", "model.safetensors"
+    )
     with pytest.raises(AssertionError, match="missing_keys"):
         hf_run.load_back(broken)
 
@@ -205,8 +216,12 @@ def test_peft_layout(peft_run):
     _check_common(peft_run)
     for name in peft_run.names:
         d = peft_run.root / name
-        for f in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json",
-                  "optimizer.pt"):
+        for f in (
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "trainer_state.json",
+            "optimizer.pt",
+        ):
             assert (d / f).is_file(), (name, f)
         assert not (d / "model.safetensors").exists()
         assert json.loads((d / "adapter_config.json").read_text())["r"] == 2
@@ -226,9 +241,12 @@ def test_peft_load_back(peft_run, tmp_path):
     for name, want in zip(peft_run.names, peft_run.weights):
         _assert_same(peft_run.load_back(peft_run.root / name), want, name)
     broken = tmp_path / "broken"
-    _copy_without(peft_run.root / peft_run.names[-1], broken,
-                  "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight",
-                  "adapter_model.safetensors")
+    _copy_without(
+        peft_run.root / peft_run.names[-1],
+        broken,
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight",
+        "adapter_model.safetensors",
+    )
     with pytest.raises(AssertionError, match="missing adapter keys"):
         peft_run.load_back(broken)
 
@@ -260,13 +278,20 @@ def test_accelerate_layout(which, request):
     for name in run.names:
         d = run.root / "checkpoints" / name
         assert sorted(os.listdir(d)) == sorted(
-            [weights_file, "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+            [weights_file, "optimizer.bin", "scheduler.bin", "random_states_0.pkl"]
+        )
         torch.load(d / "optimizer.bin", weights_only=True)
         torch.load(d / "scheduler.bin", weights_only=True)
         with pytest.raises(pickle.UnpicklingError):
             torch.load(d / "random_states_0.pkl", weights_only=True)
-    assert set(run.weights[0]) == {"fc1.weight", "fc1.bias", "norm.weight", "norm.bias",
-                                   "fc2.weight", "fc2.bias"}
+    assert set(run.weights[0]) == {
+        "fc1.weight",
+        "fc1.bias",
+        "norm.weight",
+        "norm.bias",
+        "fc2.weight",
+        "fc2.bias",
+    }
 
 
 def test_accelerate_same_trajectory(accelerate_run, accelerate_bin_run):
@@ -321,9 +346,18 @@ def test_lightning_layout(lightning_run):
     for i, (name, step) in enumerate(zip(run.names, run.steps)):
         assert re.fullmatch(rf"epoch={i}-step={step}-val_loss=\d+\.\d\d\.ckpt", name), name
         ckpt = torch.load(run.root / name, map_location="cpu", weights_only=True)  # succeeds
-        assert {"epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops",
-                "callbacks", "optimizer_states", "lr_schedulers", "hparams_name",
-                "hyper_parameters"} <= set(ckpt)
+        assert {
+            "epoch",
+            "global_step",
+            "pytorch-lightning_version",
+            "state_dict",
+            "loops",
+            "callbacks",
+            "optimizer_states",
+            "lr_schedulers",
+            "hparams_name",
+            "hyper_parameters",
+        } <= set(ckpt)
         assert ckpt["epoch"] == i and ckpt["global_step"] == step
         assert ckpt["hyper_parameters"] == {"d_in": 8, "hidden": 16, "d_out": 4, "lr": 0.05}
     last = torch.load(run.root / "last.ckpt", map_location="cpu", weights_only=True)
@@ -363,8 +397,16 @@ def test_timm_style_layout(timm_run):
             torch.load(run.root / name, weights_only=True)
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(run.root / name, weights_only=True)
-        assert set(ckpt) == {"epoch", "arch", "state_dict", "optimizer", "version", "args",
-                             "state_dict_ema", "metric"}
+        assert set(ckpt) == {
+            "epoch",
+            "arch",
+            "state_dict",
+            "optimizer",
+            "version",
+            "args",
+            "state_dict_ema",
+            "metric",
+        }
         assert ckpt["epoch"] == epoch and ckpt["version"] == 2 and ckpt["arch"] == "tinynet"
         assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].model == "tinynet"
         metrics.append(ckpt["metric"])
@@ -372,8 +414,12 @@ def test_timm_style_layout(timm_run):
     ema = run.alternatives["state_dict_ema"]
     assert set(ema[0]) == set(run.weights[0])
     assert run.weights[0]["bn1.num_batches_tracked"].dtype == torch.int64
-    assert any(not torch.equal(e[k], w[k]) for e, w in zip(ema, run.weights) for k in w
-               if w[k].is_floating_point())
+    assert any(
+        not torch.equal(e[k], w[k])
+        for e, w in zip(ema, run.weights)
+        for k in w
+        if w[k].is_floating_point()
+    )
 
 
 def test_timm_style_load_back(timm_run, tmp_path):
