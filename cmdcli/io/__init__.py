@@ -11,6 +11,12 @@ The package knows files, never numerics or the command line:
 * :mod:`~cmdcli.io.modelfile` — the model file ``cmd.safetensors``, its writer and
   its validating reader;
 * :mod:`~cmdcli.io.outdir` — output directories: atomic, and replaced only when ours;
+* :mod:`~cmdcli.io.safetensors`, :mod:`~cmdcli.io.torchfile`, :mod:`~cmdcli.io.pickles`
+  — the containers: a strict safetensors reader and writer, restricted torch loads,
+  restricted unpicklers with inert stand-ins;
+* :mod:`~cmdcli.io.weights` — which set of weights a checkpoint holding several is read for;
+* :mod:`~cmdcli.io.paths`, :mod:`~cmdcli.io.jsonio` — names from files made safe to use
+  and print, JSON read with limits and written strictly;
 * :mod:`~cmdcli.io.names` — every file name read or written.
 """
 
