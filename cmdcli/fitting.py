@@ -333,12 +333,15 @@ class FitStatistics:
     mode_variance: np.ndarray = field(init=False)
     tensor_mode_size: dict[str, np.ndarray] = field(default_factory=dict)
     gram: np.ndarray = field(init=False)  # T×T Σ_i xc_i xc_iᵀ of centred trajectories
+    cross_per_checkpoint: np.ndarray = field(init=False)  # Σ_i xc_it · mean_i per t
+    mean_sumsq: float = 0.0  # Σ_i mean_i²
     # For other reference sets scored in the same pass: Σ_i of the variance the
     # best of that set's references explains (least-squares a, b; no rounding).
     alternative_gain: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.gram = np.zeros((self.n_checkpoints, self.n_checkpoints))
+        self.cross_per_checkpoint = np.zeros(self.n_checkpoints)
         self.sse_per_checkpoint = np.zeros(self.n_checkpoints)
         self.sumsq_per_checkpoint = np.zeros(self.n_checkpoints)
         self.mode_size = np.zeros(self.n_modes, dtype=np.int64)
@@ -371,6 +374,16 @@ class FitStatistics:
         """Explained variance the reference set ``name`` would give (see ``stream_fit``)."""
         var = self.variance
         return 1.0 if var <= 0 else float(self.alternative_gain[name] / var)
+
+    def raw_gram(self) -> np.ndarray:
+        """T×T Σ_i w_i w_iᵀ of the trajectories themselves (not centred).
+
+        ``w_i = xc_i + mean_i``, so this is ``gram + c·1ᵀ + 1·cᵀ + Σ mean²``, with
+        ``c = cross_per_checkpoint``: every linear model of the run (a checkpoint
+        rebuilt as a combination of checkpoints) is scored from it.
+        """
+        c = self.cross_per_checkpoint
+        return self.gram + c[:, None] + c[None, :] + self.mean_sumsq
 
     def pca_explained_variance(self, max_components: int) -> np.ndarray:
         """Explained variance of PCA of the trajectory with 1 … ``max_components`` components.
@@ -587,6 +600,8 @@ class _Context:
 
 def _merge_into(stats: FitStatistics, part: FitStatistics) -> None:
     stats.gram += part.gram
+    stats.cross_per_checkpoint += part.cross_per_checkpoint
+    stats.mean_sumsq += part.mean_sumsq
     stats.sse_per_checkpoint += part.sse_per_checkpoint
     stats.sumsq_per_checkpoint += part.sumsq_per_checkpoint
     stats.mode_size += part.mode_size
@@ -693,7 +708,9 @@ def process_block(
     part.gram += h["gram"]
     part.sse_per_checkpoint += np.clip(h["sse_t"], 0.0, None)
     x_mean = h["x_mean"]
-    part.sumsq_per_checkpoint += np.diagonal(h["gram"]) + 2 * h["cross_t"] + (x_mean**2).sum()
+    part.cross_per_checkpoint += h["cross_t"]
+    part.mean_sumsq += float((x_mean**2).sum())
+    part.sumsq_per_checkpoint += np.diagonal(h["gram"]) + 2 * h["cross_t"] + part.mean_sumsq
     m_np, w_sse_np, w_var_np = h["modes"], h["w_sse"], h["x_sq"]
     part.mode_size += np.bincount(m_np, minlength=n_modes)
     part.mode_sse += np.bincount(m_np, weights=w_sse_np, minlength=n_modes)

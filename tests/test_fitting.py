@@ -11,6 +11,7 @@ from tests.tolerances import (
     assert_same_fit,
     assert_within,
     float64_fit_bounds,
+    gamma,
     kernel_bounds,
     statistics_bounds,
 )
@@ -207,6 +208,13 @@ def test_stream_fit_statistics_equal_dense_computation_for_any_block_size():
         )
         assert_within(s.variance, sb.variance, sb.variance_tol, "variance")
         assert_within(s.gram, sb.gram, sb.gram_tol, "gram")
+        # the trajectories' own Gram: the centred one plus the means' share, whose
+        # float32 pieces (Σ xc·mean, Σ mean²) err by γ of a chunk of |w|·|w| sums
+        W32 = W.astype(np.float32).astype(np.float64)
+        A = np.abs(W32)
+        raw_tol = sb.gram_tol + 4 * gamma(fitting.cpu_chunk(9) + 9) * (A.T @ A)
+        assert_within(s.raw_gram(), W32.T @ W32, raw_tol, "raw gram")
+        assert_within(s.mean_sumsq, (W32.mean(1) ** 2).sum(), raw_tol.max(), "mean_sumsq")
         assert_within(
             s.tensor_sse["y"], sb.weight_sse[-7:].sum(), sb.weight_sse_tol[-7:].sum(), "tensor_sse"
         )
