@@ -36,6 +36,7 @@ from .io.registry import get_format
 from .io.safetensors import SafetensorsWriter, TensorEntry
 from .model import CMD, DEFAULT_MAX_MEMORY, MAX_AUTO_MODES, REFERENCE_KINDS
 from .reports import build_report, render_markdown
+from .threads import available_cores
 
 __all__ = [
     "FitOptions",
@@ -110,7 +111,7 @@ class FitOptions:
     files: str | None = None  # a glob choosing the checkpoint files (--files)
     native: bool = False  # reconstructions in each checkpoint's own container (--native)
     max_memory: int = DEFAULT_MAX_MEMORY
-    workers: int | None = None  # blocks in flight; None: 2, or the cluster's threads
+    workers: int | None = None  # blocks in flight; None: the cores, or the cluster's threads
     device: str = "cpu"
     scheduler: str | None = None  # Dask scheduler address or file: pass 2 runs there
     online: bool = False  # one pass: modes chosen after `warmup` checkpoints, then RLS
@@ -545,7 +546,7 @@ def fit_run(
         cluster(opts.scheduler) as executor,
         outdir.new_directory(out, overwrite=opts.overwrite, protect=[run_dir, run.root]) as tmp,
     ):
-        workers = opts.workers or (executor.threads if executor is not None else 2)
+        workers = opts.workers or (executor.threads if executor is not None else available_cores())
         source = RunSource(
             ckpts,
             modelled,
@@ -762,7 +763,7 @@ def plan_fit(
     if opts.scheduler is not None:
         with cluster(opts.scheduler) as executor:
             workers = workers or executor.threads  # type: ignore[union-attr]
-    workers = workers or 2
+    workers = workers or available_cores()
 
     plan: dict = {
         "run_dir": str(run.root),

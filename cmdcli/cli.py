@@ -340,7 +340,8 @@ def fit(
         int | None,
         typer.Option(
             help="Blocks processed at once, by as many worker processes on Linux (threads "
-            "elsewhere) [default: 2, or the cluster's threads with --scheduler].",
+            "elsewhere), each with one BLAS thread [default: the cores this process may "
+            "use, or the cluster's threads with --scheduler].",
             min=1,
             metavar="N",
             show_default=False,

@@ -27,6 +27,7 @@ from .errors import InputError, NotFittedError
 from .fitting import BlockResult, Progress, Segment, TrajectorySource
 from .io.modelfile import FORMAT_NAME, FORMAT_VERSION, REFERENCE_KINDS, CoefficientSink
 from .io.safetensors import SafetensorsWriter
+from .threads import available_cores, single_threaded
 
 __all__ = ["CMD", "ArraySource", "FORMAT_NAME", "FORMAT_VERSION", "REFERENCE_KINDS"]
 
@@ -194,9 +195,11 @@ class CMD:
         Size of the uniform sample the refinement learns from (capped at N).
     target_variance : float, default=0.95
         Explained variance that ``n_modes="auto"`` aims for.
-    workers : int, default=2
+    workers : int, optional
         Blocks of pass 2 in flight at once (one is read while another is
-        computed). The result depends on it only through float32 rounding.
+        computed); by default as many as the cores this process may use. Every
+        BLAS runs on one thread per worker, in every phase of the fit. The result
+        depends on it only through float32 rounding.
     device : str, default="cpu"
         Torch device of pass 2's products, e.g. ``"cuda"``.
     executor : object, optional
@@ -252,7 +255,7 @@ class CMD:
         references: str = "refined",
         n_refine: int = 50_000,
         target_variance: float = 0.95,
-        workers: int = 2,
+        workers: int | None = None,
         device: str = "cpu",
         executor: object | None = None,
     ) -> None:
@@ -270,7 +273,9 @@ class CMD:
     # ------------------------------------------------------------------ fitting
 
     def _validate_params(self) -> None:
-        checks = [("n_samples", 1), ("max_memory", 1), ("n_refine", 1), ("workers", 1)]
+        checks = [("n_samples", 1), ("max_memory", 1), ("n_refine", 1)]
+        if self.workers is not None:
+            checks.append(("workers", 1))
         if self.n_modes != "auto":
             checks.insert(0, ("n_modes", 1))
         for name, low in checks:
@@ -349,6 +354,10 @@ class CMD:
         if out is None and (shapes, steps, metadata, extra) != (None, None, None, None):
             raise ValueError("shapes, steps, metadata and extra are for fit(..., out=path)")
         self._validate_params()
+        with single_threaded():  # the parallelism is the workers' (see cmdcli.threads)
+            return self._fit(X, progress, out, shapes, steps, metadata, extra)
+
+    def _fit(self, X, progress, out, shapes, steps, metadata, extra) -> CMD:
         source = X if hasattr(X, "read_block") else ArraySource(X)  # type: ignore[arg-type]
         sizes = dict(source.sizes)
         _check_shapes(shapes, sizes)
@@ -490,7 +499,7 @@ class CMD:
                 on_block=keep if sink is None else None,
                 progress=progress,
                 alternatives=alternatives,
-                workers=int(self.workers),
+                workers=int(self.workers or available_cores()),
                 device=str(self.device),
                 executor=self.executor,
                 sink=sink,

@@ -1,0 +1,48 @@
+"""Threads: how many cores a fit may use, and one BLAS thread per worker.
+
+A fit's parallelism is its workers (blocks of pass 2 in flight, each in its own
+process on Linux). BLAS libraries start as many threads as the machine has
+cores; inside every worker those threads fight each other and the workers for
+the same cores, and small products (T × T, M × T) spend more time handing work
+between threads than computing. So every phase of a fit runs its BLAS on one
+thread per worker, and the workers default to the cores this process may use.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["available_cores", "single_threaded"]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, where the OS has one)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the block with every BLAS (numpy's, scipy's) and torch on one thread.
+
+    threadpoolctl limits the libraries loaded when it is called, so scipy's BLAS
+    (the CPU kernel's in-place product) is loaded first.
+    """
+    import scipy.linalg.blas  # noqa: F401  (loads scipy's BLAS, to be limited too)
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")  # only where torch is already in use
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            if torch is not None:
+                torch.set_num_threads(1)
+            yield
+    finally:
+        if torch is not None and before is not None:
+            torch.set_num_threads(before)
