@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import CMDError
 from .kernels import (
+    GRAM_GROUPS,
     KERNELS,
     MAX_MAGNITUDE,
     KernelContext,
@@ -328,11 +329,11 @@ class FitStatistics:
     mode_variance: np.ndarray = field(init=False)
     tensor_mode_size: dict[str, np.ndarray] = field(default_factory=dict)
     gram: np.ndarray = field(init=False)  # T×T Σ_i xc_i xc_iᵀ of centred trajectories
-    # When the Gram matrix is summed over a systematic sample of the weights (see
-    # ``stream_fit``): how many, and the same sums over every other one of them.
+    # When the Gram matrix is summed over a sample of the weights (see
+    # ``stream_fit``): how many, and the same sum in disjoint parts.
     gram_weights: int = 0
-    gram_half: np.ndarray = field(init=False)
-    gram_half_weights: int = 0
+    gram_groups: np.ndarray = field(init=False)
+    gram_group_weights: np.ndarray = field(init=False)
     n_weights: int = 0
     cross_per_checkpoint: np.ndarray = field(init=False)  # Σ_i xc_it · mean_i per t
     mean_sumsq: float = 0.0  # Σ_i mean_i²
@@ -342,7 +343,8 @@ class FitStatistics:
 
     def __post_init__(self) -> None:
         self.gram = np.zeros((self.n_checkpoints, self.n_checkpoints))
-        self.gram_half = np.zeros((self.n_checkpoints, self.n_checkpoints))
+        self.gram_groups = np.zeros((GRAM_GROUPS, self.n_checkpoints, self.n_checkpoints))
+        self.gram_group_weights = np.zeros(GRAM_GROUPS, dtype=np.int64)
         self.cross_per_checkpoint = np.zeros(self.n_checkpoints)
         self.sse_per_checkpoint = np.zeros(self.n_checkpoints)
         self.sumsq_per_checkpoint = np.zeros(self.n_checkpoints)
@@ -395,20 +397,15 @@ class FitStatistics:
     def finish_gram(self) -> None:
         """Scale a sampled Gram matrix to the whole run (once, when every block is in).
 
-        ``gram`` becomes the estimate n/n_sample · Σ_sample; ``gram_halves`` the
-        two estimates from the odd and even halves of the sample, whose spread
-        says how far the estimate may be from the exact matrix.
+        ``gram`` becomes the estimate n/n_sample · Σ_sample, and each of
+        ``gram_groups`` the estimate from its own part of the sample.
         """
         if not self.gram_sampled:
-            self.gram_halves = None
             return
-        n, w, wh = self.n_weights, self.gram_weights, self.gram_half_weights
-        even = self.gram - self.gram_half
-        self.gram_halves = (
-            self.gram_half * (n / max(wh, 1)),
-            even * (n / max(w - wh, 1)),
-        )
-        self.gram = self.gram * (n / w)
+        n = self.n_weights
+        scale = n / np.maximum(self.gram_group_weights, 1)
+        self.gram_groups = self.gram_groups * scale[:, None, None]
+        self.gram = self.gram * (n / self.gram_weights)
 
     def pca_explained_variance(self, max_components: int) -> np.ndarray:
         """Explained variance of PCA of the trajectory with 1 … ``max_components`` components.
@@ -420,14 +417,15 @@ class FitStatistics:
         return _pca_ev(self.gram, max_components)
 
     def pca_explained_variance_spread(self, max_components: int) -> np.ndarray:
-        """How far :meth:`pca_explained_variance` may be off: 0 for an exact Gram
-        matrix; for a sampled one, half the difference between the figures of the
-        sample's two halves (about one standard error of the whole sample's)."""
-        halves = getattr(self, "gram_halves", None)
+        """Standard error of :meth:`pca_explained_variance`: 0 for an exact Gram
+        matrix; for a sampled one, the spread of the figures of the sample's
+        disjoint parts, over √(number of parts)."""
         k = min(max_components, self.n_checkpoints)
-        if not halves:
+        used = self.gram_group_weights > 0
+        if not self.gram_sampled or used.sum() < 2:
             return np.zeros(k)
-        return np.abs(_pca_ev(halves[0], k) - _pca_ev(halves[1], k)) / 2
+        ev = np.array([_pca_ev(g, k) for g in self.gram_groups[used]])
+        return ev.std(axis=0, ddof=1) / np.sqrt(len(ev))
 
 
 def _pca_ev(gram: np.ndarray, max_components: int) -> np.ndarray:
@@ -584,9 +582,9 @@ def _fit_centred(
 
 def _merge_into(stats: FitStatistics, part: FitStatistics) -> None:
     stats.gram += part.gram
-    stats.gram_half += part.gram_half
+    stats.gram_groups += part.gram_groups
     stats.gram_weights += part.gram_weights
-    stats.gram_half_weights += part.gram_half_weights
+    stats.gram_group_weights += part.gram_group_weights
     stats.cross_per_checkpoint += part.cross_per_checkpoint
     stats.mean_sumsq += part.mean_sumsq
     stats.sse_per_checkpoint += part.sse_per_checkpoint
@@ -651,9 +649,9 @@ def process_block(
     for i, name in enumerate(ctx.alt_names):
         part.alternative_gain[name] = float(h["alt_gain"][i])
     part.gram += h["gram"]
-    part.gram_half += h["gram_half"]
+    part.gram_groups += h["gram_groups"]
     part.gram_weights += int(h["gram_weights"])
-    part.gram_half_weights += int(h["gram_half_weights"])
+    part.gram_group_weights += h["gram_group_weights"]
     part.sse_per_checkpoint += np.clip(h["sse_t"], 0.0, None)
     x_mean = h["x_mean"]
     part.cross_per_checkpoint += h["cross_t"]
@@ -737,7 +735,7 @@ def _forked_init(shared: tuple) -> None:
     import scipy.linalg.blas  # noqa: F401  (the kernel's; limited with numpy's)
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=1, user_api="blas")  # parallelism is the processes'
+    threadpool_limits(limits=1)  # BLAS and OpenMP: the parallelism is the processes'
     # torch's OpenMP pool does not survive a fork: a parallel copy in a reader (of a
     # non-contiguous tensor, say) would wait forever for threads the child lacks.
     import sys
@@ -920,7 +918,11 @@ def stream_fit(
     if fork:
         pool_of = _forked_pool(int(workers), (source, ctx, str(device), sink))
     else:
-        pool_of = ThreadPoolExecutor(max_workers=max(int(workers), 1))
+        from .threads import one_thread_here
+
+        pool_of = ThreadPoolExecutor(
+            max_workers=max(int(workers), 1), initializer=one_thread_here if local else None
+        )
     try:
         with _single_threaded_blas(local), pool_of as own_pool:
             pool = executor if executor is not None else own_pool

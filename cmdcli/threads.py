@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["available_cores", "single_threaded"]
+__all__ = ["available_cores", "one_thread_here", "single_threaded"]
 
 
 def available_cores() -> int:
@@ -39,10 +39,24 @@ def single_threaded() -> Iterator[None]:
     torch = sys.modules.get("torch")  # only where torch is already in use
     before = torch.get_num_threads() if torch is not None else None
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with threadpool_limits(limits=1):  # BLAS and OpenMP (torch's among them)
             if torch is not None:
                 torch.set_num_threads(1)
             yield
     finally:
         if torch is not None and before is not None:
             torch.set_num_threads(before)
+
+
+def one_thread_here() -> None:
+    """The same limits for the calling thread: a worker thread's initializer.
+
+    OpenMP keeps its thread count per thread, so a pool's threads start with the
+    machine's count whatever the thread that made the pool was told.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)

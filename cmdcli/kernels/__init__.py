@@ -14,12 +14,13 @@ one line in ``KERNELS`` below, and nothing else: the agreement test
 
 from __future__ import annotations
 
-from .base import MAX_MAGNITUDE, BlockSums, Kernel, KernelContext, NonFiniteColumn
+from .base import GRAM_GROUPS, MAX_MAGNITUDE, BlockSums, Kernel, KernelContext, NonFiniteColumn
 from .numpy_kernel import CHUNK_BYTES, NumpyKernel, cpu_chunk
 from .torch_kernel import TorchKernel
 
 __all__ = [
     "CHUNK_BYTES",
+    "GRAM_GROUPS",
     "KERNELS",
     "MAX_MAGNITUDE",
     "BlockSums",

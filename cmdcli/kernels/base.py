@@ -27,9 +27,10 @@ Sums over the piece's weights (float64):
 * ``gram`` = Σ_i xc_i·xc_iᵀ (T×T) over every weight or, with a
   ``ctx.gram_stride`` s > 1, over a sample of 1/s of them (which ones is the
   kernel's choice: a contiguous part of each piece for the CPU kernel),
-  ``gram_weights`` how many, and ``gram_half`` the same over about half of the
-  sample (the spread between the two halves says how far a sampled Gram matrix
-  may be from the exact one);
+  ``gram_weights`` how many; for a sample, ``gram_groups`` splits the same sum
+  into ``GRAM_GROUPS`` disjoint parts of about equal size, with their counts in
+  ``gram_group_weights`` (the spread between the parts says how far the
+  sampled matrix may be from the exact one);
 * ``alt_gain[k]`` = Σ_i min(max_m' cov_im'²/‖rc_m'‖², Σ_t xc_it²) for the k-th
   set of alternative references (the variance the best of them explains).
 
@@ -49,6 +50,7 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = [
+    "GRAM_GROUPS",
     "MAX_MAGNITUDE",
     "BlockSums",
     "Kernel",
@@ -59,6 +61,9 @@ __all__ = [
 # Weights beyond this are refused: their squares summed over a block would leave
 # float32's range, and no trained network holds them.
 MAX_MAGNITUDE = 1e15
+
+# Parts a sampled Gram matrix is summed in, for its standard error.
+GRAM_GROUPS = 8
 
 
 class NonFiniteColumn(InputError):
@@ -126,7 +131,7 @@ class KernelContext:
         rc_ones[:, :-1] = rc.T
         rc_ones[:, -1] = 1.0
         unit = np.ascontiguousarray(every * inv[:, None], dtype=np.float32)
-        unit[np.abs(unit) < 1e-30] = 0.0  # no subnormal factors (slow on x86)
+        unit[np.abs(unit) < np.finfo(np.float32).tiny] = 0.0  # no subnormals (slow on x86)
         return cls(
             n_modes=len(rc),
             unit=unit,
@@ -171,13 +176,13 @@ class BlockSums:
     x_sq: Any  # float64 (B,)
     w_sse: Any  # float64 (B,)
     gram: Any  # float64 (T, T)
-    gram_half: Any  # float64 (T, T)
+    gram_groups: Any  # float64 (GRAM_GROUPS, T, T)
     sse_t: Any  # float64 (T,)
     sq_t: Any  # float64 (T,)
     cross_t: Any  # float64 (T,)
     alt_gain: Any  # float64 (number of alternative sets,)
     gram_weights: int = 0
-    gram_half_weights: int = 0
+    gram_group_weights: Any = None  # int64 (GRAM_GROUPS,)
 
     @classmethod
     def empty(cls, n_alt: int, n_ckpt: int, width: int, new) -> BlockSums:
@@ -190,7 +195,8 @@ class BlockSums:
             x_sq=new(width, "f64", False),
             w_sse=new(width, "f64", False),
             gram=new((n_ckpt, n_ckpt), "f64", True),
-            gram_half=new((n_ckpt, n_ckpt), "f64", True),
+            gram_groups=new((GRAM_GROUPS, n_ckpt, n_ckpt), "f64", True),
+            gram_group_weights=np.zeros(GRAM_GROUPS, dtype=np.int64),
             sse_t=new(n_ckpt, "f64", True),
             sq_t=new(n_ckpt, "f64", True),
             cross_t=new(n_ckpt, "f64", True),

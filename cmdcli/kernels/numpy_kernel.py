@@ -28,13 +28,13 @@ import threading
 
 import numpy as np
 
-from .base import MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn
+from .base import GRAM_GROUPS, MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn
 
 # Columns per piece: a (T, columns) float32 piece of about this many bytes stays
 # in the core's caches through the passes over it.
 CHUNK_BYTES = 2**21
 
-TINY = np.float32(1e-30)
+TINY = np.finfo(np.float32).tiny  # the smallest normal float32
 _DTYPES = {"f32": np.float32, "f64": np.float64, "i64": np.int64}
 _local = threading.local()  # scratch buffers, one set per thread (and per process)
 
@@ -157,7 +157,7 @@ def _columns(
     coef[modes, cols] = a
     coef[n_modes] = fix64 - delta
     # Subnormal float32 factors (a δ of 1e-40, say) slow the product tenfold on
-    # x86; below 1e-30 a factor changes no float32 sum, so it is taken as 0.
+    # x86; they are taken as 0 (a change below 1.2e-38 per value).
     coef[np.abs(coef) < TINY] = 0.0
     err = _sgemm()(-1.0, coef.T, ctx.rc_ones.T, beta=1.0, c=xc.T, overwrite_c=1)
     if not np.shares_memory(err, xc):  # a BLAS wrapper that copied: take its result
@@ -174,30 +174,41 @@ def _gram(xc: np.ndarray, fix: np.ndarray, c0: int, stride: int, acc: BlockSums)
     """Add Σ (xc_i − fix_i)(xc_i − fix_i)ᵀ over the sampled columns, and Σ_i (xc_it − fix_i)²."""
     f64 = np.float64
     width = xc.shape[1]
-    if stride > 1:
-        # Σ_i (xc_it − fix_i)² exactly, then the Gram matrix of a sample: the
-        # first 1/stride of the piece's columns (a contiguous slice, no copy),
-        # and the pieces at odd positions once more for the spread of two halves.
-        acc.sq_t += (
-            np.einsum("tb,tb->t", xc, xc).astype(f64)
-            - 2 * np.dot(xc, fix).astype(f64)
-            + float(np.dot(fix.astype(f64), fix.astype(f64)))
-        )
-        width = -(-width // stride)
-    part, f = xc[:, :width], fix[:width]
-    f64_f = f.astype(f64)
+    if stride == 1:
+        g = _centred_gram(xc, fix)
+        acc.gram += g
+        acc.sq_t += np.diagonal(g)
+        acc.gram_weights += width
+        return
+    # Σ_i (xc_it − fix_i)² exactly, then the Gram matrix of a sample: the first
+    # 1/stride of the piece's columns (contiguous, no copy), in GRAM_GROUPS parts.
+    acc.sq_t += (
+        np.einsum("tb,tb->t", xc, xc).astype(f64)
+        - 2 * np.dot(xc, fix).astype(f64)
+        + float(np.dot(fix.astype(f64), fix.astype(f64)))
+    )
+    n = -(-width // stride)
+    edges = np.linspace(0, n, GRAM_GROUPS + 1).astype(int)
+    for k in range(GRAM_GROUPS):
+        lo, hi = edges[k], edges[k + 1]
+        if hi > lo:
+            g = _centred_gram(xc[:, lo:hi], fix[lo:hi])
+            acc.gram += g
+            acc.gram_groups[k] += g
+            acc.gram_group_weights[k] += hi - lo
+    acc.gram_weights += n
+
+
+def _centred_gram(part: np.ndarray, fix: np.ndarray) -> np.ndarray:
+    """Σ_i (p_i − fix_i)(p_i − fix_i)ᵀ over the columns of ``part``, in float64."""
+    f64 = np.float64
     g = (part @ part.T).astype(f64)  # numpy sees x·xᵀ and does half the work (syrk)
-    v = np.dot(part, f).astype(f64)
+    v = np.dot(part, fix).astype(f64)
     g -= v[:, None]
     g -= v[None, :]
-    g += float(np.dot(f64_f, f64_f))
-    acc.gram += g
-    acc.gram_weights += width
-    if stride == 1:
-        acc.sq_t += np.diagonal(g)
-    elif (c0 // cpu_chunk(xc.shape[0])) % 2:
-        acc.gram_half += g
-        acc.gram_half_weights += width
+    f = fix.astype(f64)
+    g += float(np.dot(f, f))
+    return g
 
 
 def _abs_argmax(c: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn
+from .base import GRAM_GROUPS, MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn
 
 
 def _torch():
@@ -122,15 +122,19 @@ def _columns(x, c0: int, forced: dict[int, int], ctx: KernelContext, acc: BlockS
         acc.gram += g
         acc.sq_t += torch.diagonal(g)
         acc.gram_weights += width
-    else:  # a sample: the first 1/stride of the columns, the half at odd pieces
+    else:  # a sample: the first 1/stride of the columns, in GRAM_GROUPS parts
         acc.sq_t += torch.linalg.vector_norm(x, dim=1).to(f64) ** 2
-        part = x[:, : -(-width // stride)]
-        g = (part @ part.T).to(f64)
-        acc.gram += g
-        acc.gram_weights += part.shape[1]
-        if (c0 // max(width, 1)) % 2:
-            acc.gram_half += g
-            acc.gram_half_weights += part.shape[1]
+        n = -(-width // stride)
+        edges = np.linspace(0, n, GRAM_GROUPS + 1).astype(int)
+        for k in range(GRAM_GROUPS):
+            lo, hi = int(edges[k]), int(edges[k + 1])
+            if hi > lo:
+                part = x[:, lo:hi]
+                g = (part @ part.T).to(f64)
+                acc.gram += g
+                acc.gram_groups[k] += g
+                acc.gram_group_weights[k] += hi - lo
+        acc.gram_weights += n
 
     # Scores against every reference (and the alternatives), scaled to norm 1.
     c = tab["unit"] @ x  # (M + ΣM', width)

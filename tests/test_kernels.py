@@ -1,0 +1,191 @@
+"""The pass-2 kernel contract (cmdcli.kernels): every kernel present, the same answers.
+
+One agreement test runs on every kernel this machine has (numpy and torch on the
+CPU; torch on CUDA where a GPU is present) against the exact float64 fit of
+planted trajectories, with bounds from the float32 arithmetic (tests/tolerances.py).
+"""
+
+import numpy as np
+import pytest
+
+from cmdcli import fitting, kernels
+from cmdcli.fitting import Segment
+from tests.tolerances import (
+    alternative_gain_bounds,
+    assert_same_fit,
+    assert_within,
+    gamma,
+    kernel_bounds,
+    statistics_bounds,
+)
+
+
+def _present():
+    out = []
+    for name, kernel in kernels.KERNELS.items():
+        for device in ("cpu", "cuda"):
+            if kernel.available(device):
+                out.append((name, device))
+    return out
+
+
+PRESENT = _present()
+
+
+def _planted(T=12, M=4, B=5000, seed=3):
+    rng = np.random.default_rng(seed)
+    refs = rng.normal(size=(M, T)).cumsum(axis=1)
+    labels = rng.integers(0, M, B)
+    scale = rng.uniform(0.5, 2, B) * rng.choice([-1, 1], B)
+    W = scale[:, None] * refs[labels] + rng.normal(size=(B, 1))
+    W += rng.normal(0, 1e-3, W.shape)
+    W[7] = 3.25  # a constant weight
+    labels[7] = 0
+    labels[11] = 0  # a reference weight, of mode 0
+    return W, refs, labels, rng
+
+
+@pytest.mark.parametrize(("name", "device"), PRESENT, ids=[f"{n}-{d}" for n, d in PRESENT])
+def test_every_kernel_fits_planted_trajectories_to_float32_rounding(name, device):
+    W, refs, labels, rng = _planted()
+    other = rng.normal(size=(2, W.shape[1]))
+    ctx = kernels.KernelContext.build(refs, [("x", 11)], {"other": other})
+    x = np.ascontiguousarray(W.T, dtype=np.float32)
+    result, stats = fitting.process_block(
+        x.copy(), [Segment("x", 0, len(W))], ctx, chunk=777, backend=name, device=device
+    )
+    bounds = kernel_bounds(W, refs, forced={11: 0})
+    assert bounds.decided.all()  # planted modes: every kernel must find them
+    np.testing.assert_array_equal(bounds.modes, labels)
+    exact = (bounds.a, bounds.b, bounds.modes)
+    assert_same_fit((result.a, result.b, result.modes), exact, bounds)
+    assert result.a[11] == 1.0 and result.b[11] == 0.0 and result.a[7] == 0.0
+    assert result.b[7] == np.float32(3.25)  # a constant weight is rebuilt exactly
+
+    sb = statistics_bounds(W, refs, result.a, result.b, result.modes, columns_per_sum=777)
+    assert_within(stats.sse_per_checkpoint, sb.sse_per_checkpoint, sb.sse_per_checkpoint_tol, "sse")
+    assert_within(
+        stats.sumsq_per_checkpoint, sb.sumsq_per_checkpoint, sb.sumsq_per_checkpoint_tol, "sumsq"
+    )
+    assert_within(stats.gram, sb.gram, sb.gram_tol, "gram")
+    assert_within(stats.mode_sse, sb.per_mode(sb.weight_sse), sb.per_mode(sb.weight_sse_tol), "m")
+    assert_within(
+        stats.mode_variance,
+        sb.per_mode(sb.weight_variance),
+        sb.per_mode(sb.weight_variance_tol),
+        "v",
+    )
+    gain, gain_tol = alternative_gain_bounds(W, other)
+    assert_within(stats.alternative_gain["other"], gain, gain_tol, "alternative gain")
+    assert stats.gram_weights == len(W) and not stats.gram_sampled
+
+
+def test_the_cpu_kernel_leaves_the_block_as_it_was_read():
+    # so that an error about NaN or Inf can name the checkpoint from the block itself
+    W, refs, _, _ = _planted()
+    ctx = kernels.KernelContext.build(refs)
+    x = np.ascontiguousarray(W.T, dtype=np.float32)
+    before = x.copy()
+    fitting.process_block(x, [Segment("x", 0, len(W))], ctx, chunk=500, backend="numpy")
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize(("name", "device"), PRESENT, ids=[f"{n}-{d}" for n, d in PRESENT])
+def test_a_sampled_gram_matrix_is_an_unbiased_estimate_with_an_honest_spread(name, device):
+    # Low-rank trajectories plus noise: the sampled Gram matrix, scaled to the run,
+    # must sit within a few of its stated spreads of the exact one.
+    rng = np.random.default_rng(0)
+    T, N = 16, 60_000
+    basis = rng.normal(size=(3, T)).cumsum(axis=1)
+    W = rng.normal(size=(N, 3)) @ basis + rng.normal(0, 0.3, (N, T)) + rng.normal(size=(N, 1))
+    refs = basis
+    exact = fitting.stream_fit(_Columns(W), refs, [], max_memory=10**9, gram=1, device=device)
+    sampled = fitting.stream_fit(_Columns(W), refs, [], max_memory=10**9, gram=4, device=device)
+    assert not exact.gram_sampled and sampled.gram_sampled
+    assert N // 5 <= sampled.gram_weights <= N // 3
+    # every other figure is exact whatever the Gram matrix's sampling: the same
+    # float32 sums over a piece's columns, in another order (Σ xc² by rows, not
+    # from the Gram matrix's diagonal)
+    W32 = W.astype(np.float32).astype(np.float64)
+    xc = W32 - W32.mean(axis=1, keepdims=True)
+    n = fitting.cpu_chunk(T) + T
+    bound = 4 * gamma(n) * ((np.abs(xc) + np.abs(W32.mean(axis=1, keepdims=True))) ** 2).sum(0)
+    assert_within(sampled.sumsq_per_checkpoint, exact.sumsq_per_checkpoint, bound, "sumsq")
+    assert_within(sampled.sse_per_checkpoint, exact.sse_per_checkpoint, bound, "sse")
+    ev_exact = exact.pca_explained_variance(4)
+    ev, spread = sampled.pca_explained_variance(4), sampled.pca_explained_variance_spread(4)
+    assert (exact.pca_explained_variance_spread(4) == 0).all()
+    assert (spread > 0).all()
+    assert (np.abs(ev - ev_exact) <= 6 * spread + 1e-6).all(), (ev, ev_exact, spread)
+    # the trace is the run's variance, estimated to about 1/√n
+    rel = abs(np.trace(sampled.gram) / np.trace(exact.gram) - 1)
+    assert rel < 5 / np.sqrt(sampled.gram_weights)
+
+
+def test_gram_stride_is_exact_for_small_runs_and_bounded_in_cost_for_large_ones():
+    assert fitting.gram_stride(10**6, 200) == 1
+    assert fitting.gram_stride(20 * 10**6, 50) == 4  # ⌈50 / 16⌉
+    big = fitting.gram_stride(5 * 10**6, 200)
+    assert 5 * 10**6 // big >= fitting.EXACT_GRAM_WEIGHTS  # never a sample below that
+    assert fitting.gram_stride(10**9, 200) == 13
+
+
+class _Columns:
+    def __init__(self, W):
+        self.W = W
+
+    sizes = property(lambda self: {"w": self.W.shape[0]})
+    n_checkpoints = property(lambda self: self.W.shape[1])
+
+    def read_block(self, segments):
+        (seg,) = segments
+        return np.ascontiguousarray(self.W[seg.start : seg.stop].T, dtype=np.float32)
+
+
+def test_every_blas_runs_on_one_thread_in_every_phase_of_a_fit():
+    from threadpoolctl import threadpool_info
+
+    from cmdcli import CMD
+
+    seen = []
+
+    class Watching(_Columns):
+        def gather(self, index):
+            seen.append(("gather", [i["num_threads"] for i in threadpool_info()]))
+            return np.concatenate([self.W[index[k]] for k in index]).astype(np.float64)
+
+        def read_block(self, segments):
+            seen.append(("block", [i["num_threads"] for i in threadpool_info()]))
+            return super().read_block(segments)
+
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(5000, 10)).cumsum(axis=1)
+    CMD(n_modes=2, workers=2, max_memory=200_000).fit(Watching(W))
+    assert {kind for kind, _ in seen} == {"gather", "block"}
+    assert all(threads and set(threads) == {1} for _, threads in seen), seen
+
+
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch):
+    from cmdcli import CMD, threads
+
+    used = {}
+    real = fitting.stream_fit
+
+    def spy(*args, **kw):
+        used["workers"] = kw["workers"]
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fitting, "stream_fit", spy)
+    monkeypatch.setattr(threads, "available_cores", lambda: 3)
+    monkeypatch.setattr("cmdcli.model.available_cores", lambda: 3)
+    W = np.random.default_rng(0).normal(size=(2000, 6)).cumsum(axis=1)
+    CMD(n_modes=2).fit(W)
+    assert used["workers"] == 3
+
+
+def test_kernel_registry_names_and_errors():
+    assert set(fitting.BACKENDS) == set(kernels.KERNELS) >= {"numpy", "torch"}
+    assert kernels.default_kernel("cpu").name == "numpy"
+    assert kernels.default_kernel("cuda").name == "torch"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernels.get_kernel("fortran")
