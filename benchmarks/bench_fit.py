@@ -521,6 +521,7 @@ def run_child(cmd: list[str], *, sample: bool = True, env: dict | None = None) -
         "start": start,
         "wall": wall,
         "max_rss": usage.ru_maxrss * 1024,  # the largest single process of the tree
+        "cpu": usage.ru_utime + usage.ru_stime,  # with the worker processes it waited for
         "stdout": stdout,
         "stderr": stderr,
     }
@@ -567,8 +568,8 @@ GAP_NAMES = {
     ("online", "return"): "write the model, rebuild, report",
 }
 NOT_SPLIT = {
-    "fit": "reading and compute overlap in worker processes; progress does not split them",
-    ("sample", "fit"): "clustering and refinement are one step to progress",
+    "fit": "reading vs compute (they overlap when --workers > 1)",
+    ("sample", "fit"): "clustering vs refinement vs lazy imports",
 }
 
 
@@ -705,6 +706,7 @@ class Scenario:
     cold: bool
     spec: RunSpec | None = None
     generated_seconds: float | None = None
+    main: bool = False  # the main run (--dense is timed on it)
 
 
 def _stats(values: list[float]) -> dict:
@@ -734,8 +736,10 @@ def measure(sc: Scenario, args: argparse.Namespace, method: str) -> dict:
     for i in range(args.repeat):
         before = read()
         resident = cold()
+        load = os.getloadavg()[0]
         fit = fit_cli(sc.run, sc.out, extra)
         fit["resident_before"] = resident
+        fit["load_before"] = load
         after = read()
         mean_read = (before["seconds"] + after["seconds"]) / 2
         pairs.append(
@@ -768,6 +772,7 @@ def measure(sc: Scenario, args: argparse.Namespace, method: str) -> dict:
             "read": _stats([p[k]["seconds"] for p in pairs for k in ("read_before", "read_after")]),
             "fit": _stats([p["fit"]["wall"] for p in pairs]),
             "ratio": _stats([p["ratio"] for p in pairs]),
+            "cpu": _stats([p["fit"]["cpu"] for p in pairs]),
             **{
                 f"peak_{k}": _stats([p["fit"]["peak"][k] for p in pairs])
                 for k in ("rss", "anon", "pss_anon", "file")
@@ -775,6 +780,17 @@ def measure(sc: Scenario, args: argparse.Namespace, method: str) -> dict:
             "max_rss": _stats([p["fit"]["max_rss"] for p in pairs]),
         },
     }
+    if args.dense and sc.main:
+        cold()
+        d = run_child([sys.executable, str(HERE / "dense_fit.py"), str(sc.run)])
+        result["dense"] = {
+            "wall": d["wall"],
+            "cpu": d["cpu"],
+            "max_rss": d["max_rss"],
+            "peak": d["peak"],
+            "explained_variance": float(d["stdout"]),
+            "ratio": d["wall"] / result["summary"]["read"]["median"],
+        }
     if args.phases:
         before = read()
         resident = cold()
@@ -826,6 +842,8 @@ def print_scenario(res: dict) -> None:
         "cmd fit",
         "read after",
         "ratio",
+        "CPU",
+        "load",
         "cached",
         "max RSS",
         "Σ RSS",
@@ -844,6 +862,8 @@ def print_scenario(res: dict) -> None:
                 f"{f['wall']:.2f} s",
                 f"{p['read_after']['seconds']:.2f} s",
                 f"{p['ratio']:.1f}×",
+                f"{f['cpu']:.1f} s",
+                f"{f['load_before']:.1f}",
                 _pct(f["resident_before"]),
                 _gib(f["max_rss"]),
                 _gib(f["peak"]["rss"]),
@@ -863,6 +883,8 @@ def print_scenario(res: dict) -> None:
                     f"{s['fit'][stat]:.2f} s",
                     "",
                     f"{s['ratio'][stat]:.1f}×",
+                    f"{s['cpu'][stat]:.1f} s",
+                    "",
                     "",
                     _gib(s["max_rss"][stat]),
                     _gib(s["peak_rss"][stat]),
@@ -874,6 +896,13 @@ def print_scenario(res: dict) -> None:
             )
     print(table(rows, header))
     print("  memory in GiB; Σ: summed over the fit's process tree (see benchmarks/README.md)")
+    d = res.get("dense")
+    if d:
+        print(
+            f"  dense in-memory fit (benchmarks/dense_fit.py): {d['wall']:.2f} s "
+            f"= {d['ratio']:.1f}× the median read, CPU {d['cpu']:.1f} s, "
+            f"peak RSS {_gib(d['max_rss'])} GiB, EV {d['explained_variance']:.5f}"
+        )
     ph = res.get("phases")
     if not ph:
         return
@@ -1015,6 +1044,11 @@ def main() -> None:
         "--no-imports", dest="imports", action="store_false", help="skip timing the imports"
     )
     m.add_argument("--keep-out", action="store_true", help="keep the fits' output directories")
+    m.add_argument(
+        "--dense",
+        action="store_true",
+        help="also time benchmarks/dense_fit.py on the main run (small runs: 8·N·T bytes)",
+    )
     m.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = p.parse_args()
     if args.repeat < 1:
@@ -1034,7 +1068,8 @@ def main() -> None:
     if args.main:
         if args.run:
             name = args.run.name
-            scenarios.append(Scenario(name, args.run, args.dir / f"{name}-out", args.cold))
+            out = args.dir / f"{name}-out"
+            scenarios.append(Scenario(name, args.run, out, args.cold, main=True))
         else:
             spec = RunSpec(int(args.weights), args.checkpoints, args.dtype, **common)
             specs.append(("main", spec, args.cold))
@@ -1052,7 +1087,7 @@ def main() -> None:
             continue  # the sweep's T = 50 is the main run
         seen.add(spec.key)
         run, gen = ensure_run(spec, args.dir)
-        scenarios.append(Scenario(name, run, run.parent / "out", cold, spec, gen))
+        scenarios.append(Scenario(name, run, run.parent / "out", cold, spec, gen, name == "main"))
     if not scenarios:
         p.error("nothing to measure (--no-main without --sweep or --large)")
 
