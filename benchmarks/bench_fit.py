@@ -616,7 +616,7 @@ def fit_phases(run: Path, out: Path, extra: list[str], scratch: Path) -> dict:
             "where the wrapper can see it"
         )
     data = json.loads(events.read_text())
-    # first_seen holds times; modules loaded before the script's clock started have None
+    events.unlink()
     end = r["start"] + r["wall"]
     return {
         "wall": r["wall"],
