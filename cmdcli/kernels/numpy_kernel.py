@@ -153,12 +153,14 @@ def _columns(
     # 6. The error, in place: w − ŵ = (xc − fix) − a·rc_mode + δ, with
     # δ = x̄ − a·r̄ − b what storing a and b in float32 leaves over.
     delta = x_mean - a.astype(f64) * r_mean - b.astype(f64)
-    coef = np.zeros((n_modes + 1, width), f32)
-    coef[modes, cols] = a
-    coef[n_modes] = fix64 - delta
     # Subnormal float32 factors (a δ of 1e-40, say) slow the product tenfold on
     # x86; they are taken as 0 (a change below 1.2e-38 per value).
-    coef[np.abs(coef) < TINY] = 0.0
+    shift = (fix64 - delta).astype(f32)
+    shift[np.abs(shift) < TINY] = 0.0
+    a_ftz = np.where(np.abs(a) < TINY, f32(0), a)
+    coef = np.zeros((n_modes + 1, width), f32)
+    coef[modes, cols] = a_ftz
+    coef[n_modes] = shift
     err = _sgemm()(-1.0, coef.T, ctx.rc_ones.T, beta=1.0, c=xc.T, overwrite_c=1)
     if not np.shares_memory(err, xc):  # a BLAS wrapper that copied: take its result
         xc[...] = err.T
