@@ -64,6 +64,13 @@ def _sgemm():
     return sgemm
 
 
+def _ssyrk():
+    # numpy's x @ x.T calls syrk too, but with a copy and a symmetrising pass
+    from scipy.linalg.blas import ssyrk
+
+    return ssyrk
+
+
 class NumpyKernel:
     name = "numpy"
 
@@ -183,28 +190,28 @@ def _gram(xc: np.ndarray, fix: np.ndarray, c0: int, stride: int, acc: BlockSums)
         acc.gram_weights += width
         return
     # Σ_i (xc_it − fix_i)² exactly, then the Gram matrix of a sample: the first
-    # 1/stride of the piece's columns (contiguous, no copy), in GRAM_GROUPS parts.
+    # 1/stride of the piece's columns (contiguous, no copy), counted in the part
+    # GRAM_GROUPS cycles through piece by piece.
     acc.sq_t += (
         np.einsum("tb,tb->t", xc, xc).astype(f64)
         - 2 * np.dot(xc, fix).astype(f64)
         + float(np.dot(fix.astype(f64), fix.astype(f64)))
     )
     n = -(-width // stride)
-    edges = np.linspace(0, n, GRAM_GROUPS + 1).astype(int)
-    for k in range(GRAM_GROUPS):
-        lo, hi = edges[k], edges[k + 1]
-        if hi > lo:
-            g = _centred_gram(xc[:, lo:hi], fix[lo:hi])
-            acc.gram += g
-            acc.gram_groups[k] += g
-            acc.gram_group_weights[k] += hi - lo
+    g = _centred_gram(xc[:, :n], fix[:n])
+    group = (c0 // cpu_chunk(xc.shape[0])) % GRAM_GROUPS
+    acc.gram += g
+    acc.gram_groups[group] += g
+    acc.gram_group_weights[group] += n
     acc.gram_weights += n
 
 
 def _centred_gram(part: np.ndarray, fix: np.ndarray) -> np.ndarray:
     """Σ_i (p_i − fix_i)(p_i − fix_i)ᵀ over the columns of ``part``, in float64."""
     f64 = np.float64
-    g = (part @ part.T).astype(f64)  # numpy sees x·xᵀ and does half the work (syrk)
+    # the upper triangle of part·partᵀ (syrk: half the work of a product), mirrored
+    upper = _ssyrk()(1.0, part.T, trans=1).astype(f64)
+    g = np.triu(upper) + np.triu(upper, 1).T
     v = np.dot(part, fix).astype(f64)
     g -= v[:, None]
     g -= v[None, :]
