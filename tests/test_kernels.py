@@ -190,3 +190,24 @@ def test_kernel_registry_names_and_errors():
     assert kernels.default_kernel("cuda").name == "torch"
     with pytest.raises(ValueError, match="unknown kernel"):
         kernels.get_kernel("fortran")
+
+
+def _cuda() -> bool:
+    kernel = kernels.KERNELS["torch"]
+    return kernel.available("cuda")
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device")
+def test_a_fit_on_the_gpu_equals_the_fit_on_the_cpu_to_float32_rounding():
+    from cmdcli import CMD
+
+    W, refs, _, _ = _planted(T=20, B=20_000)
+    cpu = CMD(n_modes=4, seed=0).fit(W)
+    gpu = CMD(n_modes=4, seed=0, device="cuda").fit(W)
+    np.testing.assert_array_equal(cpu.references_, gpu.references_)  # pass 1 is the CPU's
+    bounds = kernel_bounds(W, cpu.references_)
+    assert_same_fit((cpu.a_, cpu.b_, cpu.modes_), (gpu.a_, gpu.b_, gpu.modes_), bounds)
+    # each fit's explained variance is that of its own stored coefficients, whole
+    # blocks summed at once on the GPU
+    sb = statistics_bounds(W, gpu.references_, gpu.a_, gpu.b_, gpu.modes_, columns_per_sum=len(W))
+    assert_within(gpu.explained_variance_, sb.explained_variance, sb.explained_variance_tol, "EV")
