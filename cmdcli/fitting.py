@@ -958,8 +958,10 @@ def stream_fit(
 
 
 # Runs up to this many weights get the exact Gram matrix whatever T.
-EXACT_GRAM_WEIGHTS = 2**20
-# Beyond it, the sample keeps the Gram matrix's cost near that of this many
+EXACT_GRAM_WEIGHTS = 2**22
+# A sampled Gram matrix is summed over at least this many weights.
+MIN_GRAM_SAMPLE = 2**20
+# Beyond that, the sample keeps the Gram matrix's cost near that of this many
 # multiply–adds per value (T/2 for the exact matrix).
 GRAM_MULADDS_PER_VALUE = 8
 
@@ -967,13 +969,13 @@ GRAM_MULADDS_PER_VALUE = 8
 def gram_stride(n_weights: int, n_checkpoints: int) -> int:
     """The Gram matrix's sampling stride for a run of this size (1: exact).
 
-    Exact up to ``EXACT_GRAM_WEIGHTS`` weights; beyond, every s-th weight with
+    Exact up to ``EXACT_GRAM_WEIGHTS`` weights; beyond, one weight in s with
     s = ⌈T / (2·GRAM_MULADDS_PER_VALUE)⌉, but never fewer than
-    ``EXACT_GRAM_WEIGHTS`` weights in the sample (at that size the figures drawn
-    from it vary by about 10⁻⁴ between samples; the report states the spread).
+    ``MIN_GRAM_SAMPLE`` weights in the sample (the report states the standard
+    error of every figure drawn from it).
     """
     if n_weights <= EXACT_GRAM_WEIGHTS:
         return 1
     by_cost = math.ceil(n_checkpoints / (2 * GRAM_MULADDS_PER_VALUE))
-    by_size = max(n_weights // EXACT_GRAM_WEIGHTS, 1)
+    by_size = max(n_weights // MIN_GRAM_SAMPLE, 1)
     return max(1, min(by_cost, by_size))
