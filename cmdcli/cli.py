@@ -250,6 +250,9 @@ ShardSize = Annotated[
         "cmd fit runs/lightning --out lightning-cmd --reconstruct last --native",
         "cmd fit runs/big --out big-cmd --max-memory 4GiB --dry-run",
         "cmd fit /shared/runs/big --out /shared/big-cmd --scheduler tcp://10.0.0.5:8786",
+        "cmd fit runs/my-run --out my-run-cmd --baselines pca:2,dmd:4,lawa:5,ema:0.999,swa:0.5,"
+        "uniform,last \\",
+        "    --reconstruct-baselines last",
     )
 )
 def fit(
@@ -316,6 +319,27 @@ def fit(
             help="Checkpoints to rebuild: last, all, none, or steps like 100,200.", metavar="WHICH"
         ),
     ] = "last",
+    compared: Annotated[
+        str,
+        typer.Option(
+            "--baselines",
+            help="Models of the run compared with CMD in the report, fitted from the same "
+            "pass: pca:K (mean + K principal directions, DLDR), dmd:R (exact DMD of rank R), "
+            "ema:DECAY, swa:FRACTION|STEP (mean from 0.5 of the run, or from step 1000), "
+            "lawa:K (mean of the K last), uniform, last; comma-separated, 'default' (PCA and "
+            "DMD at CMD's storage, 2× and 4×, ema:0.9, swa:0.5, lawa:5, uniform, last) or none.",
+            metavar="SPECS",
+        ),
+    ] = "default",
+    reconstruct_baselines: Annotated[
+        str,
+        typer.Option(
+            help="Checkpoints the baselines rebuild, into OUT/baselines/<model>/ (one more "
+            "pass over the run): last, all, none, or steps like 100,200; an average is one "
+            "set of weights, written once under the last checkpoint's name.",
+            metavar="WHICH",
+        ),
+    ] = "none",
     max_memory: Annotated[
         str,
         typer.Option(
@@ -383,7 +407,9 @@ def fit(
     """Fit a CMD model to the checkpoints in RUN_DIR.
 
     Writes OUT/cmd.safetensors (the model), OUT/reconstructed/ (rebuilt
-    checkpoints, loadable like the originals), OUT/report.json and OUT/report.md.
+    checkpoints, loadable like the originals), OUT/report.json and OUT/report.md,
+    which compare CMD with PCA, DMD and weight averages of the same checkpoints
+    (--baselines) at their storage.
     """
     with _errors():
         from .api import FitOptions, fit_run, parse_memory
@@ -410,6 +436,8 @@ def fit(
             online=online,
             warmup=warmup,
             shard_size=_shard_size(shard_size),
+            baselines=compared,
+            reconstruct_baselines=reconstruct_baselines,
         )
         target = out_dir or Path(f"{run_dir.resolve().name}-cmd")
         if dry_run:
@@ -551,6 +579,38 @@ def _print_fit_summary(report: dict) -> None:
         ["output", _line(report["out"])],
     ]
     _key_values("CMD fit", rows)
+    _print_models(report)
+
+
+def _print_models(report: dict) -> None:
+    """The compact models of the run side by side (CMD and the baselines)."""
+    models = report.get("models") or []
+    if len(models) < 2:
+        return
+    columns = [
+        Column("model", name=True),
+        Column("storage", justify="right"),
+        Column("×", justify="right"),
+        Column("explained\nvariance", justify="right"),
+        Column("relative\nerror", justify="right"),
+        Column("error at\nthe last", justify="right"),
+    ]
+    rows = [
+        [
+            r["model"],
+            _size(r["storage_bytes"]),
+            f"{r['storage_ratio']:.1f}" if r["storage_ratio"] is not None else "–",
+            _fmt_or_dash(r["explained_variance"]),
+            _fmt_or_dash(r["relative_error"], 6),
+            _fmt_or_dash(r["final_relative_error"], 6),
+        ]
+        for r in models
+    ]
+    print_table(out, columns, rows, title="Compact models of the run (same checkpoints)")
+
+
+def _fmt_or_dash(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None else _fmt(x, digits)
 
 
 # --------------------------------------------------------------------------- reconstruct
