@@ -64,6 +64,7 @@ _TASK_LABELS = {
     "reconstruct": "Writing reconstructions",
     "evaluate": "Scoring original and CMD weights",
     "baselines": "Scoring EMA, SWA and last",
+    "models": "Scoring the compact models (PCA, DMD, averages)",
     "landscape": "Scoring the landscape grid",
     "plots": "Drawing plots",
 }
@@ -689,6 +690,8 @@ EvalFn = Annotated[
         "cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate",
         "cmd evaluate resnet-cmd --eval-fn eval.py:score --checkpoints last \\",
         "    --ema-decay 0.95 --swa-start 30000",
+        "cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate --checkpoints last \\",
+        "    --models pca:1,pca:4,dmd:2,lawa:5,uniform",
     )
 )
 def evaluate(
@@ -710,6 +713,24 @@ def evaluate(
             metavar="STEP",
         ),
     ] = None,
+    models: Annotated[
+        str,
+        typer.Option(
+            "--models",
+            help="Compact models scored beside CMD, each rebuilt from the same read of the run "
+            "(one float64 copy of the weights each): fit (those `cmd fit --baselines` "
+            "compared), none, or specs like pca:2,dmd:4,lawa:5,ema:0.99,swa:0.5,uniform,last.",
+            metavar="SPECS",
+        ),
+    ] = "fit",
+    models_at: Annotated[
+        str,
+        typer.Option(
+            help="The checkpoint PCA, DMD and CMD rebuild for --models: last or a step "
+            "(averages are one set of weights, scored as the last).",
+            metavar="STEP",
+        ),
+    ] = "last",
     run: RunOverride = None,
     trust_pickle: TrustPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -718,7 +739,9 @@ def evaluate(
     """Score original and CMD-rebuilt weights with your own function.
 
     Also scores the baselines a user compares with: the last checkpoint, an EMA
-    and an SWA average of the checkpoints. Writes OUT/evaluation.json.
+    and an SWA average of the checkpoints, and every compact model of the run
+    (PCA, DMD, averages) beside CMD, all in one read of the run. Writes
+    OUT/evaluation.json.
     """
     with _errors():
         from .evaluate import evaluate_fit
@@ -733,6 +756,8 @@ def evaluate(
                 progress=progress,
                 run=run,
                 trust_pickle=trust_pickle,
+                models=models,
+                models_at=models_at,
             )
     for note in result.get("notices", []):
         err.print(f"note: {_line(note)}", markup=False)
@@ -770,6 +795,24 @@ def _print_evaluation(result: dict) -> None:
             cells += [_fmt(base["metrics"][n]), ""]
         footer.append(cells)
     print_table(out, columns, rows, title="Evaluation", footer=footer, key_columns=2)
+    models = result.get("models") or []
+    if models:
+        columns = [
+            Column("model", name=True),
+            Column("rebuilt as", justify="right"),
+            Column("storage", justify="right"),
+        ]
+        columns += [Column(n, justify="right") for n in names]
+        rows = [
+            [
+                r["model"],
+                f"step {r['checkpoint']['step']}",
+                "–" if r["storage_bytes"] is None else _size(r["storage_bytes"]),
+                *(_fmt_or_dash(r["metrics"].get(n)) for n in names),
+            ]
+            for r in models
+        ]
+        print_table(out, columns, rows, title="Compact models of the run")
 
 
 # --------------------------------------------------------------------------- plot

@@ -424,3 +424,93 @@ def test_statistics_file_is_checked(fitted, tmp_path):
     path.write_bytes(b"\0" * (10 * 2**20))
     with pytest.raises(InputError, match="more than"):
         baselines.read_statistics(path, steps)
+
+
+# --------------------------------------------------------------------------- cmd evaluate
+
+EVAL_SOURCE = """
+import torch
+
+def evaluate(state_dict):
+    return {
+        "sum": float(state_dict["enc.weight"].double().sum()),
+        "energy": float((state_dict["head.weight"].double() ** 2).sum()),
+    }
+"""
+
+
+def metrics_of(values: np.ndarray) -> dict[str, float]:
+    """The function above on flat float32 weights, and the bound on each metric for
+    weights within one float32 rounding of these (|Δx| ≤ 2⁻²³·|x|)."""
+    n_enc = int(np.prod(SHAPES["enc.weight"]))
+    head = values[-int(np.prod(SHAPES["head.weight"])) :].astype(np.float64)
+    enc = values[:n_enc].astype(np.float64)
+    eps = 2 * U32
+    return {
+        "sum": (float(enc.sum()), eps * float(np.abs(enc).sum()) + 1e-12),
+        "energy": (float((head**2).sum()), 2 * eps * float((head**2).sum()) * 1.01 + 1e-12),
+    }
+
+
+def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
+    from cmdcli import evaluate as ev
+
+    out, x, report = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    reads = []
+    original = ev.original_state_dict
+
+    def counted(model, t, **kw):
+        reads.append(t)
+        return original(model, t, **kw)
+
+    monkeypatch.setattr(ev, "original_state_dict", counted)
+    result = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", models_at="500")
+    assert reads == list(range(len(STEPS)))  # every checkpoint read once, in order
+    names = [r["model"] for r in result["models"]]
+    assert names == [m["model"] for m in report["models"]]
+    with safe_open(str(out / "cmd.safetensors"), "numpy") as f:
+        steps = f.get_tensor("steps").tolist()
+    gram = baselines.read_statistics(out / "statistics.safetensors", steps)
+    x64 = x.astype(np.float64)
+    for row in result["models"][1:]:
+        model = baselines.fit_model(gram, parse_specs(row["model"])[0])
+        t = len(STEPS) - 1 if model.final_only else STEPS.index(500)
+        assert row["checkpoint"]["step"] == STEPS[t]
+        assert row["storage_bytes"] == model.storage_bytes
+        want = (x64 @ model.coefficients[:, t]).astype(np.float32)
+        for key, (value, tol) in metrics_of(want).items():
+            assert_within(row["metrics"][key], value, tol, f"{row['model']} {key}")
+    cmd_row = result["models"][0]
+    rebuilt = ev.cmd_state_dict(ev._load_model(out), STEPS.index(500))
+    assert cmd_row["metrics"]["sum"] == float(rebuilt["enc.weight"].double().sum())
+    stored = json.loads((out / "evaluation.json").read_text())
+    assert [r["model"] for r in stored["models"]] == names
+
+    none = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", models="none")
+    assert none["models"] == []
+    chosen = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", models="lawa:2,dmd:2")
+    assert [r["model"] for r in chosen["models"]] == ["cmd", "lawa:2", "dmd:2"]
+    (out / "statistics.safetensors").unlink()
+    with pytest.raises(InputError, match="pca:2 is fitted from the run's Gram"):
+        ev.evaluate_fit(out, f"{fn}:evaluate", models="pca:2")
+    # averages need no Gram matrices
+    alone = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", models="uniform")
+    assert [r["model"] for r in alone["models"]] == ["cmd", "uniform"]
+    want = x64.mean(axis=1).astype(np.float32)
+    for key, (value, tol) in metrics_of(want).items():
+        assert_within(alone["models"][1]["metrics"][key], value, tol, f"uniform {key}")
+    with pytest.raises(InputError, match="--models: unknown model"):
+        ev.evaluate_fit(out, f"{fn}:evaluate", models="pcaa:2")
+
+
+def test_evaluate_cli_prints_the_models(fitted, tmp_path):
+    out, _, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    result = cmd("evaluate", out, "--eval-fn", f"{fn}:evaluate", "--checkpoints", "last")
+    assert result.exit_code == 0, result.stderr
+    assert "Compact models of the run" in result.stdout and "dmd:3" in result.stdout
+    bad = cmd("evaluate", out, "--eval-fn", f"{fn}:evaluate", "--models-at", "555")
+    assert bad.exit_code == 2 and "--models-at: step 555" in bad.stderr
