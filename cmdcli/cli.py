@@ -820,10 +820,13 @@ def _print_evaluation(result: dict) -> None:
 
 @app.command(
     epilog="Kinds: correlation, trajectories, error, modes, accuracy (needs `cmd evaluate`), "
-    "landscape (needs --eval-fn, or an earlier landscape.json), all.\n\n"
+    "landscape (needs --eval-fn, or an earlier landscape.json), tradeoff (storage against "
+    "explained variance, and against your metric after `cmd evaluate`, of CMD and every "
+    "baseline), all.\n\n"
     + _examples(
         "cmd plot correlation my-run-cmd",
         "cmd plot all my-run-cmd --format svg",
+        "cmd plot tradeoff my-run-cmd",
         "cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate --grid 15 --span 0.5",
     )
 )

@@ -514,3 +514,81 @@ def test_evaluate_cli_prints_the_models(fitted, tmp_path):
     assert "Compact models of the run" in result.stdout and "dmd:3" in result.stdout
     bad = cmd("evaluate", out, "--eval-fn", f"{fn}:evaluate", "--models-at", "555")
     assert bad.exit_code == 2 and "--models-at: step 555" in bad.stderr
+
+
+# --------------------------------------------------------------------------- tradeoff figure
+
+
+def _points(ax) -> dict[str, list[tuple[float, float]]]:
+    """Points of each model kind drawn in ``ax`` (by the artists' gid)."""
+    out = {}
+    for line in ax.get_lines():
+        gid = line.get_gid() or ""
+        if gid.startswith("models-"):
+            out[gid.removeprefix("models-")] = list(zip(line.get_xdata(), line.get_ydata()))
+    return out
+
+
+def test_tradeoff_figure_has_every_model_and_labelled_axes(fitted, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cmdcli import plots
+    from cmdcli.evaluate import evaluate_fit
+
+    out, _, report = fitted
+    model = plots._load_model(out)
+    fig = plots.tradeoff_figure(model, out / "report.json")
+    try:
+        (ax,) = fig.axes
+        drawn = _points(ax)
+        notes = {t.get_text().rsplit(": ", 1)[0] for t in ax.texts}
+        for row in report["models"]:
+            kind, ev = row["kind"], row["explained_variance"]
+            # a point at its storage and explained variance, or, below the axis' floor,
+            # on the floor with its value written beside it
+            assert any(
+                np.isclose(x, row["storage_bytes"])
+                and (np.isclose(y, ev, atol=1e-9) or (y > ev and row["model"] in notes))
+                for x, y in drawn[kind]
+            ), row["model"]
+        assert ax.get_xscale() == "log"
+        assert ax.get_xlabel() == "storage (bytes, log scale)"
+        assert ax.get_ylabel() == "explained variance of the run"
+        labels = fig.legends[0].get_texts()
+        assert {"CMD", "PCA, k components", "exact DMD, rank r"} <= {t.get_text() for t in labels}
+    finally:
+        del fig  # a Figure made without pyplot: nothing registered to close
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    result = evaluate_fit(out, f"{fn}:evaluate", checkpoints="last")
+    fig = plots.tradeoff_figure(model, out / "report.json", out / "evaluation.json")
+    ax_ev, ax_sum, ax_energy = fig.axes
+    assert ax_sum.get_ylabel() == "sum (higher is better)"
+    assert ax_energy.get_ylabel() == "energy (higher is better)"
+    drawn = _points(ax_sum)
+    for row in result["models"]:
+        kind = row["model"].split(":")[0]
+        assert any(
+            np.isclose(x, row["storage_bytes"]) and np.isclose(y, row["metrics"]["sum"])
+            for x, y in drawn[kind]
+        ), row["model"]
+    path = plots.save_plot("tradeoff", out)
+    assert path == out / "plots" / "tradeoff.png" and path.stat().st_size > 0
+    from cmdcli.html_report import build_html
+
+    page = build_html(out).read_text()
+    assert "Every compact model of the run" in page and "<code>dmd:3</code>" in page
+    assert "Tradeoff" in page  # the figure is embedded
+
+
+def test_no_tradeoff_without_baselines(tmp_path):
+    from cmdcli import plots
+
+    run, _ = write_run(tmp_path)
+    out = tmp_path / "o"
+    assert cmd("fit", run, "-o", out, "-m", "2", "-q", "--baselines", "none").exit_code == 0
+    assert "tradeoff" not in plots.available_kinds(out)
+    assert "--baselines" in dict(plots.skipped_kinds(out))["tradeoff"]
+    with pytest.raises(InputError, match="no baselines to compare CMD with"):
+        plots.tradeoff_figure(plots._load_model(out), out / "report.json")
