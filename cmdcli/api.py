@@ -971,6 +971,8 @@ def plan_fit(
         "workers": int(workers),
         "scheduler": opts.scheduler,
         "reconstruct_steps": [ckpts[t].step for t in rebuild],
+        "baselines": opts.baselines,
+        "baseline_reconstruct_steps": [ckpts[t].step for t in _baseline_inputs(opts, ckpts)[1]],
         "skipped": [{"name": n, "reason": r} for n, r in run.skipped],
         "notices": list(run.notices),
     }
@@ -1003,6 +1005,10 @@ def plan_fit(
         pass1_bytes=int((n_ckpt - n_legacy) * (sampled_bytes + extras_read) + sum(legacy_bytes)),
         pass1_bytes_is_estimate=True,
         pass2_bytes=int(n_ckpt * modelled_bytes),
+        # --reconstruct-baselines: one more pass reading every modelled byte again
+        baselines_pass_bytes=int(n_ckpt * modelled_bytes)
+        if plan["baseline_reconstruct_steps"]
+        else 0,
         spool_bytes=int(n_legacy * modelled_bytes),
         block_weights=max(widths),
         n_blocks=len(widths),

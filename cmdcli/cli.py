@@ -502,6 +502,13 @@ def _print_plan(plan: dict) -> None:
             ]
         )
         rows.append(["pass 2 reads", f"{_size(plan['pass2_bytes'])} (every modelled byte once)"])
+        if plan.get("baselines_pass_bytes"):
+            rows.append(
+                [
+                    "baselines' pass reads",
+                    f"{_size(plan['baselines_pass_bytes'])} (--reconstruct-baselines)",
+                ]
+            )
         if plan["spool_bytes"]:
             rows.append(["temporary copies", f"{_size(plan['spool_bytes'])} of legacy pickles"])
         where = f"on {plan['scheduler']}" if plan["scheduler"] else "local"

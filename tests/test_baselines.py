@@ -592,3 +592,46 @@ def test_no_tradeoff_without_baselines(tmp_path):
     assert "--baselines" in dict(plots.skipped_kinds(out))["tradeoff"]
     with pytest.raises(InputError, match="no baselines to compare CMD with"):
         plots.tradeoff_figure(plots._load_model(out), out / "report.json")
+
+
+# --------------------------------------------------------------------------- streaming rebuild
+
+
+class _Source:
+    """A TrajectorySource over an in-memory (N, T) array; blocks alternate between torch
+    tensors and numpy arrays (both are accepted), and each block read is counted."""
+
+    def __init__(self, x: np.ndarray, sizes: dict[str, int]) -> None:
+        self.x, self._sizes, self.widths = x, sizes, []
+        self.offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1]))
+
+    @property
+    def sizes(self):
+        return self._sizes
+
+    @property
+    def n_checkpoints(self):
+        return self.x.shape[1]
+
+    def read_block(self, segments):
+        cols = [
+            self.x[self.offsets[s.tensor] + s.start : self.offsets[s.tensor] + s.stop]
+            for s in segments
+        ]
+        block = np.ascontiguousarray(np.concatenate(cols).T, dtype=np.float32)
+        self.widths.append(block.shape[1])
+        return block if len(self.widths) % 2 else torch.from_numpy(block)
+
+
+def test_streaming_rebuild_is_x_times_c_block_by_block(tmp_path):
+    sizes = {"a": 3000, "b": 17, "c": 5000}
+    x = planted(sum(sizes.values()), 9, seed=5).astype(np.float32)
+    columns = np.random.default_rng(6).normal(size=(9, 4))
+    source = _Source(x, sizes)
+    budget = 1024 * (4 * 9 + 96)  # the smallest block plan_blocks makes: 1024 weights
+    got = baselines.rebuild_columns(source, columns, tmp_path / "y.npy", max_memory=budget)
+    assert len(source.widths) > 5 and max(source.widths) <= 1024  # memory of one small block
+    x64 = x.astype(np.float64)
+    want = (x64 @ columns).T
+    bound = gamma(9, U64) * (np.abs(columns).T @ np.abs(x64).T) + U32 * np.abs(want)
+    assert_within(np.asarray(got), want, bound, "X·C")
