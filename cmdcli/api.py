@@ -779,26 +779,27 @@ def _write_baseline_reconstructions(
     columns = np.stack([m.coefficients[:, t] for m, t in outputs], axis=1)
     spool = root / ".spool-baselines"
     spool.mkdir(exist_ok=True)
-    values = baselines.rebuild_columns(
-        source, columns, spool / "baselines.npy", max_memory=opts.max_memory, progress=progress
-    )
-    drop = getattr(source, "drop_buffers", None)
-    if drop is not None:
-        drop()
+    try:
+        values = baselines.rebuild_columns(
+            source, columns, spool / "baselines.f32", max_memory=opts.max_memory, progress=progress
+        )
+    finally:
+        drop = getattr(source, "drop_buffers", None)
+        if drop is not None:
+            drop()
     names = layout.output_names(ckpts, sharded=opts.shard_size is not None, native=opts.native)
     specs = _specs_from_metadata(model)
     offsets = dict(zip(model.tensor_sizes_, np.cumsum([0, *model.tensor_sizes_.values()])[:-1]))
     written: dict[str, list[dict]] = {}
     try:
         for k, (m, t) in enumerate(outputs):
-            row = values[k]
 
-            def rebuilt(name: str, dtype: torch.dtype, row=row, m=m) -> Iterator:
+            def rebuilt(name: str, dtype: torch.dtype, k=k, m=m) -> Iterator:
                 start = int(offsets[name])
                 size = specs[name].numel
                 for a in range(0, size, _RECONSTRUCT_CHUNK):
                     b = min(size, a + _RECONSTRUCT_CHUNK)
-                    piece = torch.from_numpy(np.array(row[start + a : start + b]))
+                    piece = torch.from_numpy(values.read(k, start + a, start + b))
                     _check_rebuilt(piece, name, dtype, m.name)
                     yield a, piece.to(dtype)
 
@@ -822,7 +823,7 @@ def _write_baseline_reconstructions(
                 {"name": ckpt.name, "step": ckpt.step, "path": rel}
             )
     finally:
-        del values
+        values.close()
         shutil.rmtree(spool, ignore_errors=True)
     return written
 

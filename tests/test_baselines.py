@@ -629,9 +629,11 @@ def test_streaming_rebuild_is_x_times_c_block_by_block(tmp_path):
     columns = np.random.default_rng(6).normal(size=(9, 4))
     source = _Source(x, sizes)
     budget = 1024 * (4 * 9 + 96)  # the smallest block plan_blocks makes: 1024 weights
-    got = baselines.rebuild_columns(source, columns, tmp_path / "y.npy", max_memory=budget)
+    with baselines.rebuild_columns(source, columns, tmp_path / "y", max_memory=budget) as out:
+        got = out.read_all()
+        assert np.array_equal(out.read(2, 2999, 3020), got[2, 2999:3020])
     assert len(source.widths) > 5 and max(source.widths) <= 1024  # memory of one small block
     x64 = x.astype(np.float64)
     want = (x64 @ columns).T
     bound = gamma(9, U64) * (np.abs(columns).T @ np.abs(x64).T) + U32 * np.abs(want)
-    assert_within(np.asarray(got), want, bound, "X·C")
+    assert_within(got, want, bound, "X·C")

@@ -9,7 +9,7 @@ a :class:`Baseline`.
 from __future__ import annotations
 
 from . import averages, dmd, pca  # noqa: F401  (each registers its entries)
-from .rebuild import rebuild_columns
+from .rebuild import RebuiltColumns, rebuild_columns
 from .registry import (
     REGISTRY,
     Baseline,
@@ -29,6 +29,7 @@ __all__ = [
     "REGISTRY",
     "Baseline",
     "LinearModel",
+    "RebuiltColumns",
     "RunGram",
     "Spec",
     "check_specs",
