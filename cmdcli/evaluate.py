@@ -417,9 +417,17 @@ class _Combinations:
     """
 
     def __init__(self, vectors: dict[str, np.ndarray], modelled: Sequence[str]) -> None:
-        self.vectors = vectors
+        # Equal combinations (the EMA baseline and ema:0.9, say) share one sum.
+        self.alias: dict[str, str] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        for key, c in vectors.items():
+            same = next((k for k, v in self.vectors.items() if np.array_equal(v, c)), None)
+            self.alias[key] = same or key
+            if same is None:
+                self.vectors[key] = np.asarray(c, dtype=np.float64)
+        self.users = {k: sum(1 for a in self.alias.values() if a == k) for k in self.vectors}
         self.modelled = list(modelled)
-        self.sums: dict[str, dict[str, torch.Tensor]] = {key: {} for key in vectors}
+        self.sums: dict[str, dict[str, torch.Tensor]] = {key: {} for key in self.vectors}
         self.kept: dict[int, StateDict] = {}
 
     def add(self, sd: StateDict, t: int, *, keep: bool = False) -> None:
@@ -439,11 +447,15 @@ class _Combinations:
     def state(self, key: str, t: int) -> StateDict:
         """Combination ``key`` as checkpoint ``t``: each tensor in that checkpoint's dtype."""
         base = self.kept[t]
-        sums = self.sums[key]
+        sums = self.sums[self.alias[key]]
         return {n: sums[n].to(v.dtype) if n in sums else v for n, v in base.items()}
 
     def drop(self, key: str) -> None:
-        self.sums.pop(key, None)
+        """Free a combination's sum once every key sharing it has been scored."""
+        shared = self.alias[key]
+        self.users[shared] -= 1
+        if self.users[shared] == 0:
+            self.sums.pop(shared, None)
 
 
 def _model_vectors(
