@@ -39,7 +39,6 @@ __all__ = [
     "read_statistics",
     "rebuild_columns",
     "register",
-    "resolve_specs",
     "squared_errors",
     "write_statistics",
 ]
@@ -77,12 +76,3 @@ def default_specs(n_checkpoints: int, n_weights: int, cmd_bytes: int) -> list[Sp
         Spec("last"),
     ]
     return specs
-
-
-def resolve_specs(
-    text: str, n_checkpoints: int, n_weights: int, cmd_bytes: int, *, option: str = "--baselines"
-) -> list[Spec]:
-    """``--baselines`` as given (``default`` expanded for this run)."""
-    if text.strip().lower() == DEFAULT:
-        return default_specs(n_checkpoints, n_weights, cmd_bytes)
-    return parse_specs(text, option=option)
