@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, fitting
+from . import __version__, baselines, fitting
 from .distributed import cluster
 from .dtypes import CODE_DTYPES, DTYPE_CODES
 from .errors import CheckpointError, InputError
@@ -30,7 +30,14 @@ from .fitting import Progress, Segment
 from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
 from .io.jsonio import dumps, non_finite_paths
 from .io.modelfile import CheckpointRecord
-from .io.names import MODEL_FILE, RECONSTRUCTED_DIR, REPORT_JSON, REPORT_MD
+from .io.names import (
+    BASELINES_DIR,
+    MODEL_FILE,
+    RECONSTRUCTED_DIR,
+    REPORT_JSON,
+    REPORT_MD,
+    STATISTICS_FILE,
+)
 from .io.paths import is_inside, printable
 from .io.registry import get_format
 from .io.safetensors import SafetensorsWriter, TensorEntry
@@ -117,6 +124,8 @@ class FitOptions:
     online: bool = False  # one pass: modes chosen after `warmup` checkpoints, then RLS
     warmup: int = 10
     shard_size: int | None = None  # bytes: reconstructions as directories of shards
+    baselines: str = "default"  # models compared with CMD (--baselines): specs, default or none
+    reconstruct_baselines: str = "none"  # their checkpoints to rebuild (--reconstruct-baselines)
 
 
 # Beyond this many weight files in a run, pass 2 opens them block by block.
@@ -497,7 +506,29 @@ def _fit_inputs(
             f"weights; {fix}"
         )
     rebuild = _parse_reconstruct(opts.reconstruct, ckpts)
+    _baseline_inputs(opts, ckpts)
     return run, ckpts, modelled, copied, rebuild
+
+
+def _baseline_inputs(
+    opts: FitOptions, ckpts: Sequence[Checkpoint]
+) -> tuple[list[baselines.Spec] | None, list[int]]:
+    """The baselines asked for (None: the default set, sized once CMD is fitted) and
+    the positions of their checkpoints to rebuild; checked before anything is read."""
+    text = opts.baselines.strip()
+    specs = None if text.lower() == baselines.DEFAULT else baselines.parse_specs(text)
+    if specs:
+        baselines.check_specs(specs, [c.step for c in ckpts])
+    positions = _parse_reconstruct(
+        opts.reconstruct_baselines, ckpts, option="--reconstruct-baselines"
+    )
+    if positions and specs == []:
+        raise InputError("--reconstruct-baselines: there are no baselines (--baselines none)")
+    if positions and opts.online:
+        raise InputError(
+            "--reconstruct-baselines: an online fit has no Gram matrix to fit baselines from"
+        )
+    return specs, positions
 
 
 def fit_run(
@@ -605,13 +636,33 @@ def fit_run(
                 executor=executor,
             ).fit(source, progress=progress, out=tmp / MODEL_FILE, **layout_args)
         fit_seconds = time.perf_counter() - started
-        shutil.rmtree(source.spool_dir, ignore_errors=True)
         source.unmodelled_values = {}
         # Rebuild from what was written, exactly as `cmd reconstruct` will later.
         stats = fitted.statistics_
         del fitted
         model = CMD.load(tmp / MODEL_FILE)
         model.statistics_ = stats
+        compared, compared_notices = _fit_baselines(model, ckpts, modelled, opts)
+        baseline_written = []
+        if compared:
+            # The sums every baseline is fitted from, for `cmd evaluate` and later fits.
+            baselines.write_statistics(
+                tmp / STATISTICS_FILE, compared[0][1], [m.name for m, _ in compared]
+            )
+            _, positions = _baseline_inputs(opts, ckpts)
+            if positions:
+                baseline_written = _write_baseline_reconstructions(
+                    model,
+                    source,
+                    [m for m, _ in compared],
+                    ckpts,
+                    tmp,
+                    positions,
+                    opts,
+                    progress=progress,
+                )
+        # Pass 2's copies of legacy pickles were read by the baselines' pass, if any.
+        shutil.rmtree(source.spool_dir, ignore_errors=True)
         dest = tmp / RECONSTRUCTED_DIR
         if rebuild:
             dest.mkdir()
@@ -636,7 +687,11 @@ def fit_run(
             reconstructed=written,
             seconds=time.perf_counter() - started,
             fit_seconds=fit_seconds,
+            baselines=[m for m, _ in compared],
+            gram=compared[0][1] if compared else None,
+            baseline_reconstructed=baseline_written,
         )
+        report["notices"].extend(compared_notices)
         curve = model.modes_curve_
         if opts.n_modes == "auto" and curve:
             last = curve[-1]
@@ -658,7 +713,136 @@ def fit_run(
     report["out"] = str(out)
     for rec in report["reconstructed"]:
         rec["path"] = str(out / rec["path"])
+    for row in report.get("models", []):
+        for rec in row.get("reconstructed", []):
+            rec["path"] = str(out / rec["path"])
     return report
+
+
+def _modelled_bytes(specs: dict[str, TensorSpec]) -> int:
+    return int(sum(s.nbytes for s in specs.values()))
+
+
+def cmd_storage_bytes(model: CMD) -> int:
+    """Bytes a CMD model needs to rebuild its checkpoints, as its file stores them:
+    a and b (float32), the mode id (its stored integer dtype) and the M×T references."""
+    return int(model.a_.nbytes + model.b_.nbytes + model.modes_.nbytes + model.references_.nbytes)
+
+
+def _fit_baselines(
+    model: CMD,
+    ckpts: Sequence[Checkpoint],
+    modelled: dict[str, TensorSpec],
+    opts: FitOptions,
+) -> tuple[list[tuple[baselines.LinearModel, baselines.RunGram]], list[str]]:
+    """Fit the requested baselines from pass 2's Gram matrices (no further pass)."""
+    specs, _ = _baseline_inputs(opts, ckpts)
+    if specs == []:
+        return [], []
+    stats = model.statistics_
+    if not bool(np.isfinite(stats.gram).all()):
+        return [], [
+            "no baselines: an online fit has no Gram matrix of the run to fit them from "
+            "(fit without --online to compare CMD with PCA, DMD and weight averages)"
+        ]
+    n_weights = int(sum(s.numel for s in modelled.values()))
+    gram = baselines.RunGram.from_statistics(
+        stats, [c.step for c in ckpts], n_weights, _modelled_bytes(modelled)
+    )
+    if specs is None:
+        specs = baselines.default_specs(len(ckpts), n_weights, cmd_storage_bytes(model))
+    return [(baselines.fit_model(gram, s), gram) for s in specs], []
+
+
+def _write_baseline_reconstructions(
+    model: CMD,
+    source: RunSource,
+    fitted: Sequence[baselines.LinearModel],
+    ckpts: Sequence[Checkpoint],
+    root: Path,
+    positions: Sequence[int],
+    opts: FitOptions,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, list[dict]]:
+    """Rebuild every baseline's checkpoints in one streaming pass, then write them.
+
+    ``root/baselines/<model>/<name>``, in the layout of CMD's own rebuilds. An average
+    is one set of weights: it is written once, under the last checkpoint's name.
+    Returns, per model, ``{"name", "step", "path"}`` of what it wrote (``path``
+    relative to ``root``).
+    """
+    last = len(ckpts) - 1
+    outputs: list[tuple[baselines.LinearModel, int]] = []
+    for m in fitted:
+        for t in [last] if m.final_only else positions:
+            outputs.append((m, t))
+    columns = np.stack([m.coefficients[:, t] for m, t in outputs], axis=1)
+    spool = root / ".spool-baselines"
+    spool.mkdir(exist_ok=True)
+    try:
+        values = baselines.rebuild_columns(
+            source, columns, spool / "baselines.f32", max_memory=opts.max_memory, progress=progress
+        )
+    finally:
+        drop = getattr(source, "drop_buffers", None)
+        if drop is not None:
+            drop()
+    names = layout.output_names(ckpts, sharded=opts.shard_size is not None, native=opts.native)
+    specs = _specs_from_metadata(model)
+    offsets = dict(zip(model.tensor_sizes_, np.cumsum([0, *model.tensor_sizes_.values()])[:-1]))
+    written: dict[str, list[dict]] = {}
+    try:
+        for k, (m, t) in enumerate(outputs):
+
+            def rebuilt(name: str, dtype: torch.dtype, k=k, m=m) -> Iterator:
+                start = int(offsets[name])
+                size = specs[name].numel
+                for a in range(0, size, _RECONSTRUCT_CHUNK):
+                    b = min(size, a + _RECONSTRUCT_CHUNK)
+                    piece = torch.from_numpy(values.read(k, start + a, start + b))
+                    _check_rebuilt(piece, name, dtype, m.name)
+                    yield a, piece.to(dtype)
+
+            folder = root / BASELINES_DIR / m.dirname
+            folder.mkdir(parents=True, exist_ok=True)
+            ckpt = ckpts[t]
+            with _checkpoint_pieces(
+                model, t, ckpt, specs, trust_pickle=opts.trust_pickle, rebuilt=rebuilt
+            ) as pieces:
+                layout.write_checkpoint(
+                    ckpt,
+                    folder / names[t],
+                    specs,
+                    pieces,
+                    shard_size=opts.shard_size,
+                    native=opts.native,
+                    trust_pickle=opts.trust_pickle,
+                )
+            rel = f"{BASELINES_DIR}/{m.dirname}/{names[t]}"
+            written.setdefault(m.name, []).append(
+                {"name": ckpt.name, "step": ckpt.step, "path": rel}
+            )
+    finally:
+        values.close()
+        shutil.rmtree(spool, ignore_errors=True)
+    return written
+
+
+def _check_rebuilt(values: torch.Tensor, name: str, dtype: torch.dtype, model: str) -> None:
+    """A rebuild that is not finite or beyond its dtype (a DMD whose |λ| > 1 explodes)."""
+    if not bool(torch.isfinite(values).all()):
+        raise InputError(
+            f"--reconstruct-baselines: {model} rebuilds tensor {printable(name)!r} to infinite "
+            f"values; leave it out of --baselines"
+        )
+    if dtype.is_floating_point and dtype != values.dtype:
+        limit = torch.finfo(dtype).max
+        if bool((values.abs() > limit).any()):
+            raise InputError(
+                f"--reconstruct-baselines: {model} rebuilds tensor {printable(name)!r} beyond "
+                f"the range of {str(dtype).removeprefix('torch.')}; leave it out of --baselines"
+            )
 
 
 def _fit_online(
@@ -789,6 +973,8 @@ def plan_fit(
         "workers": int(workers),
         "scheduler": opts.scheduler,
         "reconstruct_steps": [ckpts[t].step for t in rebuild],
+        "baselines": opts.baselines,
+        "baseline_reconstruct_steps": [ckpts[t].step for t in _baseline_inputs(opts, ckpts)[1]],
         "skipped": [{"name": n, "reason": r} for n, r in run.skipped],
         "notices": list(run.notices),
     }
@@ -821,6 +1007,10 @@ def plan_fit(
         pass1_bytes=int((n_ckpt - n_legacy) * (sampled_bytes + extras_read) + sum(legacy_bytes)),
         pass1_bytes_is_estimate=True,
         pass2_bytes=int(n_ckpt * modelled_bytes),
+        # --reconstruct-baselines: one more pass reading every modelled byte again
+        baselines_pass_bytes=int(n_ckpt * modelled_bytes)
+        if plan["baseline_reconstruct_steps"]
+        else 0,
         spool_bytes=int(n_legacy * modelled_bytes),
         block_weights=max(widths),
         n_blocks=len(widths),
@@ -951,9 +1141,11 @@ def _checkpoint_pieces(
     specs: dict[str, TensorSpec],
     *,
     trust_pickle: bool = False,
+    rebuilt: Callable[[str, torch.dtype], Iterator[tuple[int, torch.Tensor]]] | None = None,
 ) -> Iterator[Callable[[str], Iterator[tuple[int, torch.Tensor]]]]:
     """``pieces(name)``: (flat start, values) pieces of tensor ``name`` of checkpoint ``t``
-    as rebuilt — a·r+b for modelled tensors, the stored copy or the original for others.
+    as rebuilt — a·r+b for modelled tensors (or ``rebuilt(name, dtype)``'s pieces: a
+    baseline's), the stored copy or the original for others.
 
     The original checkpoint is opened only when a tensor must be copied from it, and
     unpickled only as far as ``trust_pickle`` (the current command's option) allows.
@@ -985,7 +1177,9 @@ def _checkpoint_pieces(
 
     def pieces(name: str) -> Iterator[tuple[int, torch.Tensor]]:
         spec = specs[name]
-        if name in modelled:
+        if name in modelled and rebuilt is not None:
+            yield from rebuilt(name, spec.dtype)
+        elif name in modelled:
             yield from _rebuilt_pieces(model, t, name, spec.dtype)
         elif f"extra/{t}/{name}" in stored:
             yield 0, stored[f"extra/{t}/{name}"]

@@ -64,6 +64,7 @@ _TASK_LABELS = {
     "reconstruct": "Writing reconstructions",
     "evaluate": "Scoring original and CMD weights",
     "baselines": "Scoring EMA, SWA and last",
+    "models": "Scoring the compact models (PCA, DMD, averages)",
     "landscape": "Scoring the landscape grid",
     "plots": "Drawing plots",
 }
@@ -250,6 +251,9 @@ ShardSize = Annotated[
         "cmd fit runs/lightning --out lightning-cmd --reconstruct last --native",
         "cmd fit runs/big --out big-cmd --max-memory 4GiB --dry-run",
         "cmd fit /shared/runs/big --out /shared/big-cmd --scheduler tcp://10.0.0.5:8786",
+        "cmd fit runs/my-run --out my-run-cmd --baselines pca:2,dmd:4,lawa:5,ema:0.999,swa:0.5,"
+        "uniform,last \\",
+        "    --reconstruct-baselines last",
     )
 )
 def fit(
@@ -316,6 +320,27 @@ def fit(
             help="Checkpoints to rebuild: last, all, none, or steps like 100,200.", metavar="WHICH"
         ),
     ] = "last",
+    compared: Annotated[
+        str,
+        typer.Option(
+            "--baselines",
+            help="Models of the run compared with CMD in the report, fitted from the same "
+            "pass: pca:K (mean + K principal directions, DLDR), dmd:R (exact DMD of rank R), "
+            "ema:DECAY, swa:FRACTION|STEP (mean from 0.5 of the run, or from step 1000), "
+            "lawa:K (mean of the K last), uniform, last; comma-separated, 'default' (PCA and "
+            "DMD at CMD's storage, 2× and 4×, ema:0.9, swa:0.5, lawa:5, uniform, last) or none.",
+            metavar="SPECS",
+        ),
+    ] = "default",
+    reconstruct_baselines: Annotated[
+        str,
+        typer.Option(
+            help="Checkpoints the baselines rebuild, into OUT/baselines/<model>/ (one more "
+            "pass over the run): last, all, none, or steps like 100,200; an average is one "
+            "set of weights, written once under the last checkpoint's name.",
+            metavar="WHICH",
+        ),
+    ] = "none",
     max_memory: Annotated[
         str,
         typer.Option(
@@ -384,7 +409,9 @@ def fit(
     """Fit a CMD model to the checkpoints in RUN_DIR.
 
     Writes OUT/cmd.safetensors (the model), OUT/reconstructed/ (rebuilt
-    checkpoints, loadable like the originals), OUT/report.json and OUT/report.md.
+    checkpoints, loadable like the originals), OUT/report.json and OUT/report.md,
+    which compare CMD with PCA, DMD and weight averages of the same checkpoints
+    (--baselines) at their storage.
     """
     with _errors():
         from .api import FitOptions, fit_run, parse_memory
@@ -411,6 +438,8 @@ def fit(
             online=online,
             warmup=warmup,
             shard_size=_shard_size(shard_size),
+            baselines=compared,
+            reconstruct_baselines=reconstruct_baselines,
         )
         target = out_dir or Path(f"{run_dir.resolve().name}-cmd")
         if dry_run:
@@ -474,6 +503,13 @@ def _print_plan(plan: dict) -> None:
             ]
         )
         rows.append(["pass 2 reads", f"{_size(plan['pass2_bytes'])} (every modelled byte once)"])
+        if plan.get("baselines_pass_bytes"):
+            rows.append(
+                [
+                    "baselines' pass reads",
+                    f"{_size(plan['baselines_pass_bytes'])} (--reconstruct-baselines)",
+                ]
+            )
         if plan["spool_bytes"]:
             rows.append(["temporary copies", f"{_size(plan['spool_bytes'])} of legacy pickles"])
         where = f"on {plan['scheduler']}" if plan["scheduler"] else "local"
@@ -552,6 +588,38 @@ def _print_fit_summary(report: dict) -> None:
         ["output", _line(report["out"])],
     ]
     _key_values("CMD fit", rows)
+    _print_models(report)
+
+
+def _print_models(report: dict) -> None:
+    """The compact models of the run side by side (CMD and the baselines)."""
+    models = report.get("models") or []
+    if len(models) < 2:
+        return
+    columns = [
+        Column("model", name=True),
+        Column("storage", justify="right"),
+        Column("×", justify="right"),
+        Column("explained\nvariance", justify="right"),
+        Column("relative\nerror", justify="right"),
+        Column("error at\nthe last", justify="right"),
+    ]
+    rows = [
+        [
+            r["model"],
+            _size(r["storage_bytes"]),
+            f"{r['storage_ratio']:.1f}" if r["storage_ratio"] is not None else "–",
+            _fmt_or_dash(r["explained_variance"]),
+            _fmt_or_dash(r["relative_error"], 6),
+            _fmt_or_dash(r["final_relative_error"], 6),
+        ]
+        for r in models
+    ]
+    print_table(out, columns, rows, title="Compact models of the run (same checkpoints)")
+
+
+def _fmt_or_dash(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None else _fmt(x, digits)
 
 
 # --------------------------------------------------------------------------- reconstruct
@@ -630,6 +698,8 @@ EvalFn = Annotated[
         "cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate",
         "cmd evaluate resnet-cmd --eval-fn eval.py:score --checkpoints last \\",
         "    --ema-decay 0.95 --swa-start 30000",
+        "cmd evaluate my-run-cmd --eval-fn my_eval.py:evaluate --checkpoints last \\",
+        "    --models pca:1,pca:4,dmd:2,lawa:5,uniform",
     )
 )
 def evaluate(
@@ -651,6 +721,24 @@ def evaluate(
             metavar="STEP",
         ),
     ] = None,
+    models: Annotated[
+        str,
+        typer.Option(
+            "--models",
+            help="Compact models scored beside CMD, each rebuilt from the same read of the run "
+            "(one float64 copy of the weights each): fit (those `cmd fit --baselines` "
+            "compared), none, or specs like pca:2,dmd:4,lawa:5,ema:0.99,swa:0.5,uniform,last.",
+            metavar="SPECS",
+        ),
+    ] = "fit",
+    models_at: Annotated[
+        str,
+        typer.Option(
+            help="The checkpoint PCA, DMD and CMD rebuild for --models: last or a step "
+            "(averages are one set of weights, scored as the last).",
+            metavar="STEP",
+        ),
+    ] = "last",
     run: RunOverride = None,
     trust_pickle: TrustPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -659,7 +747,9 @@ def evaluate(
     """Score original and CMD-rebuilt weights with your own function.
 
     Also scores the baselines a user compares with: the last checkpoint, an EMA
-    and an SWA average of the checkpoints. Writes OUT/evaluation.json.
+    and an SWA average of the checkpoints, and every compact model of the run
+    (PCA, DMD, averages) beside CMD, all in one read of the run. Writes
+    OUT/evaluation.json.
     """
     with _errors():
         from .evaluate import evaluate_fit
@@ -674,6 +764,8 @@ def evaluate(
                 progress=progress,
                 run=run,
                 trust_pickle=trust_pickle,
+                models=models,
+                models_at=models_at,
             )
     for note in result.get("notices", []):
         err.print(f"note: {_line(note)}", markup=False)
@@ -711,6 +803,24 @@ def _print_evaluation(result: dict) -> None:
             cells += [_fmt(base["metrics"][n]), ""]
         footer.append(cells)
     print_table(out, columns, rows, title="Evaluation", footer=footer, key_columns=2)
+    models = result.get("models") or []
+    if models:
+        columns = [
+            Column("model", name=True),
+            Column("rebuilt as", justify="right"),
+            Column("storage", justify="right"),
+        ]
+        columns += [Column(n, justify="right") for n in names]
+        rows = [
+            [
+                r["model"],
+                f"step {r['checkpoint']['step']}",
+                "–" if r["storage_bytes"] is None else _size(r["storage_bytes"]),
+                *(_fmt_or_dash(r["metrics"].get(n)) for n in names),
+            ]
+            for r in models
+        ]
+        print_table(out, columns, rows, title="Compact models of the run")
 
 
 # --------------------------------------------------------------------------- plot
@@ -718,10 +828,13 @@ def _print_evaluation(result: dict) -> None:
 
 @app.command(
     epilog="Kinds: correlation, trajectories, error, modes, accuracy (needs `cmd evaluate`), "
-    "landscape (needs --eval-fn, or an earlier landscape.json), all.\n\n"
+    "landscape (needs --eval-fn, or an earlier landscape.json), tradeoff (storage against "
+    "explained variance, and against your metric after `cmd evaluate`, of CMD and every "
+    "baseline), all.\n\n"
     + _examples(
         "cmd plot correlation my-run-cmd",
         "cmd plot all my-run-cmd --format svg",
+        "cmd plot tradeoff my-run-cmd",
         "cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate --grid 15 --span 0.5",
     )
 )

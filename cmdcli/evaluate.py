@@ -30,12 +30,12 @@ from types import ModuleType, TracebackType
 import numpy as np
 import torch
 
-from . import api
+from . import api, baselines
 from .errors import InputError
 from .fitting import Progress
 from .io import load_state_dict, outdir
 from .io.jsonio import dumps, non_finite_paths
-from .io.names import EVALUATION_JSON, LANDSCAPE_JSON, MODEL_FILE
+from .io.names import EVALUATION_JSON, LANDSCAPE_JSON, MODEL_FILE, STATISTICS_FILE
 from .io.paths import printable
 from .model import CMD
 from .reports import lower_is_better
@@ -406,47 +406,86 @@ def _check_decay(ema_decay: float) -> float:
     return float(ema_decay)
 
 
-class _Averages:
-    """Running EMA and SWA of a stream of state dicts (float64 accumulators)."""
+class _Combinations:
+    """Running Σ_t c_t·θ_t of the modelled tensors for several combinations at once.
 
-    def __init__(self, decay: float, swa_start: int) -> None:
-        self.decay = decay
-        self.swa_start = swa_start
-        self.ema: dict[str, torch.Tensor] = {}
-        self.swa: dict[str, torch.Tensor] = {}
-        self.n_swa = 0
-        self.last: StateDict = {}
+    Every baseline's rebuilt checkpoint is such a combination of the checkpoints
+    (``cmdcli.baselines``): EMA, SWA and the other averages, PCA and DMD alike. The
+    checkpoints are read once, in order; each combination keeps one float64 copy of
+    the modelled tensors. Tensors that are not modelled (integer buffers, excluded
+    tensors) come from the checkpoint rebuilt.
+    """
 
-    def add(self, sd: StateDict, step: int) -> None:
-        first = not self.ema
-        for name, value in sd.items():
-            if not value.is_floating_point():
-                continue
-            v = value.to(torch.float64)
-            if first:
-                self.ema[name] = v.clone()
-            else:
-                self.ema[name].mul_(self.decay).add_(v, alpha=1.0 - self.decay)
-            if step >= self.swa_start:
-                if name in self.swa:
-                    self.swa[name].add_(v)
-                else:
-                    self.swa[name] = v.clone()
-        if step >= self.swa_start:
-            self.n_swa += 1
-        self.last = sd
+    def __init__(self, vectors: dict[str, np.ndarray], modelled: Sequence[str]) -> None:
+        # Equal combinations (the EMA baseline and ema:0.9, say) share one sum.
+        self.alias: dict[str, str] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        for key, c in vectors.items():
+            same = next((k for k, v in self.vectors.items() if np.array_equal(v, c)), None)
+            self.alias[key] = same or key
+            if same is None:
+                self.vectors[key] = np.asarray(c, dtype=np.float64)
+        self.users = {k: sum(1 for a in self.alias.values() if a == k) for k in self.vectors}
+        self.modelled = list(modelled)
+        self.sums: dict[str, dict[str, torch.Tensor]] = {key: {} for key in self.vectors}
+        self.kept: dict[int, StateDict] = {}
 
-    def _state(self, sums: dict[str, torch.Tensor], count: int) -> StateDict:
-        out = {}
-        for name, value in self.last.items():
-            out[name] = (sums[name] / count).to(value.dtype) if value.is_floating_point() else value
-        return out
+    def add(self, sd: StateDict, t: int, *, keep: bool = False) -> None:
+        """Add checkpoint ``t``; ``keep`` it whole when a combination rebuilds it."""
+        for name in self.modelled:
+            v = sd[name].to(torch.float64)
+            for key, c in self.vectors.items():
+                w = float(c[t])
+                acc = self.sums[key]
+                if name not in acc:
+                    acc[name] = v * w
+                elif w != 0.0:
+                    acc[name].add_(v, alpha=w)
+        if keep:
+            self.kept[t] = sd
 
-    def ema_state(self) -> StateDict:
-        return self._state(self.ema, 1)
+    def state(self, key: str, t: int) -> StateDict:
+        """Combination ``key`` as checkpoint ``t``: each tensor in that checkpoint's dtype."""
+        base = self.kept[t]
+        sums = self.sums[self.alias[key]]
+        return {n: sums[n].to(v.dtype) if n in sums else v for n, v in base.items()}
 
-    def swa_state(self) -> StateDict:
-        return self._state(self.swa, self.n_swa)
+    def drop(self, key: str) -> None:
+        """Free a combination's sum once every key sharing it has been scored."""
+        shared = self.alias[key]
+        self.users[shared] -= 1
+        if self.users[shared] == 0:
+            self.sums.pop(shared, None)
+
+
+def _model_vectors(
+    model: CMD,
+    specs: Sequence[baselines.Spec],
+    gram: baselines.RunGram | None,
+    steps: list[int],
+    t: int,
+) -> tuple[dict[str, np.ndarray], dict[str, baselines.LinearModel]]:
+    """The combination of checkpoints each model rebuilds checkpoint ``t`` with (an
+    average: its one set of weights, stood for the last checkpoint)."""
+    if gram is None:  # averages need only the steps: their sums are not scored here
+        t_count = len(steps)
+        gram = baselines.RunGram(
+            gram=np.zeros((t_count, t_count)),
+            cross=np.zeros(t_count),
+            mean_sumsq=0.0,
+            steps=np.asarray(steps, dtype=np.int64),
+            n_weights=sum(model.tensor_sizes_.values()),
+            checkpoint_bytes=sum(
+                spec.nbytes
+                for name, spec in api._specs_from_metadata(model).items()
+                if name in model.tensor_sizes_
+            ),
+        )
+    fitted = {spec.name: baselines.fit_model(gram, spec) for spec in specs}
+    vectors = {
+        name: m.coefficients[:, len(steps) - 1 if m.final_only else t] for name, m in fitted.items()
+    }
+    return vectors, fitted
 
 
 def evaluate_fit(
@@ -459,15 +498,20 @@ def evaluate_fit(
     progress: Progress | None = None,
     run: str | Path | None = None,
     trust_pickle: bool = False,
+    models: str = "fit",
+    models_at: str = "last",
 ) -> dict:
     """Score original and CMD weights with the user's function (``cmd evaluate``).
 
     Reads the fitted checkpoints once, in order, one at a time: the chosen ones
     are scored as they are and as CMD rebuilds them, and all of them feed the
     baselines — the last checkpoint, the EMA ``e ← decay·e + (1 − decay)·θ_t``
-    started at θ_1, and SWA, the mean of the checkpoints from ``swa_start`` on.
-    Averages are accumulated in float64 over the floating-point tensors and cast
-    back to each tensor's dtype; other tensors come from the last checkpoint.
+    started at θ_1, and SWA, the mean of the checkpoints from ``swa_start`` on —
+    and every compact model compared with CMD (``models``: PCA, DMD and averages,
+    each rebuilt at ``models_at`` as a combination of the checkpoints, see
+    :mod:`cmdcli.baselines`). Combinations are accumulated in float64 over the
+    modelled tensors and cast back to each tensor's dtype; other tensors come
+    from the checkpoint rebuilt (the last, for the averages).
 
     Parameters
     ----------
@@ -483,15 +527,25 @@ def evaluate_fit(
         First step averaged by SWA; the step of the middle checkpoint by default.
     progress : callable, optional
         ``progress(task, completed, total)`` with tasks ``"evaluate"`` (scoring
-        calls) and ``"baselines"`` (checkpoints read, then the three baselines).
+        calls), ``"baselines"`` (checkpoints read, then the three baselines) and
+        ``"models"`` (the compact models' scoring calls).
+    models : str, default="fit"
+        ``"fit"``: the models ``cmd fit`` compared CMD with (recorded in
+        ``OUT/statistics.safetensors``); ``"none"``; or specs like ``pca:2,lawa:5``
+        (PCA and DMD need the statistics file).
+    models_at : str, default="last"
+        ``"last"`` or the step of the checkpoint PCA and DMD rebuild (averages
+        are one set of weights, scored as the last).
 
     Returns
     -------
     dict
         As written to ``out/evaluation.json`` (only when everything succeeded):
         ``eval_fn``, ``metrics`` (names in the order the function returns them),
-        ``checkpoints`` (``name``, ``step``, ``original``, ``cmd``) and
-        ``baselines`` (``last``, ``ema``, ``swa``).
+        ``checkpoints`` (``name``, ``step``, ``original``, ``cmd``),
+        ``baselines`` (``last``, ``ema``, ``swa``) and ``models`` (CMD first, then
+        each compact model: ``model``, ``label``, ``storage_bytes``,
+        ``checkpoint`` rebuilt, ``metrics``).
     """
     decay = _check_decay(ema_decay)
     if swa_start is not None and (isinstance(swa_start, bool) or not isinstance(swa_start, int)):
@@ -508,19 +562,31 @@ def evaluate_fit(
             f"--swa-start {swa_start}: no fitted checkpoint at or after this step "
             f"(the last is step {steps[-1]})"
         )
+    text = str(models_at).strip().lower()
+    if text != "last" and not text.lstrip("-").isdigit():
+        raise InputError(f"--models-at: expected last or one fitted step, got {models_at!r}")
+    (at,) = _parse_checkpoints(text, records, "--models-at")
+    specs, gram = _compared_models(Path(out), model, steps, models)
+    vectors, fitted = _model_vectors(model, specs, gram, steps, at)
+    last_t = len(records) - 1
+    vectors["baseline:ema"] = baselines.averages.ema_weights(len(steps), decay)
+    vectors["baseline:swa"] = baselines.averages.swa_weights(np.asarray(steps), int(swa_start))
     fn = _load(eval_fn)
 
     n_calls = 2 * len(chosen)
     n_base = len(records) + 3
+    n_models = len(fitted) + 1
     done_calls = 0
     if progress:
         progress("evaluate", 0, n_calls)
         progress("baselines", 0, n_base)
-    averages = _Averages(decay, swa_start)
+        if fitted:
+            progress("models", 0, n_models)
+    sums = _Combinations(vectors, list(model.tensor_sizes_))
     scored: dict[int, dict] = {}
     for t, rec in enumerate(records):
         sd = original_state_dict(model, t, run=run, trust_pickle=trust_pickle)
-        averages.add(sd, steps[t])
+        sums.add(sd, t, keep=t in (last_t, at))
         if progress:
             progress("baselines", t + 1, n_base)
         if t in chosen:
@@ -538,24 +604,63 @@ def evaluate_fit(
             scored[t] = {"name": rec["name"], "step": steps[t], "original": original, "cmd": cmd}
         del sd
 
-    last_t = len(records) - 1
     last_rec = records[last_t]
     if last_t in scored:
         last_metrics = scored[last_t]["original"]
     else:
-        last_metrics = fn(dict(averages.last), _describe(last_rec, "original"))
+        last_metrics = fn(dict(sums.kept[last_t]), _describe(last_rec, "original"))
     if progress:
         progress("baselines", len(records) + 1, n_base)
-    ema_metrics = fn(averages.ema_state(), f"the EMA of all checkpoints (decay {decay:g})")
-    averages.ema = {}
+    ema_metrics = fn(
+        sums.state("baseline:ema", last_t), f"the EMA of all checkpoints (decay {decay:g})"
+    )
+    sums.drop("baseline:ema")
     if progress:
         progress("baselines", len(records) + 2, n_base)
     swa_metrics = fn(
-        averages.swa_state(),
-        f"the SWA average of {averages.n_swa} checkpoints from step {swa_start}",
+        sums.state("baseline:swa", last_t),
+        f"the SWA average of {n_swa} checkpoints from step {swa_start}",
     )
+    sums.drop("baseline:swa")
     if progress:
         progress("baselines", n_base, n_base)
+
+    rows = []
+    if fitted:
+        at_rec = records[at]
+        if at in scored:
+            cmd_metrics = scored[at]["cmd"]
+        else:
+            cmd_metrics = fn(
+                cmd_state_dict(model, at, run=run, trust_pickle=trust_pickle),
+                _describe(at_rec, "CMD"),
+            )
+        if progress:
+            progress("models", 1, n_models)
+        rows.append(
+            {
+                "model": "cmd",
+                "label": f"CMD, {int(model.n_modes_)} modes",
+                "storage_bytes": api.cmd_storage_bytes(model),
+                "checkpoint": {"name": at_rec["name"], "step": steps[at]},
+                "metrics": cmd_metrics,
+            }
+        )
+        for i, (name, m) in enumerate(fitted.items()):
+            t = last_t if m.final_only else at
+            metrics = fn(sums.state(name, t), f"{m.label} ({name}), as step {steps[t]}")
+            sums.drop(name)
+            rows.append(
+                {
+                    "model": name,
+                    "label": m.label,
+                    "storage_bytes": int(m.storage_bytes),
+                    "checkpoint": {"name": records[t]["name"], "step": steps[t]},
+                    "metrics": metrics,
+                }
+            )
+            if progress:
+                progress("models", i + 2, n_models)
 
     metrics = list(fn.metrics or [])
     result = {
@@ -567,13 +672,36 @@ def evaluate_fit(
             "ema": {"decay": decay, "metrics": ema_metrics},
             "swa": {
                 "start_step": int(swa_start),
-                "n_checkpoints": averages.n_swa,
+                "n_checkpoints": n_swa,
                 "metrics": swa_metrics,
             },
         },
+        "models": rows,
     }
     _write_json(Path(out), EVALUATION_FILE, result, model)
     return result
+
+
+def _compared_models(
+    out: Path, model: CMD, steps: list[int], models: str
+) -> tuple[list[baselines.Spec], baselines.RunGram | None]:
+    """The models to score and the Gram matrices they are fitted from (when stored)."""
+    path = out / STATISTICS_FILE
+    gram = baselines.read_statistics(path, steps) if path.is_file() else None
+    text = str(models).strip()
+    if text.lower() == "fit":
+        names = ",".join(gram.models) if gram is not None else ""
+        specs = baselines.parse_specs(names)
+    else:
+        specs = baselines.parse_specs(text, option="--models")
+        baselines.check_specs(specs, steps, option="--models")
+    need = [s.name for s in specs if baselines.REGISTRY[s.kind].needs_sums]
+    if need and gram is None:
+        raise InputError(
+            f"--models: {need[0]} is fitted from the run's Gram matrices, which "
+            f"{printable(path)} holds; it is missing (fit again with cmd fit to write it)"
+        )
+    return specs, gram
 
 
 # --------------------------------------------------------------------------- landscape

@@ -197,6 +197,54 @@ def _summary(report: dict) -> str:
     return "\n".join(parts)
 
 
+def _compact_models(report: dict, evaluation: dict | None) -> str:
+    """CMD and every baseline side by side: storage, fit of the run and, once evaluated,
+    the user's metrics of their rebuilt weights."""
+    models = [r for r in report.get("models") or [] if isinstance(r, dict)]
+    if len(models) < 2:
+        return ""
+    scored: dict[str, dict] = {}
+    metrics: list[str] = []
+    if evaluation is not None:
+        metrics = [str(m) for m in evaluation.get("metrics") or []]
+        for row in evaluation.get("models") or []:
+            if isinstance(row, dict) and isinstance(row.get("metrics"), dict):
+                scored[str(row.get("model"))] = row
+    header = ["model", "storage", "×", "explained variance", "relative error", "error at the last"]
+    header += [_e(m) for m in metrics] if scored else []
+    rows = []
+    for r in models:
+        cells = [
+            f"{_e(r.get('label'))} (<code>{_e(r.get('model'))}</code>)",
+            _bytes(r.get("storage_bytes")),
+            _num(r.get("storage_ratio"), 1),
+            _num(r.get("explained_variance")),
+            _num(r.get("relative_error"), 6),
+            _num(r.get("final_relative_error"), 6),
+        ]
+        if scored:
+            got = (scored.get(str(r.get("model"))) or {}).get("metrics") or {}
+            cells += [_num(got.get(m)) for m in metrics]
+        rows.append(cells)
+    where = ""
+    if scored:
+        at = next(iter(scored.values())).get("checkpoint") or {}
+        where = (
+            f" Metrics: each model's weights rebuilt at step {_num(at.get('step'))} (an "
+            "average is its one set of weights)."
+        )
+    return "\n".join(
+        [
+            "<h2>Every compact model of the run</h2>",
+            '<p class="note">Each model rebuilds checkpoints as a combination of the '
+            "checkpoints; storage is what it needs to do so, × how many times less than the "
+            "checkpoints. An average stands for every checkpoint: its explained variance is 0 "
+            f"(uniform mean) or below.{where}</p>",
+            _table(header, rows),
+        ]
+    )
+
+
 def _modes(report: dict) -> str:
     modes = report.get("modes") or []
     if not modes:
@@ -523,6 +571,7 @@ def build_html(
         f'<p class="sub">{sub}{f"; cmdcli {_e(version)}" if version else ""}.</p>',
         _summary(report),
     ]
+    body.append(_compact_models(report, evaluation))
     if evaluation is not None:
         body.append(_evaluation(evaluation))
     if landscape is not None:

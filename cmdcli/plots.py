@@ -70,10 +70,11 @@ __all__ = [
     "plot_all",
     "save_plot",
     "skipped_kinds",
+    "tradeoff_figure",
     "trajectories_figure",
 ]
 
-KINDS = ("correlation", "trajectories", "error", "modes", "accuracy", "landscape")
+KINDS = ("correlation", "trajectories", "error", "modes", "accuracy", "landscape", "tradeoff")
 FORMATS = ("png", "svg", "pdf")
 from .io.names import EVALUATION_JSON as EVALUATION_FILE  # noqa: E402
 from .io.names import LANDSCAPE_JSON as LANDSCAPE_FILE  # noqa: E402
@@ -1028,6 +1029,220 @@ def accuracy_figure(model: CMD, evaluation: dict | str | os.PathLike | None = No
     return fig
 
 
+# --------------------------------------------------------------------------- tradeoff
+
+# One colour and marker per kind of model; kinds without an entry get grey.
+_KIND_STYLE = {
+    "cmd": ("C3", "*"),
+    "pca": ("C0", "o"),
+    "dmd": ("C2", "s"),
+    "ema": ("C1", "^"),
+    "swa": ("C4", "v"),
+    "lawa": ("C5", "D"),
+    "uniform": ("C7", "P"),
+    "last": ("k", "X"),
+}
+_KIND_NAME = {
+    "cmd": "CMD",
+    "pca": "PCA, k components",
+    "dmd": "exact DMD, rank r",
+    "ema": "EMA",
+    "swa": "SWA",
+    "lawa": "LAWA",
+    "uniform": "uniform mean",
+    "last": "last checkpoint",
+}
+_SERIES = ("pca", "dmd")  # sizes of one kind joined by a line, each labelled
+
+
+def _model_rows(rows: object, path: Path, values: str) -> list[dict]:
+    """The usable rows of a ``models`` list: a name, a kind, a positive storage."""
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: 'models' must be a list")
+    good = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("model"), str):
+            raise InputError(f"{path}: models entry {i} has no 'model' name")
+        size = row.get("storage_bytes")
+        if not _isnum(size) or not size > 0:
+            continue
+        if values == "explained_variance" and not math.isfinite(_number(row.get(values))):
+            continue
+        good.append(row)
+    return good
+
+
+def _kind_of(row: dict) -> str:
+    kind = row.get("kind")
+    return kind if isinstance(kind, str) else row["model"].split(":")[0]
+
+
+def _size_label(row: dict) -> str:
+    name = row["model"]
+    return name.split(":", 1)[1] if ":" in name else ""
+
+
+def _draw_models(
+    ax: Any, rows: list[dict], value_of: Callable[[dict], float], floor: float | None
+) -> list[float]:
+    """One point per model at (storage, value); PCA and DMD sizes joined by a line and
+    labelled with k or r. Values below ``floor`` are drawn on it as ▼ with their value."""
+    drawn: list[float] = []
+    by_kind: dict[str, list[dict]] = {}
+    for row in rows:
+        by_kind.setdefault(_kind_of(row), []).append(row)
+    for kind, group in by_kind.items():
+        color, marker = _KIND_STYLE.get(kind, ("0.5", "o"))
+        group = sorted(group, key=lambda r: r["storage_bytes"])
+        xs = np.array([float(r["storage_bytes"]) for r in group])
+        ys = np.array([value_of(r) for r in group])
+        keep = np.isfinite(ys)
+        if not keep.any():
+            continue
+        shown = ys.copy()
+        low = keep & (ys < floor) if floor is not None else np.zeros_like(keep)
+        if floor is not None:
+            shown[low] = floor
+        label = _KIND_NAME.get(kind, kind)
+        if kind not in _SERIES and len(group) > 1:
+            label += " (" + ", ".join(_size_label(r) or r["model"] for r in group) + ")"
+        size = 11 if kind == "cmd" else 6
+        ls = "-" if kind in _SERIES else "none"
+        ax.plot(
+            xs[keep], shown[keep], marker=marker, ms=size, ls=ls, lw=1.0, color=color,
+            label=label, gid=f"models-{kind}",
+        )  # fmt: skip
+        if low.any():
+            ax.plot(xs[low], shown[low], marker="v", ms=7, ls="none", color=color)
+        for x, y, v, r, is_low in zip(xs, shown, ys, group, low):
+            if not math.isfinite(v):
+                continue
+            text = _size_label(r) if kind in _SERIES else ""
+            if is_low:
+                text = f"{r['model']}: {v:.2g}"
+            if text:
+                ax.annotate(
+                    text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                    color=color,
+                )  # fmt: skip
+        drawn += shown[keep].tolist()
+    return drawn
+
+
+@_styled
+def tradeoff_figure(
+    model: CMD,
+    report: dict | str | os.PathLike | None = None,
+    evaluation: dict | str | os.PathLike | None = None,
+) -> Figure:
+    """Storage against quality of every compact model of the run: which one for the bytes.
+
+    Left: explained variance of the run (report.json's ``models``: CMD, PCA for each
+    k, DMD for each r, the averages, and CMD for other numbers of modes from
+    ``modes_curve``, measured on the refinement sample) against the bytes each model
+    needs, on a log axis. With an evaluation (``evaluation.json``'s ``models``), one
+    more panel per metric: the user's metric of each model's rebuilt weights against
+    the same storage. The storage of the checkpoints themselves is a vertical line.
+
+    Parameters
+    ----------
+    model : CMD
+        The fitted model (for the subtitle).
+    report : dict or path-like
+        ``report.json`` (its dict, or the file).
+    evaluation : dict or path-like, optional
+        ``evaluation.json``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    model = _fitted(model, "tradeoff_figure")
+    if report is None:
+        raise InputError(f"tradeoff_figure needs report= (OUT/report.json); {_FIT_HINT}")
+    header = _header(model)
+    data, path = _json_input(report, REPORT_FILE, _FIT_HINT)
+    rows = _model_rows(data.get("models", []), path, "explained_variance")
+    if len(rows) < 2:
+        raise InputError(
+            f"{path}: no baselines to compare CMD with; fit with `cmd fit --baselines default`"
+        )
+    metrics: list[str] = []
+    scored: list[dict] = []
+    if evaluation is not None:
+        ev, ev_path = _json_input(evaluation, EVALUATION_FILE, _EVAL_HINT)
+        scored = _model_rows(ev.get("models", []), ev_path, "metrics")
+        scored = [r for r in scored if isinstance(r.get("metrics"), dict)]
+        listed = ev.get("metrics") if isinstance(ev.get("metrics"), list) else []
+        metrics = [str(m) for m in listed][:3]
+    n_panels = 1 + (len(metrics) if scored else 0)
+    fig = _new_figure(4.4 * n_panels + 2.6, 4.0)
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    original = (
+        data.get("storage", {}).get("original_bytes")
+        if isinstance(data.get("storage"), dict)
+        else None
+    )
+
+    ax = axes[0]
+    evs = [float(r["explained_variance"]) for r in rows]
+    compact = [v for r, v in zip(rows, evs) if r.get("rebuilds") != "last"]
+    floor = min(-0.1, min(compact, default=0.0) - 0.05)
+    floor = max(floor, -1.0)
+    drawn = _draw_models(ax, rows, lambda r: float(r["explained_variance"]), floor)
+    curve = data.get("modes_curve") if isinstance(data.get("modes_curve"), list) else []
+    cmd_row = next((r for r in rows if r["model"] == "cmd"), None)
+    points = [
+        (int(c["n_modes"]), float(c["explained_variance"]))
+        for c in curve
+        if isinstance(c, dict) and _isnum(c.get("n_modes")) and _isnum(c.get("explained_variance"))
+    ]
+    n_ckpt = data.get("n_checkpoints")
+    if (
+        cmd_row is not None
+        and len(points) > 1
+        and _isnum(n_ckpt)
+        and _isnum(cmd_row.get("parameter"))
+    ):
+        # CMD with M modes stores M×T references more or less than the fitted one
+        base, m_fit = float(cmd_row["storage_bytes"]), int(cmd_row["parameter"])
+        xs = [base + 4 * (m - m_fit) * int(n_ckpt) for m, _ in points]
+        ys = [v for _, v in points]
+        ax.plot(
+            xs, ys, ls="--", lw=0.9, marker="*", ms=5, mfc="none", color="C3",
+            label="CMD, M = "
+            + f"{points[0][0]}…{points[-1][0]} modes (on the refinement sample)",
+            gid="models-cmd-curve",
+        )  # fmt: skip
+        drawn += ys
+    if _isnum(original) and original > 0:
+        ax.axvline(original, color="0.6", lw=0.8, ls=":", label="all checkpoints")
+    ax.set_xscale("log")
+    ax.set_xlabel("storage (bytes, log scale)")
+    ax.set_ylabel("explained variance of the run")
+    ax.set_title("Explained variance for the bytes")
+    ax.axhline(0.0, color="0.8", lw=0.6)
+    _fit_to_data(ax, [*drawn, 0.0, 1.0] if drawn else [0.0, 1.0])
+
+    for ax, metric in zip(axes[1:], metrics):
+        values = [r for r in scored if math.isfinite(_number(r["metrics"].get(metric)))]
+        drawn = _draw_models(ax, values, lambda r, m=metric: _number(r["metrics"].get(m)), None)
+        ax.set_xscale("log")
+        ax.set_xlabel("storage (bytes, log scale)")
+        better = "lower is better" if lower_is_better(metric) else "higher is better"
+        ax.set_ylabel(f"{metric} ({better})")
+        ax.set_title(f"{metric} of each model's rebuilt weights")
+        _fit_to_data(ax, drawn)
+    # one legend for every panel, beside them: the points fill the panels
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=7)
+    _title(fig, "Every compact model of the run", header.subtitle())
+    return fig
+
+
 # --------------------------------------------------------------------------- landscape
 
 
@@ -1186,6 +1401,7 @@ class _Kind:
 
     draw: Callable[..., Figure]
     needs: str | None = None
+    uses: str | None = None  # a JSON file passed as ``evaluation=`` when it exists
 
 
 _FIGURES: dict[str, _Kind] = {
@@ -1195,6 +1411,7 @@ _FIGURES: dict[str, _Kind] = {
     "modes": _Kind(modes_figure),
     "accuracy": _Kind(accuracy_figure, EVALUATION_FILE),
     "landscape": _Kind(landscape_figure, LANDSCAPE_FILE),
+    "tradeoff": _Kind(tradeoff_figure, REPORT_FILE, EVALUATION_FILE),
 }
 _INPUTS = ("model", "report", "evaluation", "landscape")  # not options
 
@@ -1222,6 +1439,8 @@ def _target(kind: str, out: Path, fmt: str, dest: str | os.PathLike | None) -> P
 def _draw(kind: str, model: CMD, out: Path, options: dict[str, Any]) -> Figure:
     """The figure of ``kind`` for the fit in ``out`` (its JSON input read from there)."""
     spec = _FIGURES[kind]
+    if spec.uses is not None and (out / spec.uses).is_file():
+        options = {"evaluation": out / spec.uses, **options}
     if spec.needs is None:
         return spec.draw(model, **options)
     return spec.draw(model, out / spec.needs, **options)
@@ -1320,6 +1539,7 @@ _SKIP_REASONS = {
     "error": f"needs {REPORT_FILE}, which `cmd fit` writes",
     "accuracy": "needs `cmd evaluate OUT --eval-fn FILE.py:FUNCTION` first",
     "landscape": "needs `cmd plot landscape OUT --eval-fn FILE.py:FUNCTION` first",
+    "tradeoff": f"needs baselines in {REPORT_FILE}: `cmd fit` with --baselines other than none",
 }
 
 
@@ -1330,9 +1550,21 @@ def _survey(out: Path, model: CMD) -> tuple[list[str], list[tuple[str, str]]]:
     for kind, spec in _FIGURES.items():
         if spec.needs is not None:
             have[kind] = (out / spec.needs).is_file()
+    if have["tradeoff"]:
+        have["tradeoff"] = _has_baselines(out / REPORT_FILE)
     drawn = [k for k in KINDS if have[k]]
     skipped = [(k, _SKIP_REASONS[k]) for k in KINDS if not have[k]]
     return drawn, skipped
+
+
+def _has_baselines(path: Path) -> bool:
+    """Whether report.json lists models besides CMD (a report that cannot be read is
+    drawn, so that its error is said)."""
+    try:
+        models = _read_json(path, _FIT_HINT).get("models")
+    except InputError:
+        return True
+    return isinstance(models, list) and len(models) > 1
 
 
 def available_kinds(out: str | os.PathLike) -> list[str]:

@@ -41,6 +41,9 @@ def build_report(
     reconstructed: list[dict],
     seconds: float,
     fit_seconds: float,
+    baselines: Sequence = (),
+    gram=None,
+    baseline_reconstructed: dict | None = None,
 ) -> dict:
     """Everything ``report.json`` holds, from a fitted model and its statistics.
 
@@ -54,6 +57,12 @@ def build_report(
         The fitted checkpoints, in order.
     specs : dict of str to TensorSpec
         The modelled tensors.
+    baselines : sequence of LinearModel
+        Models compared with CMD (:mod:`cmdcli.baselines`), fitted from ``gram``.
+    gram : RunGram, optional
+        The run's Gram matrices (for the baselines' figures).
+    baseline_reconstructed : dict, optional
+        Model name → its rebuilt checkpoints (``name``, ``step``, ``path``).
     """
     stats = model.statistics_
     n_ckpt = len(checkpoints)
@@ -161,7 +170,65 @@ def build_report(
         "notices": list(run.notices),
         "seconds": {"total": round(seconds, 3), "fit": round(fit_seconds, 3)},
     }
+    report["models"] = _models(
+        model, report, original_bytes, int(model_bytes), baselines, gram, baseline_reconstructed
+    )
+    if gram is not None and gram.estimated:
+        report["notices"].append(
+            "the baselines' figures come from Gram matrices estimated on a sample of the weights"
+        )
     return report
+
+
+def _models(
+    model,
+    report: dict,
+    original_bytes: int,
+    cmd_bytes: int,
+    baselines: Sequence,
+    gram,
+    reconstructed: dict | None,
+) -> list[dict]:
+    """One row per compact model of the run, CMD first, for the side-by-side table.
+
+    ``storage_bytes`` is what the model needs to rebuild its checkpoints;
+    ``storage_ratio`` how many times less than the fitted checkpoints themselves.
+    """
+    label = _KIND_LABEL.get(model.references_kind_, model.references_kind_)
+    cmd_row = {
+        "model": "cmd",
+        "kind": "cmd",
+        "label": f"{label}, {report['n_modes']} modes",
+        "parameter": report["n_modes"],
+        "explained_variance": report["explained_variance"],
+        "relative_error": report["relative_error"],
+        "final_relative_error": report["checkpoints"][-1]["relative_error"],
+        "checkpoint_errors": [c["relative_error"] for c in report["checkpoints"]],
+        "storage_bytes": cmd_bytes,
+        "storage_ratio": _ratio(original_bytes, cmd_bytes),
+        "reconstructed": [],
+    }
+    rows = [cmd_row]
+    for m in baselines:
+        errors = m.checkpoint_errors(gram)
+        rows.append(
+            {
+                "model": m.name,
+                "kind": m.kind,
+                "label": m.label,
+                "parameter": m.parameter,
+                "explained_variance": m.explained_variance(gram),
+                "relative_error": m.relative_error(gram),
+                "final_relative_error": errors[-1],
+                "checkpoint_errors": errors,
+                "storage_bytes": int(m.storage_bytes),
+                "storage_ratio": _ratio(original_bytes, m.storage_bytes),
+                "rebuilds": "last" if m.final_only else "any",
+                "details": m.details,
+                "reconstructed": list((reconstructed or {}).get(m.name, [])),
+            }
+        )
+    return rows
 
 
 _KIND_LABEL = {
@@ -228,6 +295,56 @@ def _bytes(n: float) -> str:
     return f"{n} B"
 
 
+def _models_markdown(report: dict, max_rows: int) -> list[str]:
+    models = report.get("models") or []
+    if len(models) < 2:
+        return []
+    lines = [
+        "",
+        "## Every compact model of the run",
+        "",
+        "Each model rebuilds checkpoints as a combination of the checkpoints (CMD: a·r + b",
+        "per weight). Storage is what the model needs to rebuild them; × is how many times",
+        "less than the fitted checkpoints. An average is one set of weights: as a model of",
+        "the run it stands for every checkpoint (explained variance 0 for the uniform mean,",
+        "below 0 for the others); its error at the last checkpoint is the distance of the",
+        "average from the final weights.",
+        "",
+        "| model | storage | × | explained variance | relative error | error at the last |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in models:
+        lines.append(
+            f"| {r['label']} (`{r['model']}`) | {_bytes(r['storage_bytes'])} "
+            f"| {_fmt(r['storage_ratio'], 1)} | {_fmt(r['explained_variance'])} "
+            f"| {_fmt(r['relative_error'], 6)} | {_fmt(r['final_relative_error'], 6)} |"
+        )
+    written = [(r, rec) for r in models for rec in r.get("reconstructed", [])]
+    if written:
+        lines += ["", "Rebuilt by the baselines:", ""]
+        lines += [f"- {r['model']}, step {rec['step']}: `{rec['path']}`" for r, rec in written]
+    steps = [c["step"] for c in report["checkpoints"]]
+    shown = list(range(len(steps)))
+    if len(shown) > max_rows:
+        shown = shown[: max_rows // 2] + shown[-max_rows // 2 :]
+    lines += [
+        "",
+        "### Relative error per checkpoint",
+        "",
+        "| step | " + " | ".join(f"`{r['model']}`" for r in models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for i, t in enumerate(shown):
+        if len(shown) < len(steps) and i == max_rows // 2:
+            lines.append("| … |" + " |" * len(models))
+        cells = []
+        for r in models:
+            e = r["checkpoint_errors"][t]
+            cells.append("—" if e is None else _fmt(e, 5))
+        lines.append(f"| {steps[t]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: dict, *, max_rows: int = 40) -> str:
     """A human-readable ``report.md`` of a fit report."""
     lines = [
@@ -267,6 +384,7 @@ def render_markdown(report: dict, *, max_rows: int = 40) -> str:
             f"| {row['method']} | {_fmt(row['explained_variance'])} "
             f"| {_bytes(row['storage_bytes'])} |"
         )
+    lines += _models_markdown(report, max_rows)
     if report.get("modes_curve"):
         lines += [
             "",

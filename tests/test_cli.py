@@ -571,6 +571,7 @@ def test_reconstruct_clash_writes_nothing(tmp_path):
         "reconstructed",
         "report.json",
         "report.md",
+        "statistics.safetensors",
     ]
 
 

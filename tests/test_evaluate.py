@@ -400,6 +400,7 @@ def test_function_raising_names_the_checkpoint(tmp_path):
         "evaluation.json",
         "report.json",
         "report.md",
+        "statistics.safetensors",
     ]
 
 

@@ -475,7 +475,9 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_plot_all_writes_every_kind_as_png(out):
-    assert plots.available_kinds(out) == ["correlation", "trajectories", "error", "modes"]
+    assert plots.available_kinds(out) == [
+        "correlation", "trajectories", "error", "modes", "tradeoff"
+    ]  # fmt: skip
     _write(out / "evaluation.json", EVALUATION)
     _write(out / "landscape.json", _landscape())
     assert plots.available_kinds(out) == list(plots.KINDS)
@@ -544,7 +546,7 @@ def test_a_model_without_sampled_trajectories(out):
     for fn in (plots.correlation_figure, plots.trajectories_figure):
         with pytest.raises(InputError, match=r"cmd\.safetensors: holds no sampled trajectories"):
             fn(_model(out))
-    assert plots.available_kinds(out) == ["error", "modes"]
+    assert plots.available_kinds(out) == ["error", "modes", "tradeoff"]
 
 
 def test_missing_json_inputs_name_the_command_to_run(out):
@@ -646,7 +648,7 @@ def test_the_model_file_is_read_by_cmd_load_only():
 def test_plot_all_says_what_it_skipped_and_why(out):
     skipped = []
     paths = plots.plot_all(out, skipped=skipped)
-    assert [p.stem for p in paths] == ["correlation", "trajectories", "error", "modes"]
+    assert [p.stem for p in paths] == ["correlation", "trajectories", "error", "modes", "tradeoff"]
     assert skipped == plots.skipped_kinds(out)
     reasons = dict(skipped)
     assert set(reasons) == {"accuracy", "landscape"}
