@@ -613,6 +613,7 @@ def process_block(
     chunk: int | None = None,
     backend: str | None = None,
     device: str | None = None,
+    origin: int = 0,
 ) -> tuple[BlockResult, FitStatistics]:
     """Assign, fit and score one block; the unit of parallel work of pass 2.
 
@@ -638,6 +639,7 @@ def process_block(
     forced = ctx.forced(segments)
     values = kernel.prepare(x, device)
     acc = kernel.empty(ctx, n_ckpt, width, device)
+    acc.origin = int(origin)  # where the block starts in the run (for a sampled Gram)
     step = chunk or kernel.chunk(n_ckpt, device) or max(width, 1)
     for c0 in range(0, width, step):
         c1 = min(width, c0 + step)
@@ -695,11 +697,13 @@ def run_block(
     ctx: _Context,
     device: str = "cpu",
     sink: CoefficientSink | None = None,
+    origin: int = 0,
 ) -> tuple[BlockResult, FitStatistics]:
     """Read one block and process it (a task of pass 2, local or remote).
 
     With a ``sink`` the coefficients are written where the block was fitted and
-    the returned :class:`BlockResult` carries none.
+    the returned :class:`BlockResult` carries none. ``origin`` is the flat index of
+    the block's first weight in the run.
     """
     raw = source.read_block(segments)
     if isinstance(raw, np.ndarray):
@@ -707,7 +711,7 @@ def run_block(
     else:  # a tensor
         x = raw if raw.dtype.is_floating_point and raw.element_size() == 4 else raw.float()
     try:
-        result, part = process_block(x, segments, ctx, device=device)
+        result, part = process_block(x, segments, ctx, device=device, origin=origin)
     except NonFiniteColumn as exc:
         locate = getattr(source, "locate_nonfinite", None)
         if locate is not None:  # raises an error that names the checkpoint and tensor
@@ -756,9 +760,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _forked_block(segments: list[Segment]) -> tuple[BlockResult, FitStatistics]:
+def _forked_block(segments: list[Segment], origin: int) -> tuple[BlockResult, FitStatistics]:
     source, ctx, device, sink = _FORKED  # type: ignore[misc]
-    return run_block(source, segments, ctx, device, sink)
+    return run_block(source, segments, ctx, device, sink, origin)
 
 
 def _can_fork() -> bool:
@@ -895,6 +899,7 @@ def stream_fit(
     n_extra = sum(len(v) for v in (alternatives or {}).values())
     budget = block_budget(max_memory, workers, distributed=executor is not None)
     blocks = list(plan_blocks(sizes, n_ckpt, budget, n_modes + n_extra))
+    origins = np.cumsum([0] + [sum(s.size for s in b) for b in blocks]).tolist()
     on_cpu = str(device) == "cpu"
 
     done = 0
@@ -931,9 +936,17 @@ def stream_fit(
             while nxt < len(blocks) or pending:
                 while nxt < len(blocks) and len(pending) < max(int(workers), 1):
                     if fork:
-                        task: tuple = (_forked_block, blocks[nxt])
+                        task: tuple = (_forked_block, blocks[nxt], origins[nxt])
                     else:
-                        task = (run_block, source, blocks[nxt], ctx, str(device), sink)
+                        task = (
+                            run_block,
+                            source,
+                            blocks[nxt],
+                            ctx,
+                            str(device),
+                            sink,
+                            origins[nxt],
+                        )
                     pending.append(pool.submit(*task))
                     nxt += 1
                 try:

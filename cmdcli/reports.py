@@ -73,6 +73,9 @@ def build_report(
     # An online fit has no Gram matrix and no per-checkpoint sums (they are NaN).
     has_gram = bool(np.isfinite(stats.gram).all())
     pca = stats.pca_explained_variance(max(n_modes, 2)) if has_gram else np.zeros(0)
+    spread_of = getattr(stats, "pca_explained_variance_spread", None)
+    pca_se = spread_of(max(n_modes, 2)) if has_gram and spread_of else np.zeros(len(pca))
+    sampled = bool(getattr(stats, "gram_sampled", False))
     mode_sizes = stats.mode_size
     flat_offsets = np.cumsum([0, *model.tensor_sizes_.values()])
     tensor_start = dict(zip(model.tensor_sizes_, flat_offsets[:-1].tolist()))
@@ -101,10 +104,16 @@ def build_report(
                 {
                     "components": k + 1,
                     "explained_variance": float(ev),
+                    # standard error where the Gram matrix is summed over a sample
+                    "explained_variance_stderr": float(se),
                     "numbers_per_weight": k + 2,
                 }
-                for k, ev in enumerate(pca)
+                for k, (ev, se) in enumerate(zip(pca, pca_se))
             ],
+            "gram": {
+                "sampled": sampled,
+                "weights": int(getattr(stats, "gram_weights", 0) or 0) if has_gram else 0,
+            },
         },
         "checkpoints": [
             {
@@ -173,9 +182,11 @@ def build_report(
     report["models"] = _models(
         model, report, original_bytes, int(model_bytes), baselines, gram, baseline_reconstructed
     )
-    if gram is not None and gram.estimated:
+    if sampled:
         report["notices"].append(
-            "the baselines' figures come from Gram matrices estimated on a sample of the weights"
+            f"the PCA and baseline figures come from a Gram matrix summed over a sample of "
+            f"{int(stats.gram_weights):,} of the {n_params:,} weights (its cost is T/2 "
+            f"multiply-adds per value); each PCA figure's standard error is in report.json"
         )
     return report
 

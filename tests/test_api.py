@@ -88,3 +88,34 @@ def test_progress_reports_every_stage_to_its_end(tmp_path):
         total = {n for t, _, n in calls if t == task}
         assert len(total) == 1 and done[-1] == total.pop()
         assert done == sorted(done)
+
+
+def test_a_report_from_a_sampled_gram_matrix_says_so_with_standard_errors(tmp_path, monkeypatch):
+    from cmdcli import fitting
+    from tests.builders import write_safetensors_run
+
+    p = planted_modes(n_weights=60_000, n_checkpoints=8, n_modes=3, seed=2, noise=0.05)
+    sds = [{"w": torch.from_numpy(p.W[:, t].astype(np.float32)).clone()} for t in range(8)]
+    write_safetensors_run(tmp_path / "run", sds, list(range(1, 9)))
+    opts = FitOptions(n_modes=3, max_memory=8000 * bytes_per_weight(8, 6))
+    exact = fit_run(tmp_path / "run", tmp_path / "exact", opts)
+    # as for a run of billions of weights: the Gram matrix over one weight in four
+    monkeypatch.setattr(fitting, "EXACT_GRAM_WEIGHTS", 1000)
+    monkeypatch.setattr(fitting, "MIN_GRAM_SAMPLE", 1000)
+    monkeypatch.setattr(fitting, "GRAM_MULADDS_PER_VALUE", 1)
+    sampled = fit_run(tmp_path / "run", tmp_path / "sampled", opts)
+
+    assert exact["baselines"]["gram"] == {"sampled": False, "weights": 60_000}
+    gram = sampled["baselines"]["gram"]
+    assert gram["sampled"] and 60_000 // 5 <= gram["weights"] <= 60_000 // 3
+    assert any("sample of" in n and "standard error" in n for n in sampled["notices"])
+    assert not any("sample of" in n for n in exact["notices"])
+    # CMD's own figures do not depend on the Gram matrix
+    assert sampled["explained_variance"] == pytest.approx(exact["explained_variance"], abs=1e-9)
+    for e, s in zip(exact["baselines"]["pca"], sampled["baselines"]["pca"], strict=True):
+        assert e["explained_variance_stderr"] == 0
+        assert 0 < s["explained_variance_stderr"] < 0.05
+        assert (
+            abs(s["explained_variance"] - e["explained_variance"])
+            <= 6 * s["explained_variance_stderr"] + 1e-9
+        )

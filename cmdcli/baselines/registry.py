@@ -103,7 +103,7 @@ class RunGram:
         cls, stats: Any, steps: Sequence[int], n_weights: int, checkpoint_bytes: int
     ) -> RunGram:
         """From :class:`cmdcli.fitting.FitStatistics` (``gram``, ``cross_per_checkpoint``,
-        ``mean_sumsq``; ``gram_is_estimate`` where the fit sampled the weights)."""
+        ``mean_sumsq``; ``gram_sampled`` where the fit sampled the weights)."""
         return cls(
             gram=np.array(stats.gram, dtype=np.float64),
             cross=np.array(stats.cross_per_checkpoint, dtype=np.float64),
@@ -111,7 +111,7 @@ class RunGram:
             steps=np.asarray(steps, dtype=np.int64),
             n_weights=int(n_weights),
             checkpoint_bytes=int(checkpoint_bytes),
-            estimated=bool(getattr(stats, "gram_is_estimate", False)),
+            estimated=bool(getattr(stats, "gram_sampled", False)),
         )
 
     @classmethod

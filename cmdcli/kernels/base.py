@@ -183,6 +183,7 @@ class BlockSums:
     alt_gain: Any  # float64 (number of alternative sets,)
     gram_weights: int = 0
     gram_group_weights: Any = None  # int64 (GRAM_GROUPS,)
+    origin: int = 0  # flat index in the run of the block's first weight
 
     @classmethod
     def empty(cls, n_alt: int, n_ckpt: int, width: int, new) -> BlockSums:
@@ -207,7 +208,7 @@ class BlockSums:
         """Every field as a numpy array (or int), on the CPU."""
         out: dict[str, Any] = {}
         for k, v in vars(self).items():
-            if isinstance(v, (int, np.ndarray)):
+            if isinstance(v, (int, np.integer, np.ndarray)):
                 out[k] = v
             else:  # a tensor
                 out[k] = v.detach().cpu().numpy()

@@ -191,7 +191,7 @@ def _gram(xc: np.ndarray, fix: np.ndarray, c0: int, stride: int, acc: BlockSums)
         return
     # Σ_i (xc_it − fix_i)² exactly, then the Gram matrix of a sample: the first
     # 1/stride of the piece's columns (contiguous, no copy), counted in the part
-    # GRAM_GROUPS cycles through piece by piece.
+    # that the piece's place in the run picks (cycling through GRAM_GROUPS).
     acc.sq_t += (
         np.einsum("tb,tb->t", xc, xc).astype(f64)
         - 2 * np.dot(xc, fix).astype(f64)
@@ -199,7 +199,7 @@ def _gram(xc: np.ndarray, fix: np.ndarray, c0: int, stride: int, acc: BlockSums)
     )
     n = -(-width // stride)
     g = _centred_gram(xc[:, :n], fix[:n])
-    group = (c0 // cpu_chunk(xc.shape[0])) % GRAM_GROUPS
+    group = ((acc.origin + c0) // width) % GRAM_GROUPS  # the piece's ordinal, about
     acc.gram += g
     acc.gram_groups[group] += g
     acc.gram_group_weights[group] += n
