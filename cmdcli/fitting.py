@@ -53,6 +53,7 @@ _Context = KernelContext  # the name older code and tests use
 BACKENDS = tuple(KERNELS)
 
 __all__ = [
+    "GRAM_GROUPS",
     "MAX_MAGNITUDE",
     "BlockResult",
     "KernelContext",
@@ -332,8 +333,8 @@ class FitStatistics:
     # When the Gram matrix is summed over a sample of the weights (see
     # ``stream_fit``): how many, and the same sum in disjoint parts.
     gram_weights: int = 0
-    gram_groups: np.ndarray = field(init=False)
-    gram_group_weights: np.ndarray = field(init=False)
+    gram_groups: np.ndarray | None = field(init=False)  # (GRAM_GROUPS, T, T)
+    gram_group_weights: np.ndarray | None = field(init=False)  # (GRAM_GROUPS,)
     n_weights: int = 0
     cross_per_checkpoint: np.ndarray = field(init=False)  # Σ_i xc_it · mean_i per t
     mean_sumsq: float = 0.0  # Σ_i mean_i²
@@ -343,8 +344,9 @@ class FitStatistics:
 
     def __post_init__(self) -> None:
         self.gram = np.zeros((self.n_checkpoints, self.n_checkpoints))
-        self.gram_groups = np.zeros((GRAM_GROUPS, self.n_checkpoints, self.n_checkpoints))
-        self.gram_group_weights = np.zeros(GRAM_GROUPS, dtype=np.int64)
+        # the parts of a sampled Gram matrix (None for an exact one)
+        self.gram_groups = None
+        self.gram_group_weights = None
         self.cross_per_checkpoint = np.zeros(self.n_checkpoints)
         self.sse_per_checkpoint = np.zeros(self.n_checkpoints)
         self.sumsq_per_checkpoint = np.zeros(self.n_checkpoints)
@@ -421,8 +423,10 @@ class FitStatistics:
         matrix; for a sampled one, the spread of the figures of the sample's
         disjoint parts, over √(number of parts)."""
         k = min(max_components, self.n_checkpoints)
+        if not self.gram_sampled or self.gram_groups is None:
+            return np.zeros(k)
         used = self.gram_group_weights > 0
-        if not self.gram_sampled or used.sum() < 2:
+        if used.sum() < 2:
             return np.zeros(k)
         ev = np.array([_pca_ev(g, k) for g in self.gram_groups[used]])
         return ev.std(axis=0, ddof=1) / np.sqrt(len(ev))
@@ -582,9 +586,13 @@ def _fit_centred(
 
 def _merge_into(stats: FitStatistics, part: FitStatistics) -> None:
     stats.gram += part.gram
-    stats.gram_groups += part.gram_groups
+    if part.gram_groups is not None:
+        if stats.gram_groups is None:
+            stats.gram_groups = np.zeros_like(part.gram_groups)
+            stats.gram_group_weights = np.zeros_like(part.gram_group_weights)
+        stats.gram_groups += part.gram_groups
+        stats.gram_group_weights += part.gram_group_weights
     stats.gram_weights += part.gram_weights
-    stats.gram_group_weights += part.gram_group_weights
     stats.cross_per_checkpoint += part.cross_per_checkpoint
     stats.mean_sumsq += part.mean_sumsq
     stats.sse_per_checkpoint += part.sse_per_checkpoint
@@ -651,9 +659,10 @@ def process_block(
     for i, name in enumerate(ctx.alt_names):
         part.alternative_gain[name] = float(h["alt_gain"][i])
     part.gram += h["gram"]
-    part.gram_groups += h["gram_groups"]
+    if len(h["gram_groups"]):
+        part.gram_groups = h["gram_groups"]
+        part.gram_group_weights = h["gram_group_weights"]
     part.gram_weights += int(h["gram_weights"])
-    part.gram_group_weights += h["gram_group_weights"]
     part.sse_per_checkpoint += np.clip(h["sse_t"], 0.0, None)
     x_mean = h["x_mean"]
     part.cross_per_checkpoint += h["cross_t"]
@@ -873,10 +882,10 @@ def stream_fit(
     gram : "auto" or int
         The T×T Gram matrix of the PCA baseline (and of every linear model of
         the run) costs T/2 multiply–adds per value, more than the fit itself once
-        T passes a few dozen. A stride s sums it over every s-th weight only, a
-        systematic sample, scaled to the run (``FitStatistics.gram_sampled``; the
-        spread between the sample's two halves is kept). "auto":
-        :func:`gram_stride`.
+        T passes a few dozen. A stride s sums it over about one weight in s,
+        drawn by a hash of each weight's index (:func:`cmdcli.kernels.gram_sample`),
+        scaled to the run (``FitStatistics.gram_sampled``; the sample's parts are
+        kept for the standard error). "auto": :func:`gram_stride`.
 
     Returns
     -------

@@ -90,37 +90,92 @@ def test_the_cpu_kernel_leaves_the_block_as_it_was_read():
     np.testing.assert_array_equal(x, before)
 
 
-@pytest.mark.parametrize(("name", "device"), PRESENT, ids=[f"{n}-{d}" for n, d in PRESENT])
-def test_a_sampled_gram_matrix_is_an_unbiased_estimate_with_an_honest_spread(name, device):
-    # Low-rank trajectories plus noise: the sampled Gram matrix, scaled to the run,
-    # must sit within a few of its stated spreads of the exact one.
-    rng = np.random.default_rng(0)
-    T = 16
-    N = 12 * fitting.cpu_chunk(T) + 999  # pieces enough for every part of the sample
+def test_the_gram_sample_depends_on_each_weights_place_in_the_run_only():
+    stride = 4
+    whole, counts = kernels.gram_sample(0, 200_000, stride)
+    # the same weights and parts however the run is cut into blocks and pieces
+    pieces = [(0, 777), (777, 65_536), (66_313, 133_687)]
+    parts = [kernels.gram_sample(first, width, stride) for first, width in pieces]
+    drawn = np.sort(np.concatenate([first + cols for (first, _), (cols, _) in zip(pieces, parts)]))
+    np.testing.assert_array_equal(drawn, np.sort(whole))
+    np.testing.assert_array_equal(sum(c for _, c in parts), counts)
+    # one weight in `stride`, spread evenly over the parts: binomial counts
+    n, p = 200_000, 1 / stride
+    assert abs(len(whole) - n * p) < 5 * np.sqrt(n * p * (1 - p))
+    q = p / kernels.GRAM_GROUPS
+    assert np.all(np.abs(counts - n * q) < 5 * np.sqrt(n * q * (1 - q)))
+    # and not tied to any period of a tensor's layout
+    for period in (2, 4, 8, 64, 1024, 4096):
+        share = np.bincount(whole % period, minlength=period) / len(whole)
+        assert np.all(np.abs(share - 1 / period) < 5 * np.sqrt(1 / (period * len(whole))))
+
+
+def _run_with_layout_structure(T=16, seed=0):
+    """Trajectories whose size and shape follow the weights' place in 4096-wide rows
+    and in blocks, as the tensors of a real network do (a sample tied to positions
+    would see a biased part of them)."""
+    rng = np.random.default_rng(seed)
+    n = 12 * fitting.cpu_chunk(T) + 999
     basis = rng.normal(size=(3, T)).cumsum(axis=1)
-    W = rng.normal(size=(N, 3)) @ basis + rng.normal(0, 0.3, (N, T)) + rng.normal(size=(N, 1))
-    refs = basis
-    exact = fitting.stream_fit(_Columns(W), refs, [], max_memory=10**9, gram=1, device=device)
-    sampled = fitting.stream_fit(_Columns(W), refs, [], max_memory=10**9, gram=4, device=device)
-    assert not exact.gram_sampled and sampled.gram_sampled
-    assert N // 5 <= sampled.gram_weights <= N // 3
+    pos = np.arange(n)
+    # the first columns of each 4096-wide row, and of each piece a kernel takes,
+    # move far more than the rest
+    loud = ((pos % 4096) < 512) | ((pos % fitting.cpu_chunk(T)) < fitting.cpu_chunk(T) // 8)
+    coef = rng.normal(size=(n, 3)) * np.where(loud, 30.0, 1.0)[:, None]
+    coef[:, 2] *= (pos // fitting.cpu_chunk(T)) % 2  # a direction only in every other piece
+    W = coef @ basis + rng.normal(0, 0.3, (n, T)) + rng.normal(size=(n, 1))
+    return W, basis
+
+
+@pytest.mark.parametrize(("name", "device"), PRESENT, ids=[f"{n}-{d}" for n, d in PRESENT])
+def test_a_sampled_gram_matrix_is_unbiased_and_its_standard_error_honest(name, device):
+    T = 16
+    W, refs = _run_with_layout_structure(T)
+    n = len(W)
+    budget = fitting.bytes_per_weight(T, 3) * 4 * fitting.cpu_chunk(T)  # several blocks
+    exact = fitting.stream_fit(_Columns(W), refs, [], max_memory=budget, gram=1, device=device)
+    stride = 4
+    sampled = fitting.stream_fit(
+        _Columns(W), refs, [], max_memory=budget, gram=stride, device=device
+    )
+    assert not exact.gram_sampled and exact.gram_groups is None
+    assert sampled.gram_sampled and sampled.gram_groups.shape == (kernels.GRAM_GROUPS, T, T)
+    cols, counts = kernels.gram_sample(0, n, stride)
+    assert sampled.gram_weights == len(cols)
+    np.testing.assert_array_equal(sampled.gram_group_weights, counts)
+
     # every other figure is exact whatever the Gram matrix's sampling: the same
     # float32 sums over a piece's columns, in another order (Σ xc² by rows, not
     # from the Gram matrix's diagonal)
     W32 = W.astype(np.float32).astype(np.float64)
     xc = W32 - W32.mean(axis=1, keepdims=True)
-    n = fitting.cpu_chunk(T) + T
-    bound = 4 * gamma(n) * ((np.abs(xc) + np.abs(W32.mean(axis=1, keepdims=True))) ** 2).sum(0)
+    bound = (
+        4
+        * gamma(fitting.cpu_chunk(T) + T)
+        * ((np.abs(xc) + np.abs(W32.mean(axis=1, keepdims=True))) ** 2).sum(0)
+    )
     assert_within(sampled.sumsq_per_checkpoint, exact.sumsq_per_checkpoint, bound, "sumsq")
     assert_within(sampled.sse_per_checkpoint, exact.sse_per_checkpoint, bound, "sse")
-    ev_exact = exact.pca_explained_variance(4)
-    ev, spread = sampled.pca_explained_variance(4), sampled.pca_explained_variance_spread(4)
-    assert (exact.pca_explained_variance_spread(4) == 0).all()
-    assert (spread > 0).all()
-    assert (np.abs(ev - ev_exact) <= 6 * spread + 1e-6).all(), (ev, ev_exact, spread)
-    # the trace is the run's variance, estimated to about 1/√n
-    rel = abs(np.trace(sampled.gram) / np.trace(exact.gram) - 1)
-    assert rel < 5 / np.sqrt(sampled.gram_weights)
+
+    # The sample's Gram matrix is exactly (to float32 rounding) n/n_s times that of
+    # the weights gram_sample names...
+    part = xc[cols]
+    A = np.abs(part)
+    tol = 4 * gamma(fitting.cpu_chunk(T) + T) * (A.T @ A) * n / len(cols)
+    assert_within(sampled.gram, part.T @ part * n / len(cols), tol, "sampled gram")
+    # ... and its trace estimates the run's variance without bias: within 5 standard
+    # deviations of the estimator (n/n_s·Σ over a 1/s Bernoulli sample of the
+    # per-weight variances v_i: variance (s − 1)·Σ v_i²)
+    v = (xc * xc).sum(axis=1)
+    sd = np.sqrt((stride - 1) * (v * v).sum())
+    assert abs(np.trace(sampled.gram) - v.sum()) < 5 * sd
+    # The stated standard errors: PCA figures within a few of them of the exact ones,
+    # and of the size the spread of independent samples has.
+    ev_exact = exact.pca_explained_variance(3)
+    ev, se = sampled.pca_explained_variance(3), sampled.pca_explained_variance_spread(3)
+    assert (exact.pca_explained_variance_spread(3) == 0).all()
+    assert (se > 0).all()
+    assert (np.abs(ev - ev_exact) <= 5 * se).all(), (ev, ev_exact, se)
 
 
 def test_gram_stride_is_exact_for_small_runs_and_bounded_in_cost_for_large_ones():

@@ -14,7 +14,15 @@ one line in ``KERNELS`` below, and nothing else: the agreement test
 
 from __future__ import annotations
 
-from .base import GRAM_GROUPS, MAX_MAGNITUDE, BlockSums, Kernel, KernelContext, NonFiniteColumn
+from .base import (
+    GRAM_GROUPS,
+    MAX_MAGNITUDE,
+    BlockSums,
+    Kernel,
+    KernelContext,
+    NonFiniteColumn,
+    gram_sample,
+)
 from .numpy_kernel import CHUNK_BYTES, NumpyKernel, cpu_chunk
 from .torch_kernel import TorchKernel
 
@@ -30,6 +38,7 @@ __all__ = [
     "cpu_chunk",
     "default_kernel",
     "get_kernel",
+    "gram_sample",
 ]
 
 KERNELS: dict[str, Kernel] = {

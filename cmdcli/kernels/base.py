@@ -25,12 +25,13 @@ Sums over the piece's weights (float64):
 * ``sse_t`` = Σ_i (w − ŵ)²  and  ``sq_t`` = Σ_i xc_it², per checkpoint;
 * ``cross_t`` = Σ_i xc_it·x̄_i, per checkpoint;
 * ``gram`` = Σ_i xc_i·xc_iᵀ (T×T) over every weight or, with a
-  ``ctx.gram_stride`` s > 1, over a sample of 1/s of them (which ones is the
-  kernel's choice: a contiguous part of each piece for the CPU kernel),
-  ``gram_weights`` how many; for a sample, ``gram_groups`` splits the same sum
-  into ``GRAM_GROUPS`` disjoint parts of about equal size, with their counts in
-  ``gram_group_weights`` (the spread between the parts says how far the
-  sampled matrix may be from the exact one);
+  ``ctx.gram_stride`` s > 1, over the weights :func:`gram_sample` draws (about
+  1/s of them, by a hash of their flat index in the run: the same weights on
+  every kernel, unrelated to any tensor's layout), ``gram_weights`` how many;
+  for a sample, ``gram_groups`` splits the same sum into the ``GRAM_GROUPS``
+  disjoint parts the hash also assigns, with their counts in
+  ``gram_group_weights`` (the spread between the parts gives the standard error
+  of figures drawn from the sample);
 * ``alt_gain[k]`` = Σ_i min(max_m' cov_im'²/‖rc_m'‖², Σ_t xc_it²) for the k-th
   set of alternative references (the variance the best of them explains).
 
@@ -51,6 +52,7 @@ from ..errors import InputError
 
 __all__ = [
     "GRAM_GROUPS",
+    "gram_sample",
     "MAX_MAGNITUDE",
     "BlockSums",
     "Kernel",
@@ -64,6 +66,36 @@ MAX_MAGNITUDE = 1e15
 
 # Parts a sampled Gram matrix is summed in, for its standard error.
 GRAM_GROUPS = 8
+
+
+_HASH = np.uint64(0x9E3779B97F4A7C15)  # 2⁶⁴/φ: Fibonacci hashing
+
+
+def gram_sample(first: int, width: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the weights ``first … first + width − 1`` (flat indices in the run)
+    a Gram matrix sampled at ``stride`` sums, and in which part.
+
+    Each weight's index is hashed (multiplied by 2⁶⁴/φ, top 32 bits kept) into
+    one of ``stride · GRAM_GROUPS`` equal buckets; buckets 0 … GRAM_GROUPS − 1
+    are the sample, each its own part. So every weight is drawn with probability
+    1/stride, independently of where tensors start or how a run is cut into
+    blocks and pieces, and every kernel draws the same ones.
+
+    Returns
+    -------
+    columns : int64 array
+        The sampled columns (0-based in the range), part by part.
+    counts : int64 array of shape (GRAM_GROUPS,)
+        How many of them fall in each part, in order.
+    """
+    index = np.arange(first, first + width, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = (index * _HASH) >> np.uint64(32)
+    bucket = h // np.uint64((1 << 32) // (stride * GRAM_GROUPS))
+    chosen = np.flatnonzero(bucket < GRAM_GROUPS)
+    part = bucket[chosen].astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    return chosen[order], np.bincount(part, minlength=GRAM_GROUPS)
 
 
 class NonFiniteColumn(InputError):
@@ -176,7 +208,7 @@ class BlockSums:
     x_sq: Any  # float64 (B,)
     w_sse: Any  # float64 (B,)
     gram: Any  # float64 (T, T)
-    gram_groups: Any  # float64 (GRAM_GROUPS, T, T)
+    gram_groups: Any  # float64 (GRAM_GROUPS, T, T); (0, T, T) for an exact Gram matrix
     sse_t: Any  # float64 (T,)
     sq_t: Any  # float64 (T,)
     cross_t: Any  # float64 (T,)
@@ -186,8 +218,12 @@ class BlockSums:
     origin: int = 0  # flat index in the run of the block's first weight
 
     @classmethod
-    def empty(cls, n_alt: int, n_ckpt: int, width: int, new) -> BlockSums:
-        """Accumulators made by ``new(shape, kind, zero)``, kind one of "f32", "f64", "i64"."""
+    def empty(cls, n_alt: int, n_ckpt: int, width: int, new, sampled: bool = False) -> BlockSums:
+        """Accumulators made by ``new(shape, kind, zero)``, kind one of "f32", "f64", "i64".
+
+        The parts of a sampled Gram matrix only where it is ``sampled``.
+        """
+        groups = GRAM_GROUPS if sampled else 0
         return cls(
             a=new(width, "f32", False),
             b=new(width, "f32", False),
@@ -196,8 +232,8 @@ class BlockSums:
             x_sq=new(width, "f64", False),
             w_sse=new(width, "f64", False),
             gram=new((n_ckpt, n_ckpt), "f64", True),
-            gram_groups=new((GRAM_GROUPS, n_ckpt, n_ckpt), "f64", True),
-            gram_group_weights=np.zeros(GRAM_GROUPS, dtype=np.int64),
+            gram_groups=new((groups, n_ckpt, n_ckpt), "f64", True),
+            gram_group_weights=np.zeros(groups, dtype=np.int64),
             sse_t=new(n_ckpt, "f64", True),
             sq_t=new(n_ckpt, "f64", True),
             cross_t=new(n_ckpt, "f64", True),

@@ -11,7 +11,7 @@ which stays in the core's caches through the rest):
    in float64 instead (a constant weight is still rebuilt exactly);
 2. Σ xc² per column (one fused pass);
 3. the Gram matrix (``syrk``), over all columns or, with a ``gram_stride`` s,
-   over the first 1/s of each piece's;
+   over the 1/s of them that :func:`~.base.gram_sample` draws;
 4. every score at once: the references, centred and scaled to norm 1, times the
    piece (centring folds into this product: the references sum to 0);
 5. the best mode by a running maximum over the M rows, a and b in float64;
@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from .base import GRAM_GROUPS, MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn
+from .base import MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn, gram_sample
 
 # Columns per piece: a (T, columns) float32 piece of about this many bytes stays
 # in the core's caches through the passes over it.
@@ -84,7 +84,9 @@ class NumpyKernel:
         def new(shape, kind, zero):
             return (np.zeros if zero else np.empty)(shape, _DTYPES[kind])
 
-        return BlockSums.empty(len(ctx.alt_names), n_checkpoints, width, new)
+        return BlockSums.empty(
+            len(ctx.alt_names), n_checkpoints, width, new, sampled=ctx.gram_stride > 1
+        )
 
     def prepare(self, x, device: str) -> np.ndarray:
         values = x if isinstance(x, np.ndarray) else x.numpy()
@@ -126,7 +128,7 @@ def _columns(
     if too_big.any():  # before any sum of this piece is kept: float32 would overflow
         raise NonFiniteColumn(c0 + int(np.flatnonzero(too_big)[0]))
 
-    # 3. The Gram matrix of the centred columns (all of them, or a systematic sample).
+    # 3. The Gram matrix of the centred columns (all of them, or a hashed sample).
     _gram(xc, fix, c0, ctx.gram_stride, acc)
 
     # 4.–5. Scores, modes, coefficients.
@@ -189,21 +191,25 @@ def _gram(xc: np.ndarray, fix: np.ndarray, c0: int, stride: int, acc: BlockSums)
         acc.sq_t += np.diagonal(g)
         acc.gram_weights += width
         return
-    # Σ_i (xc_it − fix_i)² exactly, then the Gram matrix of a sample: the first
-    # 1/stride of the piece's columns (contiguous, no copy), counted in the part
-    # that the piece's place in the run picks (cycling through GRAM_GROUPS).
+    # Σ_i (xc_it − fix_i)² exactly, then the Gram matrix of the sample the hash
+    # of each weight's place in the run draws (gram_sample), part by part.
     acc.sq_t += (
         np.einsum("tb,tb->t", xc, xc).astype(f64)
         - 2 * np.dot(xc, fix).astype(f64)
         + float(np.dot(fix.astype(f64), fix.astype(f64)))
     )
-    n = -(-width // stride)
-    g = _centred_gram(xc[:, :n], fix[:n])
-    group = ((acc.origin + c0) // width) % GRAM_GROUPS  # the piece's ordinal, about
-    acc.gram += g
-    acc.gram_groups[group] += g
-    acc.gram_group_weights[group] += n
-    acc.gram_weights += n
+    columns, counts = gram_sample(acc.origin + c0, width, stride)
+    sample = np.take(xc, columns, axis=1)  # a copy of 1/stride of the piece
+    sample_fix = fix[columns]
+    lo = 0
+    for k, n in enumerate(counts.tolist()):
+        if n:
+            g = _centred_gram(sample[:, lo : lo + n], sample_fix[lo : lo + n])
+            acc.gram += g
+            acc.gram_groups[k] += g
+            acc.gram_group_weights[k] += n
+            lo += n
+    acc.gram_weights += lo
 
 
 def _centred_gram(part: np.ndarray, fix: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import GRAM_GROUPS, MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn
+from .base import MAX_MAGNITUDE, BlockSums, KernelContext, NonFiniteColumn, gram_sample
 
 
 def _torch():
@@ -63,7 +63,9 @@ class TorchKernel:
             make = torch.zeros if zero else torch.empty
             return make(shape, dtype=kinds[kind], device=torch.device(device))
 
-        return BlockSums.empty(len(ctx.alt_names), n_checkpoints, width, new)
+        return BlockSums.empty(
+            len(ctx.alt_names), n_checkpoints, width, new, sampled=ctx.gram_stride > 1
+        )
 
     def prepare(self, x, device: str):
         torch = _torch()
@@ -122,19 +124,20 @@ def _columns(x, c0: int, forced: dict[int, int], ctx: KernelContext, acc: BlockS
         acc.gram += g
         acc.sq_t += torch.diagonal(g)
         acc.gram_weights += width
-    else:  # a sample: the first 1/stride of the columns, in GRAM_GROUPS parts
+    else:  # the sample gram_sample draws, part by part (the CPU kernel's weights)
         acc.sq_t += torch.linalg.vector_norm(x, dim=1).to(f64) ** 2
-        n = -(-width // stride)
-        edges = np.linspace(0, n, GRAM_GROUPS + 1).astype(int)
-        for k in range(GRAM_GROUPS):
-            lo, hi = int(edges[k]), int(edges[k + 1])
-            if hi > lo:
-                part = x[:, lo:hi]
+        columns, counts = gram_sample(acc.origin + c0, width, stride)
+        sample = x.index_select(1, torch.from_numpy(columns).to(dev))
+        lo = 0
+        for k, n in enumerate(counts.tolist()):
+            if n:
+                part = sample[:, lo : lo + n]
                 g = (part @ part.T).to(f64)
                 acc.gram += g
                 acc.gram_groups[k] += g
-                acc.gram_group_weights[k] += hi - lo
-        acc.gram_weights += n
+                acc.gram_group_weights[k] += n
+                lo += n
+        acc.gram_weights += lo
 
     # Scores against every reference (and the alternatives), scaled to norm 1.
     c = tab["unit"] @ x  # (M + ΣM', width)
