@@ -280,6 +280,35 @@ class CheckpointReader(ABC):
         flat = self.read(name)
         return flat[torch.from_numpy(np.ascontiguousarray(idx))]
 
+    def gather_many(self, index: dict[str, np.ndarray]) -> np.ndarray:
+        """The elements at the given positions of several float tensors, as float64.
+
+        Pass 1 of a fit asks every checkpoint for the same positions this way.
+
+        Parameters
+        ----------
+        index : dict of str to numpy.ndarray
+            Tensor name → 1-D integer positions, as for :meth:`gather`; the tensors
+            are floating point.
+
+        Returns
+        -------
+        numpy.ndarray of shape (n,)
+            float64, ``n`` the total number of positions: the tensors' elements one
+            tensor after the other in the order of ``index``, each in the order of
+            its positions. The values are exact (every float dtype read fits in float64).
+
+        Readers that can read the elements of many tensors in a few calls override
+        this; the default gathers tensor by tensor.
+        """
+        out = np.empty(sum(len(v) for v in index.values()))
+        r = 0
+        for name, idx in index.items():
+            values = self.gather(name, idx)
+            out[r : r + len(values)] = values.to(torch.float64).numpy()
+            r += len(values)
+        return out
+
     @abstractmethod
     def close(self) -> None:
         """Release the files (or the mapping); further reads raise ``ValueError``."""
