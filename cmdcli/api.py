@@ -12,6 +12,7 @@ import fnmatch
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -166,8 +167,10 @@ class RunSource:
         self.unmodelled_values: dict[str, torch.Tensor] = {}
         self.progress = progress
         # Block buffers handed back by pass 2 for the next block: a fresh 100 MB
-        # allocation costs ~40 ms of page faults every time.
-        self._free: list[torch.Tensor] = []
+        # allocation costs ~40 ms of page faults every time. Those lent out are
+        # found again by the address of their first element.
+        self._free: list[np.ndarray] = []
+        self._lent: dict[int, np.ndarray] = {}
         self._free_lock = threading.Lock()
         # Pass 2 keeps safetensors readers open from block to block (their headers
         # parsed once); they read with pread, so nothing stays mapped.
@@ -185,27 +188,29 @@ class RunSource:
         """
         state = dict(self.__dict__)
         state.update(progress=None, unmodelled={}, unmodelled_values={}, keep_unmodelled=False)
-        for key in ("_free", "_free_lock", "_readers"):
+        for key in ("_free", "_lent", "_free_lock", "_readers"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._free, self._free_lock, self._readers = [], threading.Lock(), {}
+        self._free, self._lent, self._free_lock, self._readers = [], {}, threading.Lock(), {}
         # A copy lives for one task (on a Dask worker): nothing may outlive it.
         self._keep_readers = False
 
-    def release(self, block: torch.Tensor) -> None:
+    def release(self, block: np.ndarray | torch.Tensor) -> None:
         """Take back a block returned by :meth:`read_block` once it is no longer used."""
-        base = block if block._base is None else block._base
+        address = _address(block)
         with self._free_lock:
-            if len(self._free) < 4:
+            base = self._lent.pop(address, None)
+            if base is not None and len(self._free) < 4:
                 self._free.append(base)
 
     def drop_buffers(self) -> None:
         """Free the block buffers and close the readers kept for reuse (pass 2 is over)."""
         with self._free_lock:
             self._free.clear()
+            self._lent.clear()
             readers, self._readers = list(self._readers.values()), {}
         for reader in readers:
             reader.close()
@@ -229,12 +234,17 @@ class RunSource:
             reader.close()
         yield kept
 
-    def _buffer(self, width: int) -> torch.Tensor:
+    def _buffer(self, width: int) -> np.ndarray:
+        """A (T, width) float32 block buffer, C-contiguous: a free one if one is wide enough."""
         with self._free_lock:
-            for i, buf in enumerate(self._free):
-                if buf.shape[1] >= width:
-                    return self._free.pop(i)[:, :width]
-        return torch.empty((self.n_checkpoints, width), dtype=torch.float32)
+            base = next((b for b in self._free if b.size >= self.n_checkpoints * width), None)
+            if base is None:
+                base = np.empty(self.n_checkpoints * width, dtype=np.float32)
+            else:
+                self._free.remove(base)
+            out = base[: self.n_checkpoints * width].reshape(self.n_checkpoints, width)
+            self._lent[_address(out)] = base
+        return out
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -272,26 +282,34 @@ class RunSource:
                 w.write(name, reader.read(name))
         return replace(ckpt, path=path, format="safetensors", weight_files=(path,), lazy=True)
 
-    def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
+    def read_block(self, segments: Sequence[Segment]) -> np.ndarray | torch.Tensor:
+        """The block's float32 (T, B) values: each checkpoint's row read in a few calls.
+
+        A numpy array; while torch is loaded anyway, a torch tensor sharing its memory
+        (the pass-2 kernel of this version takes torch tensors).
+        """
         width = sum(s.size for s in segments)
         out = self._buffer(width)
+        ranges = tuple((s.tensor, s.start, s.stop) for s in segments)
         for t in range(len(self._block_checkpoints)):
             with _unchanged(self.checkpoints[t]), self._block_reader(t) as reader:
-                col = 0
-                for seg in segments:
-                    reader.read_into(seg.tensor, seg.start, seg.stop, out[t, col : col + seg.size])
-                    col += seg.size
-        return out  # NaN and Inf are found by pass 2 itself (see locate_nonfinite)
+                reader.read_segments(ranges, out[t])
+        # NaN and Inf are found by pass 2 itself (see locate_nonfinite)
+        return torch.from_numpy(out) if "torch" in sys.modules else out
 
-    def locate_nonfinite(self, block: torch.Tensor, segments: Sequence[Segment], column: int):
+    def locate_nonfinite(
+        self, block: np.ndarray | torch.Tensor, segments: Sequence[Segment], column: int
+    ):
         """Raise an error naming the checkpoint and tensor of column ``column``'s NaN/Inf."""
+        block = np.asarray(block)
         col = 0
         for seg in segments:
             if col <= column < col + seg.size:
-                bad = torch.nonzero(~torch.isfinite(block[:, column]))
+                bad = np.flatnonzero(~np.isfinite(block[:, column]))
                 if len(bad):
-                    _check_finite(
-                        block[int(bad[0]), column], self.checkpoints[int(bad[0])], seg.tensor
+                    raise CheckpointError(
+                        f"{printable(self.checkpoints[int(bad[0])].name)}: tensor "
+                        f"{printable(seg.tensor)!r} contains NaN or Inf values"
                     )
                 raise InputError(
                     f"tensor {printable(seg.tensor)!r}: values beyond "
@@ -300,6 +318,13 @@ class RunSource:
                 )
             col += seg.size
         raise InputError(f"NaN or Inf values in column {column} of a block")
+
+
+def _address(block: np.ndarray | torch.Tensor) -> int:
+    """Address of a block's first element (a numpy array, or a tensor sharing its memory)."""
+    if isinstance(block, np.ndarray):
+        return block.__array_interface__["data"][0]
+    return block.data_ptr()
 
 
 @contextmanager

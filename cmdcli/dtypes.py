@@ -7,7 +7,15 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["CODE_DTYPES", "CODE_ITEMSIZE", "DTYPE_CODES", "FLOAT_CODES", "decode_float", "itemsize"]
+__all__ = [
+    "CODE_DTYPES",
+    "CODE_ITEMSIZE",
+    "DTYPE_CODES",
+    "FLOAT_CODES",
+    "decode_float",
+    "itemsize",
+    "widen_into",
+]
 
 CODE_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -98,3 +106,32 @@ def decode_float(code: str, raw: np.ndarray) -> np.ndarray:
     if code == "F8_E4M3":
         return _e4m3fn_table()[raw]
     raise ValueError(f"not a floating-point dtype code: {code!r}")
+
+
+def widen_into(code: str, raw: np.ndarray, out: np.ndarray) -> None:
+    """Write the values of raw float elements into the float32 array ``out``.
+
+    What ``torch.Tensor.copy_`` into a float32 tensor gives, without torch: half,
+    bfloat16 and float8 values exactly, float64 rounded to nearest (beyond the float32
+    range: ±Inf).
+
+    Parameters
+    ----------
+    code : str
+        Safetensors dtype code of ``raw``, one of :data:`FLOAT_CODES`.
+    raw : numpy.ndarray
+        The elements as stored, unsigned integers of the dtype's width.
+    out : numpy.ndarray
+        float32, as many elements as ``raw``.
+    """
+    if code == "BF16":  # straight into out's bits, no temporary
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw.view(np.uint16))
+        bits <<= 16
+    elif code == "F64":
+        with np.errstate(over="ignore"):
+            np.copyto(out, raw.view(np.float64), casting="same_kind")
+    elif code == "F16":
+        np.copyto(out, raw.view(np.float16))
+    else:
+        np.copyto(out, decode_float(code, raw))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -243,6 +243,29 @@ class CheckpointReader(ABC):
         save a copy.
         """
         out.copy_(self.read(name, start, stop))
+
+    def read_segments(self, segments: Sequence[tuple[str, int, int]], out: np.ndarray) -> None:
+        """Read flat element ranges of several float tensors, back to back, into ``out``.
+
+        Pass 2 of a fit reads a block's row of each checkpoint this way.
+
+        Parameters
+        ----------
+        segments : sequence of (str, int, int)
+            ``(name, start, stop)``: elements ``[start, stop)`` of tensor ``name``, as
+            for :meth:`read`; the tensors are floating point.
+        out : numpy.ndarray
+            1-D float32, C-contiguous, ``sum(stop - start)`` elements: filled with the
+            values converted to float32 (exactly, but for float64 rounded to nearest).
+
+        Readers that can read many ranges in a few calls override this; the default
+        reads range by range with :meth:`read_into`.
+        """
+        row = torch.from_numpy(out)
+        col = 0
+        for name, start, stop in segments:
+            self.read_into(name, start, stop, row[col : col + stop - start])
+            col += stop - start
 
     def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
         """Read the flat elements of one tensor at the given positions.

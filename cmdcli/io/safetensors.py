@@ -14,6 +14,7 @@ piece of it) in memory at a time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..dtypes import CODE_DTYPES, DTYPE_CODES, FLOAT_CODES, decode_float, itemsize
+from ..dtypes import (
+    CODE_DTYPES,
+    CODE_ITEMSIZE,
+    DTYPE_CODES,
+    FLOAT_CODES,
+    decode_float,
+    itemsize,
+    widen_into,
+)
 from ..errors import CheckpointError, InputError
 from . import jsonio
 from .base import CheckpointReader, TensorSpec, check_index, check_range
@@ -269,6 +278,34 @@ def _check_entry(
 # --------------------------------------------------------------------------- reading
 
 
+# read_segments(): plans by (layout, segments), the layouts interned as small ints.
+_SEGMENT_PLANS = 256
+_segment_plans: dict[tuple, tuple] = {}
+_layouts: dict[tuple, int] = {}
+_layouts_lock = threading.Lock()
+_layout_ids = itertools.count()
+_scratch_local = threading.local()
+
+
+def _layout_id(layout: tuple) -> int:
+    """A small int naming ``layout``; equal layouts get the same one."""
+    with _layouts_lock:
+        if len(_layouts) > 64:  # runs of many layouts: forget the old ones
+            _layouts.clear()
+        if layout not in _layouts:
+            _layouts[layout] = next(_layout_ids)  # never reused, even after a clear
+        return _layouts[layout]
+
+
+def _scratch(kind: str, nbytes: int) -> memoryview:
+    """This thread's scratch buffer ``kind``, at least ``nbytes`` long, reused."""
+    buf = getattr(_scratch_local, kind, None)
+    if buf is None or len(buf) < nbytes:
+        buf = memoryview(bytearray(max(nbytes, 1)))
+        setattr(_scratch_local, kind, buf)
+    return buf
+
+
 class _Located(NamedTuple):
     spec: TensorSpec
     file: int  # index into the reader's files
@@ -308,6 +345,13 @@ class SafetensorsReader(CheckpointReader):
                     )
                 self._entries[name] = _Located(e.spec, i, e.start, e.itemsize)
                 self.where[name] = path.name
+        # The layout (where every tensor lies): readers of checkpoints laid out alike
+        # share the read plans of read_segments.
+        self._layout = _layout_id(
+            tuple(
+                (n, e.file, e.offset, DTYPE_CODES[e.spec.dtype]) for n, e in self._entries.items()
+            )
+        )
         # File descriptors are opened on first use: a reader of a sharded checkpoint
         # that is only asked for one tensor keeps one fd, not one per shard.
         self._fds: list[int | None] = [None] * len(self._files)
@@ -382,6 +426,92 @@ class SafetensorsReader(CheckpointReader):
         # Same dtype: the bytes go from the file straight into the block.
         raw = memoryview(out.view(torch.uint8).numpy())
         self._read_bytes(entry, raw, entry.offset + start * entry.itemsize)
+
+    def read_segments(self, segments: Sequence[tuple[str, int, int]], out: np.ndarray) -> None:
+        if self._closed:
+            raise ValueError("read from a closed CheckpointReader")
+        key = (self._layout, tuple(segments))
+        plan = _segment_plans.get(key)
+        if plan is None:
+            plan = self._segments_plan(key[1])
+            with _many_plans_lock:
+                _segment_plans[key] = plan
+                while len(_segment_plans) > _SEGMENT_PLANS:
+                    del _segment_plans[next(iter(_segment_plans))]
+        spans, decodes, stage_bytes, width = plan
+        if out.dtype != np.float32 or out.ndim != 1 or out.nbytes != width:
+            raise ValueError(
+                f"out must be 1-D float32 of {width // 4} elements, got {out.dtype} {out.shape}"
+            )
+        row = memoryview(out).cast("B")  # raises for a non-contiguous out
+        stage = _scratch("stage", stage_bytes) if stage_bytes else row
+        trash = _scratch("trash", _SPAN_GAP)
+        for file, offset, parts, total in spans:
+            bufs = [
+                row[at : at + n] if kind == "out" else stage[at : at + n] if kind else trash[:n]
+                for kind, at, n, _ in parts
+            ]
+            fd = self._fd(file)
+            try:
+                got = os.preadv(fd, bufs, offset) if _HAVE_PREADV else -1
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{self._displays[file]}: cannot read ({exc.strerror or exc})"
+                ) from exc
+            if got != total:  # short (EOF, a signal) or no preadv: one part at a time
+                for (_, _, n, name), buf in zip(parts, bufs, strict=True):
+                    if name is not None:
+                        self._read_bytes(self._entries[name], buf, offset)
+                    offset += n
+        for code, at, n, col in decodes:
+            item = CODE_ITEMSIZE[code]
+            raw = np.frombuffer(stage, dtype=_ELEMENT_TYPES[item], count=n, offset=at)
+            widen_into(code, raw, out[col : col + n])
+
+    def _segments_plan(self, segments: tuple[tuple[str, int, int], ...]):
+        """Spans (one preadv each), decodes and staging bytes of :meth:`read_segments`.
+
+        A span's parts are ``(kind, at, length, tensor)``: ``kind`` "out" reads float32
+        bytes straight into the row at byte ``at``, "stage" reads other widths into the
+        staging buffer, None throws the bytes between two ranges away.
+        """
+        pieces = []  # (file, file byte, length, kind, at, tensor)
+        decodes = []  # (code, staging byte, elements, column)
+        stage = col = 0
+        for name, start, stop in segments:
+            entry = self._entry(name)
+            start, stop = check_range(entry.spec, start, stop)
+            code = DTYPE_CODES[entry.spec.dtype]
+            if code not in FLOAT_CODES:
+                raise TypeError(f"tensor {name!r} is not floating point ({code})")
+            n = stop - start
+            if n:
+                begin = entry.offset + start * entry.itemsize
+                if code == "F32":
+                    pieces.append((entry.file, begin, n * 4, "out", col * 4, name))
+                else:
+                    pieces.append((entry.file, begin, n * entry.itemsize, "stage", stage, name))
+                    decodes.append((code, stage, n, col))
+                    stage += n * entry.itemsize
+            col += n
+        pieces.sort(key=lambda p: (p[0], p[1]))
+        spans = []
+        for file, begin, length, kind, at, name in pieces:
+            if spans:
+                s_file, s_off, parts, total = spans[-1]
+                gap = begin - (s_off + total)
+                if s_file == file and 0 <= gap < _SPAN_GAP and len(parts) + 2 <= _IOV_MAX:
+                    last = parts[-1]
+                    if gap == 0 and last[0] == kind and last[1] + last[2] == at:
+                        parts[-1] = (kind, last[1], last[2] + length, last[3])  # one iovec
+                    else:
+                        if gap:
+                            parts.append((None, 0, gap, None))
+                        parts.append((kind, at, length, name))
+                    spans[-1] = (file, s_off, parts, total + gap + length)
+                    continue
+            spans.append((file, begin, [(kind, at, length, name)], length))
+        return spans, decodes, stage, col * 4
 
     def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
         entry = self._entry(name)
