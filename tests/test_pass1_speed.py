@@ -407,3 +407,24 @@ def test_gather_many_from_file_truncated_after_open(tmp_path: Path) -> None:
             CheckpointError, match=r"^step_1\.safetensors: file is truncated: tensor 'h_f32'"
         ):
             reader.gather_many({"b_f32": np.array([0]), "h_f32": np.array([0, 49_999])})
+
+
+def test_headers_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ck, "_headers", {})
+    parsed = []
+    real = ck.parse_header
+    monkeypatch.setattr(ck, "parse_header", lambda *a: parsed.append(a[2]) or real(*a))
+    sd = {"w": torch.randn(10), "v": torch.randn(3)}
+    for step in (1, 2):
+        save_file(sd, tmp_path / f"step_{step}.safetensors")
+    run = discover(tmp_path)
+    for ckpt in run.checkpoints * 2:
+        with ckpt.open() as reader:
+            assert set(reader.specs()) == {"w", "v"}
+    assert parsed == ["step_1.safetensors"]  # the same bytes and size: checked once
+    # A file of another size (trailing bytes) is checked anew, and refused, naming it.
+    with open(tmp_path / "step_2.safetensors", "ab") as fh:
+        fh.write(b"\0" * 4)
+    with pytest.raises(CheckpointError, match=r"^step_2\.safetensors: .*trailing data"):
+        run.checkpoints[1].open()
+    assert parsed == ["step_1.safetensors", "step_2.safetensors"]

@@ -175,7 +175,36 @@ def read_header(path: Path, display: str | None = None) -> SafetensorsHeader:
         raise CheckpointError(f"{display}: cannot read ({exc.strerror or exc})") from exc
     finally:
         os.close(fd)
-    return parse_header(bytes(raw), size, display)
+    return _parsed(bytes(raw), size, display)
+
+
+# A fit reads every checkpoint's header three times (discovery, pass 1, pass 2), and
+# the checkpoints of a run mostly have the same header: a header of 2,000 tensors takes
+# ~45 ms to check. The check is a function of the header's bytes and the file size
+# alone (the name shown only goes into errors, which are not kept), so a header seen
+# before is not checked again. SafetensorsHeader and its entries are immutable.
+_HEADERS = 16
+_HEADER_CACHE_BYTES = 4 * 1024 * 1024
+_headers: dict[tuple[bytes, int], SafetensorsHeader] = {}
+_headers_lock = threading.Lock()
+
+
+def _parsed(raw: bytes, size: int, display: str) -> SafetensorsHeader:
+    """:func:`parse_header`, remembered for small headers."""
+    if len(raw) > _HEADER_CACHE_BYTES:
+        return parse_header(raw, size, display)
+    key = (raw, size)
+    with _headers_lock:
+        header = _headers.pop(key, None)
+        if header is not None:
+            _headers[key] = header  # now the most recently used
+            return header
+    header = parse_header(raw, size, display)
+    with _headers_lock:
+        _headers[key] = header
+        while len(_headers) > _HEADERS:
+            del _headers[next(iter(_headers))]
+    return header
 
 
 def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
