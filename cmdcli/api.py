@@ -30,7 +30,7 @@ from .errors import CheckpointError, InputError
 from .fitting import Progress, Segment
 from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
 from .io.jsonio import dumps, non_finite_paths
-from .io.modelfile import CheckpointRecord
+from .io.modelfile import CheckpointRecord, read_range
 from .io.names import MODEL_FILE, RECONSTRUCTED_DIR, REPORT_JSON, REPORT_MD
 from .io.paths import is_inside, printable
 from .io.registry import get_format
@@ -1092,10 +1092,10 @@ def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype):
     refs = torch.from_numpy(model.references_[:, [t]])
     for start in range(sl.start, sl.stop, _RECONSTRUCT_CHUNK):
         stop = min(start + _RECONSTRUCT_CHUNK, sl.stop)
-        values = fitting.reconstruct_values(
-            torch.from_numpy(model.a_[start:stop]),
-            torch.from_numpy(model.b_[start:stop]),
-            torch.from_numpy(model.modes_[start:stop].astype(np.int64)),
+        values = fitting.reconstruct_values(  # read_range: the model file's pages let go
+            torch.from_numpy(read_range(model.a_, start, stop)),
+            torch.from_numpy(read_range(model.b_, start, stop)),
+            torch.from_numpy(read_range(model.modes_, start, stop).astype(np.int64)),
             refs,
         )[0]
         if not bool(torch.isfinite(values).all()):

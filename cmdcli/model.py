@@ -25,13 +25,20 @@ from . import fitting
 from . import references as refs_mod
 from .errors import InputError, NotFittedError
 from .fitting import BlockResult, Progress, Segment, TrajectorySource
-from .io.modelfile import FORMAT_NAME, FORMAT_VERSION, REFERENCE_KINDS, CoefficientSink
+from .io.modelfile import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REFERENCE_KINDS,
+    CoefficientSink,
+    read_range,
+)
 from .io.safetensors import SafetensorsWriter
 
 __all__ = ["CMD", "ArraySource", "FORMAT_NAME", "FORMAT_VERSION", "REFERENCE_KINDS"]
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 MAX_AUTO_MODES = 20
+_SAVE_CHUNK = 4 * 2**20  # weights per piece when saving coefficients held as maps
 
 
 class ArraySource:
@@ -563,11 +570,11 @@ class CMD:
         """
         self._check_fitted()
         idx = self._checkpoint_index(checkpoints)
-        sl = self.tensor_slice(tensor) if tensor is not None else slice(None)
+        sl = self.tensor_slice(tensor) if tensor is not None else slice(0, len(self.a_))
         values = fitting.reconstruct_values(
-            torch.from_numpy(self.a_[sl]),
-            torch.from_numpy(self.b_[sl]),
-            torch.from_numpy(self.modes_[sl].astype(np.int64)),
+            torch.from_numpy(read_range(self.a_, sl.start, sl.stop)),
+            torch.from_numpy(read_range(self.b_, sl.start, sl.stop)),
+            torch.from_numpy(read_range(self.modes_, sl.start, sl.stop).astype(np.int64)),
             torch.from_numpy(self.references_[:, idx]),
         ).T.numpy()
         return values[:, 0] if np.ndim(checkpoints) == 0 and checkpoints is not None else values
@@ -602,9 +609,13 @@ class CMD:
         with self._open_writer(path, shapes, steps, metadata, extra) as w:
             for name in shapes or self.tensor_sizes_:
                 sl = self.tensor_slice(name)
-                w.write(f"a/{name}", torch.from_numpy(self.a_[sl]))
-                w.write(f"b/{name}", torch.from_numpy(self.b_[sl]))
-                w.write(f"mode/{name}", torch.from_numpy(self.modes_[sl].astype(mode_dtype)))
+                # In pieces: a model read from a file holds its coefficients as maps.
+                for start in range(sl.start, sl.stop, _SAVE_CHUNK):
+                    stop, at = min(start + _SAVE_CHUNK, sl.stop), start - sl.start
+                    w.write(f"a/{name}", torch.from_numpy(read_range(self.a_, start, stop)), at)
+                    w.write(f"b/{name}", torch.from_numpy(read_range(self.b_, start, stop)), at)
+                    modes = read_range(self.modes_, start, stop).astype(mode_dtype)
+                    w.write(f"mode/{name}", torch.from_numpy(modes), at)
 
     def _open_writer(
         self,

@@ -49,6 +49,7 @@ __all__ = [
     "ModelFile",
     "open_writer",
     "read_model",
+    "read_range",
 ]
 
 FORMAT_NAME = "cmd"
@@ -309,8 +310,11 @@ class ModelFile:
     def coefficients(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``a``, ``b`` and the modes of every weight in flat order, memory-mapped.
 
-        Copy-on-write maps when each kind lies back to back (as :func:`open_writer`
-        lays them out); read into memory otherwise.
+        Read-only maps when each kind lies back to back (as :func:`open_writer` lays
+        them out); read into memory otherwise. Read ranges of them with
+        :func:`read_range`, which lets go of the mapped pages once copied: the pages of
+        a map that are touched stay in the process's RSS (as file-backed memory) until
+        the map is closed or told it no longer needs them.
         """
         names = list(self.shapes)
         n_weights = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
@@ -324,7 +328,7 @@ class ModelFile:
                     np.memmap(
                         self.path,
                         dtype=dtype,
-                        mode="c",
+                        mode="r",
                         offset=entries[0].start,
                         shape=(n_weights,),
                     )
@@ -333,6 +337,62 @@ class ModelFile:
                 parts = [self.array(f"{kind}/{n}").reshape(-1) for n in names]
                 out.append(np.concatenate(parts) if parts else np.zeros(0, dtype))
         return out[0], out[1], out[2]
+
+
+def read_range(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``array[start:stop]``, copied; the pages of a file's memory map let go after the copy.
+
+    Rebuilding reads the coefficients of a model file chunk by chunk: with this, the
+    process holds the chunk (anonymous memory) and not, in addition, every page of the
+    map read so far (file-backed, counted in RSS, kept until the map is closed). The
+    pages stay in the page cache; reading them again costs a page fault, not a disk read.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        1-D: one of :meth:`ModelFile.coefficients`' read-only maps, or any array
+        (then this is a plain copy).
+    start, stop : int
+        The range, ``0 <= start <= stop <= len(array)``.
+    """
+    part = np.array(array[start:stop])
+    _let_go(array, start, stop)
+    return part
+
+
+_FAULT_MARGIN = 2 * 2**20
+
+
+def _let_go(array: np.ndarray, start: int, stop: int) -> None:
+    """madvise(DONTNEED) the pages holding ``array[start:stop]`` of a read-only file map.
+
+    Only for a read-only map (a copy-on-write one could hold written pages, which
+    DONTNEED would throw away): its pages come back from the file when touched again.
+    """
+    mm = getattr(array, "_mmap", None)
+    if (
+        mm is None
+        or not isinstance(array, np.memmap)
+        or array.base is not mm  # a view: where it starts in the map is not known here
+        or array.mode != "r"
+        or not hasattr(mm, "madvise")
+        or stop <= start
+    ):
+        return
+    import mmap
+
+    # numpy maps from the allocation granularity below the array's file offset.
+    skip = array.offset % mmap.ALLOCATIONGRANULARITY
+    # Faulting a page maps its neighbours too (fault-around, mmap read-around): the
+    # pages just before the range, let go with the range before it, are back. Reading
+    # 400 KB ranges one after the other kept ~40% of the map without this margin.
+    lo = max(skip + start * array.itemsize - _FAULT_MARGIN, 0)
+    hi = skip + stop * array.itemsize
+    lo -= lo % mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(mm)) - lo)
+    except (OSError, ValueError):  # advice only: nothing is lost if it is not taken
+        pass
 
 
 def read_model(path: str | os.PathLike) -> ModelFile:
@@ -684,6 +744,7 @@ def _check_modes(model: ModelFile, names: list[str], n_modes: int, shown: str) -
                     f"{shown}: tensor 'mode/{printable(name)}' holds mode ids outside "
                     f"0 … {n_modes - 1}"
                 )
+            _let_go(mapped, start, start + part.size)
         del mapped
 
 
