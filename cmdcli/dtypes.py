@@ -1,50 +1,119 @@
-"""The safetensors dtype codes, shared by the readers and the writer."""
+"""The safetensors dtype codes, shared by the readers and the writer.
+
+Torch-free at import: a dtype is named by its safetensors code (``"F32"``, ``"BF16"``,
+...) wherever the reading does not need torch; the code ↔ ``torch.dtype`` maps
+(:data:`CODE_DTYPES`, :data:`DTYPE_CODES`) are built, importing torch, on first use.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "CODE_DTYPES",
+    "CODE_DTYPES",  # noqa: F822 - module __getattr__, on first use
     "CODE_ITEMSIZE",
-    "DTYPE_CODES",
+    "CODE_NAMES",
+    "DTYPE_CODES",  # noqa: F822 - module __getattr__, on first use
     "FLOAT_CODES",
+    "code_of",
     "decode_float",
+    "dtype_name",
     "itemsize",
+    "torch_dtype",
     "widen_into",
 ]
 
-CODE_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+CODE_NAMES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
 }
-"""Safetensors dtype code → torch dtype."""
+"""Safetensors dtype code → the name of the torch dtype (``torch.<name>``)."""
 
-# Unsigned types wider than a byte exist only in newer torch releases.
-for _code, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if isinstance(getattr(torch, _attr, None), torch.dtype):
-        CODE_DTYPES[_code] = getattr(torch, _attr)
-
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in CODE_DTYPES.items()}
-"""Torch dtype → safetensors dtype code."""
+_WIDE_UNSIGNED = ("U16", "U32", "U64")  # torch dtypes only in newer torch releases
 
 
 @functools.cache
-def itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of ``dtype``."""
+def _torch_maps() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    codes = {}
+    for code, name in CODE_NAMES.items():
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            codes[code] = dtype
+        elif code not in _WIDE_UNSIGNED:  # pragma: no cover - torch < 2.1
+            raise ImportError(f"torch has no dtype {name}")
+    return codes, {dtype: code for code, dtype in codes.items()}
+
+
+def __getattr__(name: str) -> Any:
+    # CODE_DTYPES (code → torch dtype) and DTYPE_CODES (torch dtype → code): on
+    # first use, so that importing this module does not import torch.
+    if name == "CODE_DTYPES":
+        return _torch_maps()[0]
+    if name == "DTYPE_CODES":
+        return _torch_maps()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def code_of(dtype: torch.dtype | str) -> str:
+    """The code naming ``dtype``: its safetensors code, else ``"torch.<name>"``.
+
+    A string is taken as a code already.
+    """
+    if isinstance(dtype, str):
+        return dtype
+    return _torch_maps()[1].get(dtype) or str(dtype)
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype a code (see :func:`code_of`) names; imports torch."""
+    import torch
+
+    dtype = _torch_maps()[0].get(code)
+    if dtype is None:
+        dtype = getattr(torch, code.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"no torch dtype for {code!r}")
+    return dtype
+
+
+def dtype_name(code: str) -> str:
+    """How a code's dtype is called in messages: ``float32``, ``bfloat16``, ..."""
+    return CODE_NAMES.get(code) or code.removeprefix("torch.")
+
+
+def itemsize(dtype: torch.dtype | str) -> int:
+    """Bytes per element of ``dtype`` (a torch dtype or a code)."""
+    code = code_of(dtype)
+    if code in CODE_ITEMSIZE:
+        return CODE_ITEMSIZE[code]
+    return _torch_itemsize(torch_dtype(code))
+
+
+@functools.cache
+def _torch_itemsize(dtype: torch.dtype) -> int:
+    import torch
+
     return torch.empty((), dtype=dtype).element_size()
 
 

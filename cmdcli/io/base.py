@@ -26,13 +26,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
+
+from ..dtypes import FLOAT_CODES, code_of, dtype_name, itemsize, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "FLOAT_DTYPES",
+    "FLOAT_DTYPES",  # noqa: F822 - module __getattr__, on first use
     "Checkpoint",
     "CheckpointFormat",
     "CheckpointReader",
@@ -43,36 +47,66 @@ __all__ = [
     "TensorSource",
 ]
 
-FLOAT_DTYPES: frozenset[torch.dtype] = frozenset(
-    {
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-    }
-)
-"""The dtypes whose tensors are modelled; every other tensor is copied as is."""
+
+def __getattr__(name: str) -> Any:
+    if name == "FLOAT_DTYPES":  # torch dtypes: built on first use (imports torch)
+        return frozenset(torch_dtype(code) for code in FLOAT_CODES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
 class TensorSpec:
     """Name, shape and dtype of one tensor of a checkpoint.
 
-    Attributes
+    Parameters
     ----------
     name : str
         The tensor's key in the state dict (or safetensors header).
     shape : tuple of int
         Its shape; ``()`` for a scalar.
+    dtype : torch.dtype or str
+        Its dtype as stored: a torch dtype, or its code (a safetensors code such as
+        ``"F32"``; see :func:`cmdcli.dtypes.code_of`). Kept as the code, so that
+        reading safetensors files needs no torch.
+
+    Attributes
+    ----------
+    name, shape
+    code : str
+        The dtype's code.
     dtype : torch.dtype
-        Its dtype as stored.
+        The dtype (imports torch).
     """
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    __slots__ = ("code", "name", "shape")
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | str) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "shape", tuple(shape))
+        object.__setattr__(self, "code", code_of(dtype))
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("TensorSpec is immutable")
+
+    def __reduce__(self):
+        return (TensorSpec, (self.name, self.shape, self.code))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorSpec):
+            return NotImplemented
+        return (self.name, self.shape, self.code) == (other.name, other.shape, other.code)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.shape, self.code))
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorSpec(name={self.name!r}, shape={self.shape!r}, dtype={dtype_name(self.code)})"
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Its dtype as stored, a ``torch.dtype`` (imports torch)."""
+        return torch_dtype(self.code)
 
     @property
     def numel(self) -> int:
@@ -82,14 +116,12 @@ class TensorSpec:
     @property
     def is_float(self) -> bool:
         """Whether the tensor is floating point, i.e. modelled by the fit."""
-        return self.dtype in FLOAT_DTYPES
+        return self.code in FLOAT_CODES
 
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor's data."""
-        from ..dtypes import itemsize
-
-        return self.numel * itemsize(self.dtype)
+        return self.numel * itemsize(self.code)
 
 
 @dataclass(frozen=True)
@@ -261,6 +293,8 @@ class CheckpointReader(ABC):
         Readers that can read many ranges in a few calls override this; the default
         reads range by range with :meth:`read_into`.
         """
+        import torch
+
         row = torch.from_numpy(out)
         col = 0
         for name, start, stop in segments:
@@ -296,6 +330,8 @@ class CheckpointReader(ABC):
         Readers that can pick elements without reading the whole tensor override
         this; the default reads the whole tensor once.
         """
+        import torch
+
         spec = self.specs()[name] if name in self.specs() else None
         if spec is None:
             raise KeyError(f"no tensor {name!r}")
@@ -324,6 +360,8 @@ class CheckpointReader(ABC):
         Readers that can read the elements of many tensors in a few calls override
         this; the default gathers tensor by tensor.
         """
+        import torch
+
         out = np.empty(sum(len(v) for v in index.values()))
         r = 0
         for name, idx in index.items():
@@ -449,7 +487,7 @@ class Probe:
     detail: str | None = None
 
 
-TensorSource = Callable[[str], Iterator[tuple[int, torch.Tensor]]]
+TensorSource = Callable[[str], Iterator[tuple[int, "torch.Tensor"]]]
 """``pieces(name)``: the rebuilt values of tensor ``name`` as ``(flat start, values)`` pieces."""
 
 

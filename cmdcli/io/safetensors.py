@@ -24,17 +24,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
 from ..dtypes import (
-    CODE_DTYPES,
     CODE_ITEMSIZE,
-    DTYPE_CODES,
+    CODE_NAMES,
     FLOAT_CODES,
+    code_of,
     decode_float,
+    dtype_name,
     itemsize,
     widen_into,
 )
@@ -42,6 +42,9 @@ from ..errors import CheckpointError, InputError
 from . import jsonio
 from .base import CheckpointReader, TensorSpec, check_index, check_range
 from .paths import temporary_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -98,10 +101,6 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
 _HAVE_PREADV = hasattr(os, "preadv")
 _HAVE_PREAD = hasattr(os, "pread")
 _SEEK_LOCK = threading.Lock()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class HeaderEntry(NamedTuple):
@@ -242,7 +241,7 @@ def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
         expected = math.prod(shape) * item
         if end - begin != expected:
             raise CheckpointError(
-                f"{bad}: tensor {name!r} of shape {shape} and dtype {_dtype_name(dtype)} "
+                f"{bad}: tensor {name!r} of shape {shape} and dtype {dtype_name(dtype)} "
                 f"needs {expected} bytes, but its offsets span {end - begin}"
             )
         parsed.append((begin, end, name, dtype, shape, item))
@@ -271,9 +270,7 @@ def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
     return SafetensorsHeader(entries, metadata, data_start, size)
 
 
-def _check_entry(
-    display: str, name: str, info: Any
-) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+def _check_entry(display: str, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
     """Validate one tensor entry of a safetensors header."""
     bad = f"{display}: corrupt safetensors header for tensor {name!r}"
     if not isinstance(info, dict):
@@ -281,11 +278,11 @@ def _check_entry(
     code = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if code not in CODE_DTYPES:
+    if code not in CODE_NAMES:
         if isinstance(code, str):
             raise CheckpointError(
                 f"{display}: tensor {name!r} has dtype {code}, which cmd cannot read "
-                f"(supported: {', '.join(CODE_DTYPES)})"
+                f"(supported: {', '.join(CODE_NAMES)})"
             )
         raise CheckpointError(f"{bad} (no dtype)")
     if not (
@@ -301,7 +298,7 @@ def _check_entry(
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(f"{bad} (data_offsets {str(offsets)[:80]})")
-    return CODE_DTYPES[code], tuple(shape), offsets[0], offsets[1]
+    return code, tuple(shape), offsets[0], offsets[1]
 
 
 # --------------------------------------------------------------------------- reading
@@ -377,9 +374,7 @@ class SafetensorsReader(CheckpointReader):
         # The layout (where every tensor lies): readers of checkpoints laid out alike
         # share the read plans of read_segments.
         self._layout = _layout_id(
-            tuple(
-                (n, e.file, e.offset, DTYPE_CODES[e.spec.dtype]) for n, e in self._entries.items()
-            )
+            tuple((n, e.file, e.offset, e.spec.code) for n, e in self._entries.items())
         )
         # File descriptors are opened on first use: a reader of a sharded checkpoint
         # that is only asked for one tensor keeps one fd, not one per shard.
@@ -432,6 +427,8 @@ class SafetensorsReader(CheckpointReader):
             )
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        import torch
+
         entry = self._entry(name)
         start, stop = check_range(entry.spec, start, stop)
         if stop == start:
@@ -441,6 +438,8 @@ class SafetensorsReader(CheckpointReader):
         return torch.frombuffer(buf, dtype=entry.spec.dtype)
 
     def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        import torch
+
         entry = self._entry(name)
         start, stop = check_range(entry.spec, start, stop)
         if (
@@ -510,7 +509,7 @@ class SafetensorsReader(CheckpointReader):
         for name, start, stop in segments:
             entry = self._entry(name)
             start, stop = check_range(entry.spec, start, stop)
-            code = DTYPE_CODES[entry.spec.dtype]
+            code = entry.spec.code
             if code not in FLOAT_CODES:
                 raise TypeError(f"tensor {name!r} is not floating point ({code})")
             n = stop - start
@@ -543,6 +542,8 @@ class SafetensorsReader(CheckpointReader):
         return spans, decodes, stage, col * 4
 
     def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
+        import torch
+
         entry = self._entry(name)
         idx = check_index(entry.spec, index)
         if idx.size == 0:
@@ -556,7 +557,7 @@ class SafetensorsReader(CheckpointReader):
     def gather_many(self, index: dict[str, np.ndarray]) -> np.ndarray:
         entries = [self._entry(name) for name in index]
         idxs = [check_index(e.spec, index[e.spec.name]) for e in entries]
-        codes = [DTYPE_CODES[e.spec.dtype] for e in entries]
+        codes = [e.spec.code for e in entries]
         if not all(c in FLOAT_CODES for c in codes):
             return super().gather_many(index)
         layout = tuple(
@@ -987,6 +988,8 @@ class TensorEntry:
 
 def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
     """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.dim() == 0:
         t = t.reshape(1)
@@ -1040,7 +1043,7 @@ class SafetensorsWriter:
         offset = 0
         for e in ordered:
             header[e.name] = {
-                "dtype": DTYPE_CODES[e.dtype],
+                "dtype": code_of(e.dtype),
                 "shape": list(e.shape),
                 "data_offsets": [offset, offset + e.nbytes],
             }
