@@ -21,11 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import __version__, fitting
 from .distributed import cluster
-from .dtypes import CODE_DTYPES, DTYPE_CODES
+from .dtypes import code_of, dtype_name, narrow, torch_dtype
 from .errors import CheckpointError, InputError
 from .fitting import Progress, Segment
 from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
@@ -35,6 +34,7 @@ from .io.names import MODEL_FILE, RECONSTRUCTED_DIR, REPORT_JSON, REPORT_MD
 from .io.paths import is_inside, printable
 from .io.registry import get_format
 from .io.safetensors import SafetensorsWriter, TensorEntry
+from .lazy import torch
 from .model import CMD, DEFAULT_MAX_MEMORY, MAX_AUTO_MODES, REFERENCE_KINDS
 from .reports import build_report, render_markdown
 
@@ -621,8 +621,7 @@ def fit_run(
             "run_dir": str(run.root.resolve()),
             "checkpoints": [CheckpointRecord.of(c, run.root).as_dict() for c in ckpts],
             "tensor_specs": [
-                [n, DTYPE_CODES[s.dtype], list(s.shape), n in modelled]
-                for n, s in run.specs.items()
+                [n, s.code, list(s.shape), n in modelled] for n, s in run.specs.items()
             ],
             "settings": settings,
             "extras_stored": source.keep_unmodelled,
@@ -933,7 +932,7 @@ def run_directory(model: CMD, run: str | Path | None = None, *, trust_pickle: bo
 
 def _specs_from_metadata(model: CMD) -> dict[str, TensorSpec]:
     return {
-        name: TensorSpec(name=name, shape=shape, dtype=CODE_DTYPES[code])
+        name: TensorSpec(name=name, shape=shape, dtype=code)
         for name, code, shape, _ in model.model_file_.tensor_specs
     }
 
@@ -1032,7 +1031,7 @@ def _checkpoint_pieces(
     def pieces(name: str) -> Iterator[tuple[int, torch.Tensor]]:
         spec = specs[name]
         if name in modelled:
-            yield from _rebuilt_pieces(model, t, name, spec.dtype)
+            yield from _rebuilt_pieces(model, t, name, spec.code)
         elif f"extra/{t}/{name}" in stored:
             yield 0, stored[f"extra/{t}/{name}"]
         else:
@@ -1086,31 +1085,47 @@ def rebuild_state_dict(
         return {name: layout.full_tensor(pieces, name, spec) for name, spec in specs.items()}
 
 
-def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype):
-    """a·r_mode(t) + b for one tensor, in flat pieces of bounded size."""
+# The largest finite value of each float dtype a rebuilt tensor may be written in.
+_FLOAT_MAX = {
+    "F32": float(np.finfo(np.float32).max),
+    "F16": float(np.finfo(np.float16).max),
+    "BF16": 3.3895313892515355e38,
+    "F8_E4M3": 448.0,
+    "F8_E5M2": 57344.0,
+}
+
+
+def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype | str):
+    """a·r_mode(t) + b for one tensor, in flat pieces of bounded size.
+
+    numpy arrays (bfloat16 as its bits, uint16), computed and rounded exactly as
+    torch did (``fitting.reconstruct_values``, then ``.to(dtype)``), with no torch;
+    torch tensors for the float8 dtypes.
+    """
+    code = code_of(dtype)
     sl = model.tensor_slice(name)
-    refs = torch.from_numpy(model.references_[:, [t]])
+    refs = np.asarray(model.references_[:, t], dtype=np.float64)
     for start in range(sl.start, sl.stop, _RECONSTRUCT_CHUNK):
         stop = min(start + _RECONSTRUCT_CHUNK, sl.stop)
-        values = fitting.reconstruct_values(  # read_range: the model file's pages let go
-            torch.from_numpy(read_range(model.a_, start, stop)),
-            torch.from_numpy(read_range(model.b_, start, stop)),
-            torch.from_numpy(read_range(model.modes_, start, stop).astype(np.int64)),
-            refs,
-        )[0]
-        if not bool(torch.isfinite(values).all()):
+        # read_range: the model file's pages let go once read.
+        a = read_range(model.a_, start, stop).astype(np.float64)
+        b = read_range(model.b_, start, stop).astype(np.float64)
+        modes = read_range(model.modes_, start, stop).astype(np.intp)
+        values = a * refs[modes] + b  # float64, one product and one sum: as torch's
+        if not np.isfinite(values).all():
             raise InputError(
                 f"{printable(getattr(model, 'path_', 'the model'))}: tensor {printable(name)!r} "
                 f"rebuilds to NaN or infinite values (its coefficients a, b are not finite)"
             )
-        if dtype != values.dtype and dtype.is_floating_point:
-            limit = torch.finfo(dtype).max
-            if bool((values.abs() > limit).any()):
-                raise InputError(
-                    f"tensor {printable(name)!r}: rebuilt values exceed the range of "
-                    f"{str(dtype).removeprefix('torch.')}"
-                )
-        yield start - sl.start, values.to(dtype)
+        limit = _FLOAT_MAX.get(code)
+        if limit is not None and bool((np.abs(values) > limit).any()):
+            raise InputError(
+                f"tensor {printable(name)!r}: rebuilt values exceed the range of {dtype_name(code)}"
+            )
+        narrowed = narrow(values, code)
+        if narrowed is None:  # float8: torch's own rounding
+            narrowed = torch.from_numpy(values).to(torch_dtype(code))
+        yield start - sl.start, narrowed
 
 
 def reconstruct_run(

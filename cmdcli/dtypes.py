@@ -25,6 +25,7 @@ __all__ = [
     "decode_float",
     "dtype_name",
     "itemsize",
+    "narrow",
     "torch_dtype",
     "widen_into",
 ]
@@ -204,3 +205,32 @@ def widen_into(code: str, raw: np.ndarray, out: np.ndarray) -> None:
         np.copyto(out, raw.view(np.float16))
     else:
         np.copyto(out, decode_float(code, raw))
+
+
+def narrow(values: np.ndarray, code: str) -> np.ndarray | None:
+    """float64 values in dtype ``code``, as ``torch.Tensor.to`` rounds them, without torch.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        float64/float32/float16 values, or for bfloat16 the stored bits (uint16);
+        None for the float8 dtypes (whose rounding is left to torch). Values must be
+        finite and within the dtype's range.
+
+    Notes
+    -----
+    torch converts a float64 tensor to float16 or bfloat16 through float32 (c10's
+    ``Half(float)``, ``BFloat16(float)``), rounding twice; so does this, the second
+    time to nearest even as c10 does (bfloat16: ``(bits + 0x7FFF + lsb) >> 16``).
+    """
+    if code == "F64":
+        return values.astype(np.float64, copy=False)
+    single = values.astype(np.float32)
+    if code == "F32":
+        return single
+    if code == "F16":
+        return single.astype(np.float16)
+    if code == "BF16":
+        bits = single.view(np.uint32)
+        return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    return None

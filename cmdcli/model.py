@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import fitting
 from . import references as refs_mod
@@ -33,6 +32,7 @@ from .io.modelfile import (
     read_range,
 )
 from .io.safetensors import SafetensorsWriter
+from .lazy import torch
 
 __all__ = ["CMD", "ArraySource", "FORMAT_NAME", "FORMAT_VERSION", "REFERENCE_KINDS"]
 
@@ -291,6 +291,17 @@ class CMD:
             raise InputError(
                 f"references must be one of {', '.join(REFERENCE_KINDS)}, got {self.references!r}"
             )
+        if self.device != "cpu":  # the CPU needs no torch to be checked
+            self._validate_device()
+        if self.executor is not None and not callable(getattr(self.executor, "submit", None)):
+            raise InputError(
+                f"executor must have a submit(fn, *args) method, got {type(self.executor).__name__}"
+            )
+        tv = self.target_variance
+        if isinstance(tv, bool) or not isinstance(tv, (int, float)) or not 0 < tv <= 1:
+            raise InputError(f"target_variance must be in (0, 1], got {tv!r}")
+
+    def _validate_device(self) -> None:
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -303,13 +314,6 @@ class CMD:
             )
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {self.device!r}: this torch build or machine has no CUDA GPU")
-        if self.executor is not None and not callable(getattr(self.executor, "submit", None)):
-            raise InputError(
-                f"executor must have a submit(fn, *args) method, got {type(self.executor).__name__}"
-            )
-        tv = self.target_variance
-        if isinstance(tv, bool) or not isinstance(tv, (int, float)) or not 0 < tv <= 1:
-            raise InputError(f"target_variance must be in (0, 1], got {tv!r}")
 
     def fit(
         self,

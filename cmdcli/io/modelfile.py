@@ -33,13 +33,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..dtypes import CODE_DTYPES, DTYPE_CODES
+from ..dtypes import CODE_NAMES, FLOAT_CODES
 from ..errors import InputError
+from ..lazy import torch
 from .jsonio import loads
 from .paths import check_plain_name, check_relative, is_inside, printable
-from .safetensors import SafetensorsHeader, SafetensorsWriter, TensorEntry, pread_into, read_header
+from .safetensors import (
+    _NUMPY_CODES,
+    SafetensorsHeader,
+    SafetensorsWriter,
+    TensorEntry,
+    pread_into,
+    read_header,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -95,18 +102,20 @@ def open_writer(
         or [np.zeros(0, np.int32)]
     )
     flat = np.concatenate(list(sample_index.values()) or [np.zeros(0, np.int64)])
-    mode_torch = torch.from_numpy(np.zeros(0, dtype=mode_dtype)).dtype
-    tensors: dict[str, torch.Tensor] = {
-        "references": torch.from_numpy(np.ascontiguousarray(references, dtype=np.float32)),
-        "steps": torch.from_numpy(np.asarray(steps).astype(np.int64)),
-        "sample/values": torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)),
-        "sample/mode": torch.from_numpy(np.asarray(sample_modes).astype(np.int64)),
-        "sample/tensor": torch.from_numpy(owner),
-        "sample/index": torch.from_numpy(flat.astype(np.int64)),
+    mode_code = _NUMPY_CODES[np.dtype(mode_dtype).name]
+    arrays: dict[str, np.ndarray] = {  # numpy: writing a model needs no torch
+        "references": np.ascontiguousarray(references, dtype=np.float32),
+        "steps": np.asarray(steps).astype(np.int64),
+        "sample/values": np.ascontiguousarray(samples, dtype=np.float32),
+        "sample/mode": np.asarray(sample_modes).astype(np.int64),
+        "sample/tensor": owner,
+        "sample/index": flat.astype(np.int64),
     }
-    entries = [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    for kind, dtype in (("a", torch.float32), ("b", torch.float32), ("mode", mode_torch)):
-        entries += [TensorEntry(f"{kind}/{n}", dtype, tuple(sh)) for n, sh in shapes.items()]
+    entries = [
+        TensorEntry(n, _NUMPY_CODES[a.dtype.name], tuple(a.shape)) for n, a in arrays.items()
+    ]
+    for kind, code in (("a", "F32"), ("b", "F32"), ("mode", mode_code)):
+        entries += [TensorEntry(f"{kind}/{n}", code, tuple(sh)) for n, sh in shapes.items()]
     for name, t in (extra or {}).items():
         entries.append(TensorEntry(name, t.dtype, tuple(t.shape)))
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **header}
@@ -116,8 +125,8 @@ def open_writer(
     }
     w = SafetensorsWriter(path, entries, strings, keep_order=True)
     try:
-        for n, t in tensors.items():
-            w.write(n, t)
+        for n, a in arrays.items():
+            w.write(n, a)
         for name, t in (extra or {}).items():
             w.write(name, t)
     except BaseException:
@@ -283,7 +292,7 @@ class ModelFile:
         entry = self.header.entries.get(name)
         if entry is None:
             return None
-        code = DTYPE_CODES[entry.spec.dtype]
+        code = entry.spec.code
         out = np.empty(entry.spec.shape, dtype=_NP[code])
         self._read(entry, memoryview(out.reshape(-1).view(np.uint8)))
         return out
@@ -321,7 +330,7 @@ class ModelFile:
         out = []
         for kind in ("a", "b", "mode"):
             entries = [self.header.entries[f"{kind}/{n}"] for n in names]
-            dtype = _NP[DTYPE_CODES[entries[0].spec.dtype]]
+            dtype = _NP[entries[0].spec.code]
             contiguous = all(p.stop == q.start for p, q in zip(entries, entries[1:]))
             if n_weights and contiguous:
                 out.append(
@@ -572,7 +581,7 @@ def _check_specs(v: Any, w: _Where) -> None:
             isinstance(row, list)
             and len(row) == 4
             and isinstance(row[0], str)
-            and row[1] in CODE_DTYPES
+            and row[1] in CODE_NAMES
             and isinstance(row[2], list)
             and len(row[2]) <= 64
             and all(_is_int(d) and 0 <= d < 2**62 for d in row[2])
@@ -655,7 +664,7 @@ def _need(header: SafetensorsHeader, shown: str, name: str, codes: tuple[str, ..
     entry = header.entries.get(name)
     if entry is None:
         raise InputError(f"{shown}: tensor {name!r} is missing; not a complete cmd model")
-    code = DTYPE_CODES[entry.spec.dtype]
+    code = entry.spec.code
     if code not in codes:
         raise InputError(
             f"{shown}: tensor {name!r} has dtype {code}, expected {' or '.join(codes)}"
@@ -689,7 +698,7 @@ def _check_tensors(
         shape = tuple(a.spec.shape)
         _need(header, shown, f"b/{name}", ("F32",), shape)
         mode = _need(header, shown, f"mode/{name}", tuple(_MODE_CODES), shape)
-        mode_codes.add(DTYPE_CODES[mode.spec.dtype])
+        mode_codes.add(mode.spec.code)
         shapes[name] = shape
     if len(mode_codes) > 1:  # the modes are read as one array of one dtype
         raise InputError(
@@ -732,7 +741,7 @@ def _check_modes(model: ModelFile, names: list[str], n_modes: int, shown: str) -
     """Every mode id below M: read in chunks, so a model larger than memory is fine."""
     for name in names:
         entry = model.header.entries[f"mode/{name}"]
-        dtype = np.dtype(_MODE_CODES[DTYPE_CODES[entry.spec.dtype]])
+        dtype = np.dtype(_MODE_CODES[entry.spec.code])
         count = (entry.stop - entry.start) // dtype.itemsize
         if count == 0:
             continue
@@ -802,17 +811,12 @@ def _specs(rows: list, shapes: dict[str, tuple[int, ...]], shown: str):
                 f"but its coefficients have shape {shapes[name]}"
             )
     for name, code, _, is_modelled in specs:
-        if is_modelled and CODE_DTYPES[code] not in _FLOAT_CODES:
+        if is_modelled and code not in FLOAT_CODES:
             raise InputError(
                 f"{shown}: metadata 'tensor_specs' marks {printable(name)!r} of dtype {code} "
                 f"as modelled"
             )
     return specs
-
-
-_FLOAT_CODES = {
-    CODE_DTYPES[c] for c in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2") if c in CODE_DTYPES
-}
 
 
 def _records(meta: dict[str, Any], steps: np.ndarray, shown: str) -> list[CheckpointRecord]:
@@ -902,7 +906,7 @@ def _check_extras(model: ModelFile, shown: str) -> None:
             raise InputError(
                 f"{shown}: tensor {printable(name)!r} is not a copy of an unmodelled tensor"
             )
-        if DTYPE_CODES[entry.spec.dtype] != spec[1] or tuple(entry.spec.shape) != spec[2]:
+        if entry.spec.code != spec[1] or tuple(entry.spec.shape) != spec[2]:
             raise InputError(
                 f"{shown}: tensor {printable(name)!r} does not match the dtype and shape "
                 f"'tensor_specs' gives"

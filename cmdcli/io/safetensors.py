@@ -975,10 +975,10 @@ def _make_many_plan(layout: tuple, idxs: list[np.ndarray]) -> _ManyPlan:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Name, dtype and shape of one tensor to be written."""
+    """Name, dtype and shape of one tensor to be written (dtype: a torch dtype or a code)."""
 
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str
     shape: tuple[int, ...]
 
     @property
@@ -994,6 +994,29 @@ def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
     if t.dim() == 0:
         t = t.reshape(1)
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else b""
+
+
+_NUMPY_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+    "uint32": "U32", "uint64": "U64",
+}  # fmt: skip
+
+
+def _array_bytes(values: np.ndarray, code: str) -> tuple[memoryview | bytes, int]:
+    """A numpy array's bytes as a tensor of dtype ``code`` stores them, and its itemsize.
+
+    Its dtype must be the code's, or, for dtypes numpy lacks (bfloat16, float8),
+    unsigned integers of the same width holding the bits.
+    """
+    got = _NUMPY_CODES.get(values.dtype.name)
+    raw_bits = code not in _NUMPY_CODES.values() and values.dtype == _ELEMENT_TYPES.get(
+        CODE_ITEMSIZE.get(code, 0)
+    )
+    if got != code and not raw_bits:
+        raise TypeError(f"got a numpy array of {values.dtype}, expected {dtype_name(code)}")
+    flat = np.ascontiguousarray(values).reshape(-1).astype(values.dtype.newbyteorder("<"))
+    return (memoryview(flat).cast("B") if flat.size else b""), flat.itemsize
 
 
 class SafetensorsWriter:
@@ -1066,17 +1089,27 @@ class SafetensorsWriter:
             self.abort()
             raise write_error(self.path, exc) from None
 
-    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray, start: int = 0) -> None:
         """Write ``tensor``'s elements at flat element ``start`` of tensor ``name``.
 
         The dtype must be the entry's; the values are written in flat order, so a
-        large tensor can be written in consecutive pieces.
+        large tensor can be written in consecutive pieces. A numpy array may stand for
+        a tensor (bfloat16 and float8 as unsigned integers of their width: the bits).
         """
         begin, end, entry = self._spans[name]
-        if tensor.dtype != entry.dtype:
-            raise TypeError(f"tensor {name!r}: got dtype {tensor.dtype}, expected {entry.dtype}")
-        item = tensor.element_size()
-        data = tensor_bytes(tensor.reshape(-1))
+        code = code_of(entry.dtype)
+        if isinstance(tensor, np.ndarray):
+            try:
+                data, item = _array_bytes(tensor, code)
+            except TypeError as exc:
+                raise TypeError(f"tensor {name!r}: {exc}") from None
+        else:
+            if code_of(tensor.dtype) != code:
+                raise TypeError(
+                    f"tensor {name!r}: got dtype {tensor.dtype}, expected torch.{dtype_name(code)}"
+                )
+            item = tensor.element_size()
+            data = tensor_bytes(tensor.reshape(-1))
         pos = begin + start * item
         if pos + len(data) > end:
             raise ValueError(f"tensor {name!r}: write past its end")
