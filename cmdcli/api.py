@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__, fitting
 from .distributed import cluster
-from .dtypes import code_of, dtype_name, narrow, torch_dtype
+from .dtypes import NUMPY_DTYPES, code_of, dtype_name, narrow, torch_dtype
 from .errors import CheckpointError, InputError
 from .fitting import Progress, Segment
 from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
@@ -164,7 +164,7 @@ class RunSource:
         self.trust_pickle = trust_pickle
         self.unmodelled = dict(unmodelled or {})
         self.keep_unmodelled = keep_unmodelled
-        self.unmodelled_values: dict[str, torch.Tensor] = {}
+        self.unmodelled_values: dict[str, np.ndarray | torch.Tensor] = {}
         self.progress = progress
         # Block buffers handed back by pass 2 for the next block: a fresh 100 MB
         # allocation costs ~40 ms of page faults every time. Those lent out are
@@ -266,7 +266,13 @@ class RunSource:
                 if self.keep_unmodelled:
                     for name, spec in self.unmodelled.items():
                         key = f"extra/{t}/{name}"
-                        self.unmodelled_values[key] = reader.read(name).reshape(spec.shape)
+                        # numpy where it has the dtype: an int counter needs no torch
+                        values = (
+                            reader.read_array(name)
+                            if spec.code in NUMPY_DTYPES
+                            else reader.read(name)
+                        )
+                        self.unmodelled_values[key] = values.reshape(spec.shape)
                 if not ckpt.lazy and self.spool_dir is not None:
                     self._block_checkpoints[t] = self._spool(t, ckpt, reader)
             if self.progress:
@@ -1006,7 +1012,9 @@ def _checkpoint_pieces(
     modelled = set(model.tensor_sizes_)
     copied = [n for n in specs if n not in modelled]
     available = set(model.extra_names_)
-    stored = model.get_extras([f"extra/{t}/{n}" for n in copied if f"extra/{t}/{n}" in available])
+    stored = _stored_extras(
+        model, [f"extra/{t}/{n}" for n in copied if f"extra/{t}/{n}" in available]
+    )
     reader = None
     if any(f"extra/{t}/{n}" not in stored for n in copied):
         problem = _missing_original(ckpt)
@@ -1083,6 +1091,20 @@ def rebuild_state_dict(
     specs = _specs_from_metadata(model)
     with _checkpoint_pieces(model, t, ckpts[t], specs, trust_pickle=trust_pickle) as pieces:
         return {name: layout.full_tensor(pieces, name, spec) for name, spec in specs.items()}
+
+
+def _stored_extras(model: CMD, names: list[str]) -> dict[str, np.ndarray | torch.Tensor]:
+    """The copies stored in the model file: numpy arrays where numpy has the dtype."""
+    if not names:
+        return {}
+    if not hasattr(model, "model_file_"):
+        return model.get_extras(names)  # raises: not read from a file
+    mf = model.model_file_
+    out: dict[str, np.ndarray | torch.Tensor] = {}
+    for name in names:
+        values = mf.array(name) if mf.header.entries[name].spec.code in NUMPY_DTYPES else None
+        out[name] = values if values is not None else mf.tensor(name)
+    return out
 
 
 # The largest finite value of each float dtype a rebuilt tensor may be written in.

@@ -25,6 +25,8 @@ __all__ = [
     "decode_float",
     "dtype_name",
     "itemsize",
+    "NUMPY_DTYPES",
+    "code_of_array",
     "narrow",
     "torch_dtype",
     "widen_into",
@@ -128,6 +130,20 @@ CODE_ITEMSIZE: dict[str, int] = {
 """Bytes per element of each safetensors dtype code."""
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    code: np.dtype(CODE_NAMES[code])
+    for code in ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64")
+}
+"""The codes whose dtype numpy has, and that numpy dtype (not bfloat16, float8)."""
+
+
+def code_of_array(values: np.ndarray) -> str:
+    """The code of a numpy array's dtype (one of :data:`NUMPY_DTYPES`)."""
+    for code, dtype in NUMPY_DTYPES.items():
+        if values.dtype == dtype:
+            return code
+    raise TypeError(f"no safetensors dtype for numpy {values.dtype}")
 
 
 @functools.cache

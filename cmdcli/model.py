@@ -324,7 +324,7 @@ class CMD:
         shapes: dict[str, tuple[int, ...]] | None = None,
         steps: Sequence[int] | None = None,
         metadata: dict[str, object] | None = None,
-        extra: dict[str, torch.Tensor] | None = None,
+        extra: dict[str, np.ndarray | torch.Tensor] | None = None,
     ) -> CMD:
         """Fit the model.
 
@@ -592,7 +592,7 @@ class CMD:
         shapes: dict[str, tuple[int, ...]] | None = None,
         steps: Sequence[int] | None = None,
         metadata: dict[str, object] | None = None,
-        extra: dict[str, torch.Tensor] | None = None,
+        extra: dict[str, np.ndarray | torch.Tensor] | None = None,
     ) -> None:
         """Write the model as a safetensors file (see the README's file format).
 
@@ -605,7 +605,7 @@ class CMD:
             Training step of each checkpoint (0 … T−1 by default).
         metadata : dict, optional
             Further header entries; non-string values are stored as JSON.
-        extra : dict of str to Tensor, optional
+        extra : dict of str to Tensor or numpy array, optional
             Further tensors to store as they are (e.g. copies of unmodelled ones).
         """
         self._check_fitted()
@@ -627,7 +627,7 @@ class CMD:
         shapes: dict[str, tuple[int, ...]] | None,
         steps: Sequence[int] | None,
         metadata: dict[str, object] | None,
-        extra: dict[str, torch.Tensor] | None,
+        extra: dict[str, np.ndarray | torch.Tensor] | None,
     ) -> SafetensorsWriter:
         """Open the model file and write all but the coefficients (:mod:`cmdcli.io.modelfile`)."""
         from .io.modelfile import open_writer

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..dtypes import FLOAT_CODES, code_of, dtype_name, itemsize, torch_dtype
+from ..dtypes import FLOAT_CODES, NUMPY_DTYPES, code_of, dtype_name, itemsize, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -275,6 +275,18 @@ class CheckpointReader(ABC):
         save a copy.
         """
         out.copy_(self.read(name, start, stop))
+
+    def read_array(self, name: str) -> np.ndarray:
+        """A whole tensor as a numpy array of its own dtype (flat, a fresh copy).
+
+        Only for dtypes numpy has (:data:`cmdcli.dtypes.NUMPY_DTYPES`): not bfloat16
+        or float8. Readers that need no torch for it override this; the default
+        converts :meth:`read`'s tensor.
+        """
+        spec = self.specs()[name]
+        if spec.code not in NUMPY_DTYPES:
+            raise TypeError(f"tensor {name!r} is {dtype_name(spec.code)}, which numpy lacks")
+        return self.read(name).numpy()
 
     def read_segments(self, segments: Sequence[tuple[str, int, int]], out: np.ndarray) -> None:
         """Read flat element ranges of several float tensors, back to back, into ``out``.

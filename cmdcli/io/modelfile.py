@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import CODE_NAMES, FLOAT_CODES
+from ..dtypes import CODE_NAMES, FLOAT_CODES, NUMPY_DTYPES, code_of, code_of_array
 from ..errors import InputError
 from ..lazy import torch
 from .jsonio import loads
@@ -84,7 +84,7 @@ def open_writer(
     sample_modes: np.ndarray,
     sample_index: dict[str, np.ndarray],
     header: dict[str, object],
-    extra: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, np.ndarray | torch.Tensor] | None = None,
 ) -> SafetensorsWriter:
     """Open a model file and write all but the coefficients.
 
@@ -116,8 +116,9 @@ def open_writer(
     ]
     for kind, code in (("a", "F32"), ("b", "F32"), ("mode", mode_code)):
         entries += [TensorEntry(f"{kind}/{n}", code, tuple(sh)) for n, sh in shapes.items()]
-    for name, t in (extra or {}).items():
-        entries.append(TensorEntry(name, t.dtype, tuple(t.shape)))
+    for name, t in (extra or {}).items():  # numpy arrays or torch tensors
+        code = code_of_array(t) if isinstance(t, np.ndarray) else code_of(t.dtype)
+        entries.append(TensorEntry(name, code, tuple(t.shape)))
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **header}
     meta["format"], meta["format_version"] = FORMAT_NAME, FORMAT_VERSION
     strings = {
@@ -293,7 +294,7 @@ class ModelFile:
         if entry is None:
             return None
         code = entry.spec.code
-        out = np.empty(entry.spec.shape, dtype=_NP[code])
+        out = np.empty(entry.spec.shape, dtype=_NP.get(code) or NUMPY_DTYPES[code])
         self._read(entry, memoryview(out.reshape(-1).view(np.uint8)))
         return out
 

@@ -32,6 +32,7 @@ from ..dtypes import (
     CODE_ITEMSIZE,
     CODE_NAMES,
     FLOAT_CODES,
+    NUMPY_DTYPES,
     code_of,
     decode_float,
     dtype_name,
@@ -436,6 +437,16 @@ class SafetensorsReader(CheckpointReader):
         buf = bytearray((stop - start) * entry.itemsize)
         self._read_bytes(entry, buf, entry.offset + start * entry.itemsize)
         return torch.frombuffer(buf, dtype=entry.spec.dtype)
+
+    def read_array(self, name: str) -> np.ndarray:
+        entry = self._entry(name)
+        dtype = NUMPY_DTYPES.get(entry.spec.code)
+        if dtype is None:
+            return super().read_array(name)  # raises: numpy has no such dtype
+        out = np.empty(entry.spec.numel, dtype=dtype)
+        if out.size:
+            self._read_bytes(entry, memoryview(out.view(np.uint8)), entry.offset)
+        return out
 
     def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         import torch
