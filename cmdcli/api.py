@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import mmap
 import os
 import shutil
 import sys
@@ -239,7 +240,7 @@ class RunSource:
         with self._free_lock:
             base = next((b for b in self._free if b.size >= self.n_checkpoints * width), None)
             if base is None:
-                base = np.empty(self.n_checkpoints * width, dtype=np.float32)
+                base = _block_buffer(self.n_checkpoints * width)
             else:
                 self._free.remove(base)
             out = base[: self.n_checkpoints * width].reshape(self.n_checkpoints, width)
@@ -324,6 +325,19 @@ class RunSource:
                 )
             col += seg.size
         raise InputError(f"NaN or Inf values in column {column} of a block")
+
+
+def _block_buffer(n: int) -> np.ndarray:
+    """``n`` float32 in pages of their own (an anonymous map, freed with the array).
+
+    Not numpy's allocator: it asks for transparent huge pages for large arrays, and
+    blocks so allocated took 20% longer to read into during a fit (pass 2 of the
+    20M × 50 run: 1.26 s against 0.96–1.06 s), huge pages being costly to fault in
+    while the page cache holds the run.
+    """
+    if n == 0:
+        return np.empty(0, dtype=np.float32)
+    return np.frombuffer(mmap.mmap(-1, n * 4), dtype=np.float32)
 
 
 def _address(block: np.ndarray | torch.Tensor) -> int:
