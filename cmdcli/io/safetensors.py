@@ -184,14 +184,14 @@ def read_header(path: Path, display: str | None = None) -> SafetensorsHeader:
 # alone (the name shown only goes into errors, which are not kept), so a header seen
 # before is not checked again. SafetensorsHeader and its entries are immutable.
 _HEADERS = 16
-_HEADER_CACHE_BYTES = 4 * 1024 * 1024
+_HEADER_CACHE_BYTES = 8 * 1024 * 1024  # of header text kept (the parsed form is ~5x)
 _headers: dict[tuple[bytes, int], SafetensorsHeader] = {}
 _headers_lock = threading.Lock()
 
 
 def _parsed(raw: bytes, size: int, display: str) -> SafetensorsHeader:
-    """:func:`parse_header`, remembered for small headers."""
-    if len(raw) > _HEADER_CACHE_BYTES:
+    """:func:`parse_header`, remembered (the last few, up to _HEADER_CACHE_BYTES)."""
+    if len(raw) > _HEADER_CACHE_BYTES // 2:
         return parse_header(raw, size, display)
     key = (raw, size)
     with _headers_lock:
@@ -202,7 +202,7 @@ def _parsed(raw: bytes, size: int, display: str) -> SafetensorsHeader:
     header = parse_header(raw, size, display)
     with _headers_lock:
         _headers[key] = header
-        while len(_headers) > _HEADERS:
+        while len(_headers) > _HEADERS or sum(len(k[0]) for k in _headers) > _HEADER_CACHE_BYTES:
             del _headers[next(iter(_headers))]
     return header
 
