@@ -807,7 +807,7 @@ try:
 except (AttributeError, ValueError, OSError):  # pragma: no cover - no sysconf
     _IOV_MAX = 16
 _MANY_PLANS = 4  # plans kept (most recently used)
-_MANY_PLAN_BYTES = 256 * 1024 * 1024  # at most this much staging kept in them
+_MANY_PLAN_BYTES = 32 * 1024 * 1024  # at most this much staging kept in them
 _many_plans: dict[tuple, _ManyPlan] = {}
 _many_plans_lock = threading.Lock()
 
