@@ -1282,7 +1282,7 @@ def inspect_run(
     """What ``cmd fit`` would read in ``run_dir``, as plain data (``cmd inspect``)."""
     run = discover(run_dir, trust_pickle=trust_pickle, weights=weights, files=files)
     floats = [s for s in run.specs.values() if s.is_float and s.numel > 0]
-    dtypes = sorted({str(s.dtype).replace("torch.", "") for s in floats})
+    dtypes = sorted({dtype_name(s.code) for s in floats})
     per_ckpt_bytes = sum(s.nbytes for s in run.specs.values())
     return {
         "run_dir": str(run.root),
