@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import mmap
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,16 +22,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import __version__, baselines, fitting
 from .distributed import cluster
-from .dtypes import CODE_DTYPES, DTYPE_CODES
+from .dtypes import NUMPY_DTYPES, code_of, dtype_name, narrow, torch_dtype
 from .errors import CheckpointError, InputError
 from .fitting import Progress, Segment
 from .io import Checkpoint, CheckpointReader, Run, TensorSpec, discover, layout, outdir
 from .io.jsonio import dumps, non_finite_paths
-from .io.modelfile import CheckpointRecord
+from .io.modelfile import CheckpointRecord, read_range
 from .io.names import (
     BASELINES_DIR,
     MODEL_FILE,
@@ -41,6 +42,7 @@ from .io.names import (
 from .io.paths import is_inside, printable
 from .io.registry import get_format
 from .io.safetensors import SafetensorsWriter, TensorEntry
+from .lazy import torch
 from .model import CMD, DEFAULT_MAX_MEMORY, MAX_AUTO_MODES, REFERENCE_KINDS
 from .reports import build_report, render_markdown
 from .threads import available_cores
@@ -173,11 +175,13 @@ class RunSource:
         self.trust_pickle = trust_pickle
         self.unmodelled = dict(unmodelled or {})
         self.keep_unmodelled = keep_unmodelled
-        self.unmodelled_values: dict[str, torch.Tensor] = {}
+        self.unmodelled_values: dict[str, np.ndarray | torch.Tensor] = {}
         self.progress = progress
         # Block buffers handed back by pass 2 for the next block: a fresh 100 MB
-        # allocation costs ~40 ms of page faults every time.
-        self._free: list[torch.Tensor] = []
+        # allocation costs ~40 ms of page faults every time. Those lent out are
+        # found again by the address of their first element.
+        self._free: list[np.ndarray] = []
+        self._lent: dict[int, np.ndarray] = {}
         self._free_lock = threading.Lock()
         # Pass 2 keeps safetensors readers open from block to block (their headers
         # parsed once); they read with pread, so nothing stays mapped.
@@ -195,27 +199,29 @@ class RunSource:
         """
         state = dict(self.__dict__)
         state.update(progress=None, unmodelled={}, unmodelled_values={}, keep_unmodelled=False)
-        for key in ("_free", "_free_lock", "_readers"):
+        for key in ("_free", "_lent", "_free_lock", "_readers"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._free, self._free_lock, self._readers = [], threading.Lock(), {}
+        self._free, self._lent, self._free_lock, self._readers = [], {}, threading.Lock(), {}
         # A copy lives for one task (on a Dask worker): nothing may outlive it.
         self._keep_readers = False
 
-    def release(self, block: torch.Tensor) -> None:
+    def release(self, block: np.ndarray | torch.Tensor) -> None:
         """Take back a block returned by :meth:`read_block` once it is no longer used."""
-        base = block if block._base is None else block._base
+        address = _address(block)
         with self._free_lock:
-            if len(self._free) < 4:
+            base = self._lent.pop(address, None)
+            if base is not None and len(self._free) < 4:
                 self._free.append(base)
 
     def drop_buffers(self) -> None:
         """Free the block buffers and close the readers kept for reuse (pass 2 is over)."""
         with self._free_lock:
             self._free.clear()
+            self._lent.clear()
             readers, self._readers = list(self._readers.values()), {}
         for reader in readers:
             reader.close()
@@ -239,12 +245,17 @@ class RunSource:
             reader.close()
         yield kept
 
-    def _buffer(self, width: int) -> torch.Tensor:
+    def _buffer(self, width: int) -> np.ndarray:
+        """A (T, width) float32 block buffer, C-contiguous: a free one if one is wide enough."""
         with self._free_lock:
-            for i, buf in enumerate(self._free):
-                if buf.shape[1] >= width:
-                    return self._free.pop(i)[:, :width]
-        return torch.empty((self.n_checkpoints, width), dtype=torch.float32)
+            base = next((b for b in self._free if b.size >= self.n_checkpoints * width), None)
+            if base is None:
+                base = _block_buffer(self.n_checkpoints * width)
+            else:
+                self._free.remove(base)
+            out = base[: self.n_checkpoints * width].reshape(self.n_checkpoints, width)
+            self._lent[_address(out)] = base
+        return out
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -259,16 +270,20 @@ class RunSource:
         out = np.empty((rows, self.n_checkpoints))
         for t, ckpt in enumerate(self.checkpoints):
             with _unchanged(ckpt), ckpt.open(trust_pickle=self.trust_pickle) as reader:
-                r = 0
-                for name, idx in index.items():
-                    values = reader.gather(name, idx).to(torch.float64)
-                    _check_finite(values, ckpt, name)
-                    out[r : r + len(idx), t] = values.numpy()
-                    r += len(idx)
+                # One call for every tensor: the reader merges the reads of all of them.
+                values = reader.gather_many(index)
+                _check_finite_rows(values, ckpt, index)
+                out[:, t] = values
                 if self.keep_unmodelled:
                     for name, spec in self.unmodelled.items():
                         key = f"extra/{t}/{name}"
-                        self.unmodelled_values[key] = reader.read(name).reshape(spec.shape)
+                        # numpy where it has the dtype: an int counter needs no torch
+                        values = (
+                            reader.read_array(name)
+                            if spec.code in NUMPY_DTYPES
+                            else reader.read(name)
+                        )
+                        self.unmodelled_values[key] = values.reshape(spec.shape)
                 if not ckpt.lazy and self.spool_dir is not None:
                     self._block_checkpoints[t] = self._spool(t, ckpt, reader)
             if self.progress:
@@ -284,26 +299,34 @@ class RunSource:
                 w.write(name, reader.read(name))
         return replace(ckpt, path=path, format="safetensors", weight_files=(path,), lazy=True)
 
-    def read_block(self, segments: Sequence[Segment]) -> torch.Tensor:
+    def read_block(self, segments: Sequence[Segment]) -> np.ndarray | torch.Tensor:
+        """The block's float32 (T, B) values: each checkpoint's row read in a few calls.
+
+        A numpy array; while torch is loaded anyway, a torch tensor sharing its memory
+        (the pass-2 kernel of this version takes torch tensors).
+        """
         width = sum(s.size for s in segments)
         out = self._buffer(width)
+        ranges = tuple((s.tensor, s.start, s.stop) for s in segments)
         for t in range(len(self._block_checkpoints)):
             with _unchanged(self.checkpoints[t]), self._block_reader(t) as reader:
-                col = 0
-                for seg in segments:
-                    reader.read_into(seg.tensor, seg.start, seg.stop, out[t, col : col + seg.size])
-                    col += seg.size
-        return out  # NaN and Inf are found by pass 2 itself (see locate_nonfinite)
+                reader.read_segments(ranges, out[t])
+        # NaN and Inf are found by pass 2 itself (see locate_nonfinite)
+        return torch.from_numpy(out) if "torch" in sys.modules else out
 
-    def locate_nonfinite(self, block: torch.Tensor, segments: Sequence[Segment], column: int):
+    def locate_nonfinite(
+        self, block: np.ndarray | torch.Tensor, segments: Sequence[Segment], column: int
+    ):
         """Raise an error naming the checkpoint and tensor of column ``column``'s NaN/Inf."""
+        block = np.asarray(block)
         col = 0
         for seg in segments:
             if col <= column < col + seg.size:
-                bad = torch.nonzero(~torch.isfinite(block[:, column]))
+                bad = np.flatnonzero(~np.isfinite(block[:, column]))
                 if len(bad):
-                    _check_finite(
-                        block[int(bad[0]), column], self.checkpoints[int(bad[0])], seg.tensor
+                    raise CheckpointError(
+                        f"{printable(self.checkpoints[int(bad[0])].name)}: tensor "
+                        f"{printable(seg.tensor)!r} contains NaN or Inf values"
                     )
                 raise InputError(
                     f"tensor {printable(seg.tensor)!r}: values beyond "
@@ -312,6 +335,26 @@ class RunSource:
                 )
             col += seg.size
         raise InputError(f"NaN or Inf values in column {column} of a block")
+
+
+def _block_buffer(n: int) -> np.ndarray:
+    """``n`` float32 in pages of their own (an anonymous map, freed with the array).
+
+    Not numpy's allocator: it asks for transparent huge pages for large arrays, and
+    blocks so allocated took 20% longer to read into during a fit (pass 2 of the
+    20M × 50 run: 1.26 s against 0.96–1.06 s), huge pages being costly to fault in
+    while the page cache holds the run.
+    """
+    if n == 0:
+        return np.empty(0, dtype=np.float32)
+    return np.frombuffer(mmap.mmap(-1, n * 4), dtype=np.float32)
+
+
+def _address(block: np.ndarray | torch.Tensor) -> int:
+    """Address of a block's first element (a numpy array, or a tensor sharing its memory)."""
+    if isinstance(block, np.ndarray):
+        return block.__array_interface__["data"][0]
+    return block.data_ptr()
 
 
 @contextmanager
@@ -324,6 +367,30 @@ def _unchanged(ckpt: Checkpoint) -> Iterator[None]:
             f"{printable(ckpt.name)}: changed while cmd was reading the run "
             f"({printable(exc.args[0] if exc.args else exc)}); run again once it is complete"
         ) from None
+
+
+def _check_finite_rows(values: np.ndarray, ckpt: Checkpoint, index: dict[str, np.ndarray]) -> None:
+    """:func:`_check_finite` of pass 1's values of one checkpoint, all tensors at once.
+
+    The error names the first tensor (in the order of ``index``) with a bad value.
+    """
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(values) <= fitting.MAX_MAGNITUDE)  # NaN compares False
+    if not bad.any():
+        return
+    row = int(np.argmax(bad))
+    ends = np.cumsum([len(v) for v in index.values()])
+    j = int(np.searchsorted(ends, row, side="right"))
+    name = list(index)[j]
+    part = values[ends[j] - len(index[name]) : ends[j]]
+    if not np.isfinite(part).all():
+        raise CheckpointError(
+            f"{printable(ckpt.name)}: tensor {printable(name)!r} contains NaN or Inf values"
+        )
+    raise CheckpointError(
+        f"{printable(ckpt.name)}: tensor {printable(name)!r} holds values beyond "
+        f"±{fitting.MAX_MAGNITUDE:g}; cmd models weights of ordinary magnitude"
+    )
 
 
 def _check_finite(values: torch.Tensor, ckpt: Checkpoint, name: str) -> None:
@@ -606,8 +673,7 @@ def fit_run(
             "run_dir": str(run.root.resolve()),
             "checkpoints": [CheckpointRecord.of(c, run.root).as_dict() for c in ckpts],
             "tensor_specs": [
-                [n, DTYPE_CODES[s.dtype], list(s.shape), n in modelled]
-                for n, s in run.specs.items()
+                [n, s.code, list(s.shape), n in modelled] for n, s in run.specs.items()
             ],
             "settings": settings,
             "extras_stored": source.keep_unmodelled,
@@ -795,14 +861,17 @@ def _write_baseline_reconstructions(
     try:
         for k, (m, t) in enumerate(outputs):
 
-            def rebuilt(name: str, dtype: torch.dtype, k=k, m=m) -> Iterator:
+            def rebuilt(name: str, code: str, k=k, m=m) -> Iterator:
                 start = int(offsets[name])
                 size = specs[name].numel
                 for a in range(0, size, _RECONSTRUCT_CHUNK):
                     b = min(size, a + _RECONSTRUCT_CHUNK)
-                    piece = torch.from_numpy(values.read(k, start + a, start + b))
-                    _check_rebuilt(piece, name, dtype, m.name)
-                    yield a, piece.to(dtype)
+                    piece = np.asarray(values.read(k, start + a, start + b))
+                    _check_rebuilt(piece, name, code, m.name)
+                    narrowed = narrow(piece.astype(np.float64), code)
+                    if narrowed is None:  # float8: torch's own rounding
+                        narrowed = torch.from_numpy(piece).to(torch_dtype(code))
+                    yield a, narrowed
 
             folder = root / BASELINES_DIR / m.dirname
             folder.mkdir(parents=True, exist_ok=True)
@@ -829,20 +898,19 @@ def _write_baseline_reconstructions(
     return written
 
 
-def _check_rebuilt(values: torch.Tensor, name: str, dtype: torch.dtype, model: str) -> None:
+def _check_rebuilt(values: np.ndarray, name: str, code: str, model: str) -> None:
     """A rebuild that is not finite or beyond its dtype (a DMD whose |λ| > 1 explodes)."""
-    if not bool(torch.isfinite(values).all()):
+    if not np.isfinite(values).all():
         raise InputError(
             f"--reconstruct-baselines: {model} rebuilds tensor {printable(name)!r} to infinite "
             f"values; leave it out of --baselines"
         )
-    if dtype.is_floating_point and dtype != values.dtype:
-        limit = torch.finfo(dtype).max
-        if bool((values.abs() > limit).any()):
-            raise InputError(
-                f"--reconstruct-baselines: {model} rebuilds tensor {printable(name)!r} beyond "
-                f"the range of {str(dtype).removeprefix('torch.')}; leave it out of --baselines"
-            )
+    limit = _FLOAT_MAX.get(code)
+    if limit is not None and values.size and float(np.abs(values).max()) > limit:
+        raise InputError(
+            f"--reconstruct-baselines: {model} rebuilds tensor {printable(name)!r} beyond "
+            f"the range of {dtype_name(code)}; leave it out of --baselines"
+        )
 
 
 def _fit_online(
@@ -1077,7 +1145,7 @@ def run_directory(model: CMD, run: str | Path | None = None, *, trust_pickle: bo
 
 def _specs_from_metadata(model: CMD) -> dict[str, TensorSpec]:
     return {
-        name: TensorSpec(name=name, shape=shape, dtype=CODE_DTYPES[code])
+        name: TensorSpec(name=name, shape=shape, dtype=code)
         for name, code, shape, _ in model.model_file_.tensor_specs
     }
 
@@ -1153,7 +1221,9 @@ def _checkpoint_pieces(
     modelled = set(model.tensor_sizes_)
     copied = [n for n in specs if n not in modelled]
     available = set(model.extra_names_)
-    stored = model.get_extras([f"extra/{t}/{n}" for n in copied if f"extra/{t}/{n}" in available])
+    stored = _stored_extras(
+        model, [f"extra/{t}/{n}" for n in copied if f"extra/{t}/{n}" in available]
+    )
     reader = None
     if any(f"extra/{t}/{n}" not in stored for n in copied):
         problem = _missing_original(ckpt)
@@ -1178,9 +1248,9 @@ def _checkpoint_pieces(
     def pieces(name: str) -> Iterator[tuple[int, torch.Tensor]]:
         spec = specs[name]
         if name in modelled and rebuilt is not None:
-            yield from rebuilt(name, spec.dtype)
+            yield from rebuilt(name, spec.code)
         elif name in modelled:
-            yield from _rebuilt_pieces(model, t, name, spec.dtype)
+            yield from _rebuilt_pieces(model, t, name, spec.code)
         elif f"extra/{t}/{name}" in stored:
             yield 0, stored[f"extra/{t}/{name}"]
         else:
@@ -1234,31 +1304,61 @@ def rebuild_state_dict(
         return {name: layout.full_tensor(pieces, name, spec) for name, spec in specs.items()}
 
 
-def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype):
-    """a·r_mode(t) + b for one tensor, in flat pieces of bounded size."""
+def _stored_extras(model: CMD, names: list[str]) -> dict[str, np.ndarray | torch.Tensor]:
+    """The copies stored in the model file: numpy arrays where numpy has the dtype."""
+    if not names:
+        return {}
+    if not hasattr(model, "model_file_"):
+        return model.get_extras(names)  # raises: not read from a file
+    mf = model.model_file_
+    out: dict[str, np.ndarray | torch.Tensor] = {}
+    for name in names:
+        values = mf.array(name) if mf.header.entries[name].spec.code in NUMPY_DTYPES else None
+        out[name] = values if values is not None else mf.tensor(name)
+    return out
+
+
+# The largest finite value of each float dtype a rebuilt tensor may be written in.
+_FLOAT_MAX = {
+    "F32": float(np.finfo(np.float32).max),
+    "F16": float(np.finfo(np.float16).max),
+    "BF16": 3.3895313892515355e38,
+    "F8_E4M3": 448.0,
+    "F8_E5M2": 57344.0,
+}
+
+
+def _rebuilt_pieces(model: CMD, t: int, name: str, dtype: torch.dtype | str):
+    """a·r_mode(t) + b for one tensor, in flat pieces of bounded size.
+
+    numpy arrays (bfloat16 as its bits, uint16), computed and rounded exactly as
+    torch did (``fitting.reconstruct_values``, then ``.to(dtype)``), with no torch;
+    torch tensors for the float8 dtypes.
+    """
+    code = code_of(dtype)
     sl = model.tensor_slice(name)
-    refs = torch.from_numpy(model.references_[:, [t]])
+    refs = np.asarray(model.references_[:, t], dtype=np.float64)
     for start in range(sl.start, sl.stop, _RECONSTRUCT_CHUNK):
         stop = min(start + _RECONSTRUCT_CHUNK, sl.stop)
-        values = fitting.reconstruct_values(
-            torch.from_numpy(model.a_[start:stop]),
-            torch.from_numpy(model.b_[start:stop]),
-            torch.from_numpy(model.modes_[start:stop].astype(np.int64)),
-            refs,
-        )[0]
-        if not bool(torch.isfinite(values).all()):
+        # read_range: the model file's pages let go once read.
+        a = read_range(model.a_, start, stop).astype(np.float64)
+        b = read_range(model.b_, start, stop).astype(np.float64)
+        modes = read_range(model.modes_, start, stop).astype(np.intp)
+        values = a * refs[modes] + b  # float64, one product and one sum: as torch's
+        if not np.isfinite(values).all():
             raise InputError(
                 f"{printable(getattr(model, 'path_', 'the model'))}: tensor {printable(name)!r} "
                 f"rebuilds to NaN or infinite values (its coefficients a, b are not finite)"
             )
-        if dtype != values.dtype and dtype.is_floating_point:
-            limit = torch.finfo(dtype).max
-            if bool((values.abs() > limit).any()):
-                raise InputError(
-                    f"tensor {printable(name)!r}: rebuilt values exceed the range of "
-                    f"{str(dtype).removeprefix('torch.')}"
-                )
-        yield start - sl.start, values.to(dtype)
+        limit = _FLOAT_MAX.get(code)
+        if limit is not None and bool((np.abs(values) > limit).any()):
+            raise InputError(
+                f"tensor {printable(name)!r}: rebuilt values exceed the range of {dtype_name(code)}"
+            )
+        narrowed = narrow(values, code)
+        if narrowed is None:  # float8: torch's own rounding
+            narrowed = torch.from_numpy(values).to(torch_dtype(code))
+        yield start - sl.start, narrowed
 
 
 def reconstruct_run(
@@ -1379,7 +1479,7 @@ def inspect_run(
     """What ``cmd fit`` would read in ``run_dir``, as plain data (``cmd inspect``)."""
     run = discover(run_dir, trust_pickle=trust_pickle, weights=weights, files=files)
     floats = [s for s in run.specs.values() if s.is_float and s.numel > 0]
-    dtypes = sorted({str(s.dtype).replace("torch.", "") for s in floats})
+    dtypes = sorted({dtype_name(s.code) for s in floats})
     per_ckpt_bytes = sum(s.nbytes for s in run.specs.values())
     return {
         "run_dir": str(run.root),

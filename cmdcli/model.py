@@ -19,20 +19,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import fitting
 from . import references as refs_mod
 from .errors import InputError, NotFittedError
 from .fitting import BlockResult, Progress, Segment, TrajectorySource
-from .io.modelfile import FORMAT_NAME, FORMAT_VERSION, REFERENCE_KINDS, CoefficientSink
+from .io.modelfile import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REFERENCE_KINDS,
+    CoefficientSink,
+    read_range,
+)
 from .io.safetensors import SafetensorsWriter
+from .lazy import torch
 from .threads import available_cores, single_threaded
 
 __all__ = ["CMD", "ArraySource", "FORMAT_NAME", "FORMAT_VERSION", "REFERENCE_KINDS"]
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 MAX_AUTO_MODES = 20
+_SAVE_CHUNK = 4 * 2**20  # weights per piece when saving coefficients held as maps
 
 
 class ArraySource:
@@ -289,6 +296,17 @@ class CMD:
             raise InputError(
                 f"references must be one of {', '.join(REFERENCE_KINDS)}, got {self.references!r}"
             )
+        if self.device != "cpu":  # the CPU needs no torch to be checked
+            self._validate_device()
+        if self.executor is not None and not callable(getattr(self.executor, "submit", None)):
+            raise InputError(
+                f"executor must have a submit(fn, *args) method, got {type(self.executor).__name__}"
+            )
+        tv = self.target_variance
+        if isinstance(tv, bool) or not isinstance(tv, (int, float)) or not 0 < tv <= 1:
+            raise InputError(f"target_variance must be in (0, 1], got {tv!r}")
+
+    def _validate_device(self) -> None:
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -301,13 +319,6 @@ class CMD:
             )
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {self.device!r}: this torch build or machine has no CUDA GPU")
-        if self.executor is not None and not callable(getattr(self.executor, "submit", None)):
-            raise InputError(
-                f"executor must have a submit(fn, *args) method, got {type(self.executor).__name__}"
-            )
-        tv = self.target_variance
-        if isinstance(tv, bool) or not isinstance(tv, (int, float)) or not 0 < tv <= 1:
-            raise InputError(f"target_variance must be in (0, 1], got {tv!r}")
 
     def fit(
         self,
@@ -318,7 +329,7 @@ class CMD:
         shapes: dict[str, tuple[int, ...]] | None = None,
         steps: Sequence[int] | None = None,
         metadata: dict[str, object] | None = None,
-        extra: dict[str, torch.Tensor] | None = None,
+        extra: dict[str, np.ndarray | torch.Tensor] | None = None,
     ) -> CMD:
         """Fit the model.
 
@@ -572,11 +583,11 @@ class CMD:
         """
         self._check_fitted()
         idx = self._checkpoint_index(checkpoints)
-        sl = self.tensor_slice(tensor) if tensor is not None else slice(None)
+        sl = self.tensor_slice(tensor) if tensor is not None else slice(0, len(self.a_))
         values = fitting.reconstruct_values(
-            torch.from_numpy(self.a_[sl]),
-            torch.from_numpy(self.b_[sl]),
-            torch.from_numpy(self.modes_[sl].astype(np.int64)),
+            torch.from_numpy(read_range(self.a_, sl.start, sl.stop)),
+            torch.from_numpy(read_range(self.b_, sl.start, sl.stop)),
+            torch.from_numpy(read_range(self.modes_, sl.start, sl.stop).astype(np.int64)),
             torch.from_numpy(self.references_[:, idx]),
         ).T.numpy()
         return values[:, 0] if np.ndim(checkpoints) == 0 and checkpoints is not None else values
@@ -590,7 +601,7 @@ class CMD:
         shapes: dict[str, tuple[int, ...]] | None = None,
         steps: Sequence[int] | None = None,
         metadata: dict[str, object] | None = None,
-        extra: dict[str, torch.Tensor] | None = None,
+        extra: dict[str, np.ndarray | torch.Tensor] | None = None,
     ) -> None:
         """Write the model as a safetensors file (see the README's file format).
 
@@ -603,7 +614,7 @@ class CMD:
             Training step of each checkpoint (0 … T−1 by default).
         metadata : dict, optional
             Further header entries; non-string values are stored as JSON.
-        extra : dict of str to Tensor, optional
+        extra : dict of str to Tensor or numpy array, optional
             Further tensors to store as they are (e.g. copies of unmodelled ones).
         """
         self._check_fitted()
@@ -611,9 +622,13 @@ class CMD:
         with self._open_writer(path, shapes, steps, metadata, extra) as w:
             for name in shapes or self.tensor_sizes_:
                 sl = self.tensor_slice(name)
-                w.write(f"a/{name}", torch.from_numpy(self.a_[sl]))
-                w.write(f"b/{name}", torch.from_numpy(self.b_[sl]))
-                w.write(f"mode/{name}", torch.from_numpy(self.modes_[sl].astype(mode_dtype)))
+                # In pieces: a model read from a file holds its coefficients as maps.
+                for start in range(sl.start, sl.stop, _SAVE_CHUNK):
+                    stop, at = min(start + _SAVE_CHUNK, sl.stop), start - sl.start
+                    w.write(f"a/{name}", torch.from_numpy(read_range(self.a_, start, stop)), at)
+                    w.write(f"b/{name}", torch.from_numpy(read_range(self.b_, start, stop)), at)
+                    modes = read_range(self.modes_, start, stop).astype(mode_dtype)
+                    w.write(f"mode/{name}", torch.from_numpy(modes), at)
 
     def _open_writer(
         self,
@@ -621,7 +636,7 @@ class CMD:
         shapes: dict[str, tuple[int, ...]] | None,
         steps: Sequence[int] | None,
         metadata: dict[str, object] | None,
-        extra: dict[str, torch.Tensor] | None,
+        extra: dict[str, np.ndarray | torch.Tensor] | None,
     ) -> SafetensorsWriter:
         """Open the model file and write all but the coefficients (:mod:`cmdcli.io.modelfile`)."""
         from .io.modelfile import open_writer

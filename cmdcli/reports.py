@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import __version__
-from .dtypes import itemsize
+from .dtypes import dtype_name
 
 __all__ = ["build_report", "lower_is_better", "render_markdown"]
 
@@ -68,7 +68,7 @@ def build_report(
     n_ckpt = len(checkpoints)
     n_params = int(sum(s.numel for s in specs.values()))
     n_modes = int(model.n_modes_)
-    original_bytes = n_ckpt * sum(s.numel * itemsize(s.dtype) for s in specs.values())
+    original_bytes = n_ckpt * sum(s.nbytes for s in specs.values())
     model_bytes = model.references_.nbytes + model.a_.nbytes + model.b_.nbytes + model.modes_.nbytes
     # An online fit has no Gram matrix and no per-checkpoint sums (they are NaN).
     has_gram = bool(np.isfinite(stats.gram).all())
@@ -131,7 +131,7 @@ def build_report(
             {
                 "name": name,
                 "shape": list(spec.shape),
-                "dtype": str(spec.dtype).replace("torch.", ""),
+                "dtype": dtype_name(spec.code),
                 "n_params": int(spec.numel),
                 "relative_error": math.sqrt(
                     _ratio(stats.tensor_sse.get(name, 0.0), stats.tensor_sumsq.get(name, 0.0))

@@ -290,3 +290,141 @@ def test_cluster_tree_small() -> None:
     assert tree.shape == (1, 4)
     assert tree[0, 2] == pytest.approx(5.0, abs=1e-12)
     assert tree[0, 3] == 2
+
+
+# --------------------------------------------------------------------------- gather_many
+
+
+def mixed_checkpoint(root: Path, seed: int, pad: int) -> Path:
+    """Tensors of every float dtype, with odd sizes (so that widths change mid-file)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "a_pad": torch.zeros(pad, dtype=torch.float16),
+        "b_f32": torch.randn(9_001, generator=g),
+        "c_bf16": torch.randn(3_333, generator=g).to(torch.bfloat16),
+        "d_f16": torch.randn(777, generator=g).to(torch.float16),
+        "e_f64": torch.randn(1_234, generator=g).to(torch.float64),
+        "f_e4m3": (torch.randn(501, generator=g) * 8).to(torch.float8_e4m3fn),
+        "g_e5m2": (torch.randn(499, generator=g) * 8).to(torch.float8_e5m2),
+        "h_f32": torch.randn(50_000, generator=g),
+        "i_int": torch.arange(10, dtype=torch.int64),
+    }
+    path = root / f"step_{seed}.safetensors"
+    save_file(sd, path)
+    return path
+
+
+def many_index(reader, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in reader.specs().items():
+        if not spec.is_float or name == "a_pad":
+            continue
+        n = spec.numel
+        runs = np.concatenate([np.arange(s, min(s + 30, n)) for s in rng.choice(n, 5)])
+        out[name] = np.concatenate([rng.integers(0, n, 200), runs, [n - 1, 0, 0]])
+    out["h_f32"] = rng.permutation(50_000)[:20_000]  # dense: gaps below _RUN_GAP
+    return out
+
+
+def expected_many(reader, index: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate(
+        [reader.gather(name, idx).to(torch.float64).numpy() for name, idx in index.items()]
+    )
+
+
+@pytest.mark.parametrize(
+    ("span_gap", "run_gap", "iov_max"), [(16 * 1024, 64, 1024), (40, 8, 16), (0, 1, 16)]
+)
+def test_gather_many_equals_gathers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, span_gap: int, run_gap: int, iov_max: int
+) -> None:
+    monkeypatch.setattr(ck, "_many_plans", {})
+    monkeypatch.setattr(ck, "_SPAN_GAP", span_gap)
+    monkeypatch.setattr(ck, "_RUN_GAP", run_gap)
+    monkeypatch.setattr(ck, "_IOV_MAX", iov_max)
+    paths = [mixed_checkpoint(tmp_path, seed, pad) for seed, pad in ((1, 3), (2, 3), (3, 4))]
+    for path in paths * 2:  # the second round on cached plans
+        with ck.SafetensorsReader([path], [path.name]) as reader:
+            index = many_index(reader, 7)
+            got = reader.gather_many(index)
+            want = expected_many(reader, index)
+            assert got.dtype == np.float64 and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+    assert len(ck._many_plans) == 2  # one per layout (pad 3, pad 4), shared by two files
+    plan = next(iter(ck._many_plans.values()))
+    assert all(len(parts) <= iov_max for _, _, parts, _ in plan.spans)
+
+
+def test_gather_many_few_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ck, "_many_plans", {})
+    path = mixed_checkpoint(tmp_path, 1, 3)
+    calls = []
+    real = ck.os.preadv
+    monkeypatch.setattr(
+        ck.os, "preadv", lambda fd, bufs, off: calls.append(1) or real(fd, bufs, off)
+    )
+    with ck.SafetensorsReader([path], [path.name]) as reader:
+        index = {n: np.arange(0, s.numel, 97) for n, s in reader.specs().items() if s.is_float}
+        calls.clear()  # the header's reads
+        got = reader.gather_many(index)
+        n_calls = len(calls)
+        np.testing.assert_array_equal(got, expected_many(reader, index))
+    # The file is ~280 KB: ~700 samples 97 elements apart, each its own run, in spans of
+    # at most _IOV_MAX iovecs (a run and the gap before it) - 2 calls, not one per tensor.
+    assert n_calls == -(-2 * sum(len(i) for i in index.values()) // ck._IOV_MAX)
+
+
+def test_gather_many_shards_and_empty(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    a = mixed_checkpoint(tmp_path / "a", 1, 3)
+    b = tmp_path / "b.safetensors"
+    save_file({"z": torch.randn(100), "y": torch.randn(7).to(torch.bfloat16)}, b)
+    with ck.SafetensorsReader([a, b], ["a", "b"]) as reader:
+        index = {
+            "y": np.array([6, 0, 6]),
+            "h_f32": np.array([], dtype=np.int64),
+            "b_f32": np.array([5, 4]),
+            "z": np.arange(100)[::-1].copy(),
+        }
+        np.testing.assert_array_equal(reader.gather_many(index), expected_many(reader, index))
+        assert reader.gather_many({"z": np.array([], dtype=np.int64)}).shape == (0,)
+        with pytest.raises(IndexError):
+            reader.gather_many({"z": np.array([100])})
+        with pytest.raises(KeyError):
+            reader.gather_many({"nope": np.array([0])})
+        # A non-float tensor: the tensor-by-tensor default, same values.
+        got = reader.gather_many({"i_int": np.array([3, 9]), "z": np.array([1])})
+        np.testing.assert_array_equal(got[:2], [3.0, 9.0])
+
+
+def test_gather_many_from_file_truncated_after_open(tmp_path: Path) -> None:
+    path = mixed_checkpoint(tmp_path, 1, 3)
+    with ck.SafetensorsReader([path], ["step_1.safetensors"]) as reader:
+        with open(path, "r+b") as fh:
+            fh.truncate(reader._entry("h_f32").offset + 40_000)  # in the middle of h_f32
+        with pytest.raises(
+            CheckpointError, match=r"^step_1\.safetensors: file is truncated: tensor 'h_f32'"
+        ):
+            reader.gather_many({"b_f32": np.array([0]), "h_f32": np.array([0, 49_999])})
+
+
+def test_headers_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ck, "_headers", {})
+    parsed = []
+    real = ck.parse_header
+    monkeypatch.setattr(ck, "parse_header", lambda *a: parsed.append(a[2]) or real(*a))
+    sd = {"w": torch.randn(10), "v": torch.randn(3)}
+    for step in (1, 2):
+        save_file(sd, tmp_path / f"step_{step}.safetensors")
+    run = discover(tmp_path)
+    for ckpt in run.checkpoints * 2:
+        with ckpt.open() as reader:
+            assert set(reader.specs()) == {"w", "v"}
+    assert parsed == ["step_1.safetensors"]  # the same bytes and size: checked once
+    # A file of another size (trailing bytes) is checked anew, and refused, naming it.
+    with open(tmp_path / "step_2.safetensors", "ab") as fh:
+        fh.write(b"\0" * 4)
+    with pytest.raises(CheckpointError, match=r"^step_2\.safetensors: .*trailing data"):
+        run.checkpoints[1].open()
+    assert parsed == ["step_1.safetensors", "step_2.safetensors"]

@@ -20,8 +20,25 @@ The package knows files, never numerics or the command line:
 * :mod:`~cmdcli.io.names` — every file name read or written.
 """
 
-from .base import FLOAT_DTYPES, Checkpoint, CheckpointReader, Run, TensorSpec
-from .discovery import discover, load_state_dict
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from .base import Checkpoint, CheckpointReader, Run, TensorSpec
+
+if TYPE_CHECKING:
+    from .base import FLOAT_DTYPES
+    from .discovery import discover, load_state_dict
+
+# Discovery knows every format, some of which need torch: imported on first use, so
+# that reading safetensors files (cmdcli.io.safetensors) does not import torch.
+_LAZY = {"FLOAT_DTYPES": "base", "discover": "discovery", "load_state_dict": "discovery"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FLOAT_DTYPES",

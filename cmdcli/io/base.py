@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
+
+from ..dtypes import FLOAT_CODES, NUMPY_DTYPES, code_of, dtype_name, itemsize, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "FLOAT_DTYPES",
+    "FLOAT_DTYPES",  # noqa: F822 - module __getattr__, on first use
     "Checkpoint",
     "CheckpointFormat",
     "CheckpointReader",
@@ -43,36 +47,66 @@ __all__ = [
     "TensorSource",
 ]
 
-FLOAT_DTYPES: frozenset[torch.dtype] = frozenset(
-    {
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-    }
-)
-"""The dtypes whose tensors are modelled; every other tensor is copied as is."""
+
+def __getattr__(name: str) -> Any:
+    if name == "FLOAT_DTYPES":  # torch dtypes: built on first use (imports torch)
+        return frozenset(torch_dtype(code) for code in FLOAT_CODES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
 class TensorSpec:
     """Name, shape and dtype of one tensor of a checkpoint.
 
-    Attributes
+    Parameters
     ----------
     name : str
         The tensor's key in the state dict (or safetensors header).
     shape : tuple of int
         Its shape; ``()`` for a scalar.
+    dtype : torch.dtype or str
+        Its dtype as stored: a torch dtype, or its code (a safetensors code such as
+        ``"F32"``; see :func:`cmdcli.dtypes.code_of`). Kept as the code, so that
+        reading safetensors files needs no torch.
+
+    Attributes
+    ----------
+    name, shape
+    code : str
+        The dtype's code.
     dtype : torch.dtype
-        Its dtype as stored.
+        The dtype (imports torch).
     """
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    __slots__ = ("code", "name", "shape")
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | str) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "shape", tuple(shape))
+        object.__setattr__(self, "code", code_of(dtype))
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("TensorSpec is immutable")
+
+    def __reduce__(self):
+        return (TensorSpec, (self.name, self.shape, self.code))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorSpec):
+            return NotImplemented
+        return (self.name, self.shape, self.code) == (other.name, other.shape, other.code)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.shape, self.code))
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorSpec(name={self.name!r}, shape={self.shape!r}, dtype={dtype_name(self.code)})"
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Its dtype as stored, a ``torch.dtype`` (imports torch)."""
+        return torch_dtype(self.code)
 
     @property
     def numel(self) -> int:
@@ -82,14 +116,12 @@ class TensorSpec:
     @property
     def is_float(self) -> bool:
         """Whether the tensor is floating point, i.e. modelled by the fit."""
-        return self.dtype in FLOAT_DTYPES
+        return self.code in FLOAT_CODES
 
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor's data."""
-        from ..dtypes import itemsize
-
-        return self.numel * itemsize(self.dtype)
+        return self.numel * itemsize(self.code)
 
 
 @dataclass(frozen=True)
@@ -244,6 +276,43 @@ class CheckpointReader(ABC):
         """
         out.copy_(self.read(name, start, stop))
 
+    def read_array(self, name: str) -> np.ndarray:
+        """A whole tensor as a numpy array of its own dtype (flat, a fresh copy).
+
+        Only for dtypes numpy has (:data:`cmdcli.dtypes.NUMPY_DTYPES`): not bfloat16
+        or float8. Readers that need no torch for it override this; the default
+        converts :meth:`read`'s tensor.
+        """
+        spec = self.specs()[name]
+        if spec.code not in NUMPY_DTYPES:
+            raise TypeError(f"tensor {name!r} is {dtype_name(spec.code)}, which numpy lacks")
+        return self.read(name).numpy()
+
+    def read_segments(self, segments: Sequence[tuple[str, int, int]], out: np.ndarray) -> None:
+        """Read flat element ranges of several float tensors, back to back, into ``out``.
+
+        Pass 2 of a fit reads a block's row of each checkpoint this way.
+
+        Parameters
+        ----------
+        segments : sequence of (str, int, int)
+            ``(name, start, stop)``: elements ``[start, stop)`` of tensor ``name``, as
+            for :meth:`read`; the tensors are floating point.
+        out : numpy.ndarray
+            1-D float32, C-contiguous, ``sum(stop - start)`` elements: filled with the
+            values converted to float32 (exactly, but for float64 rounded to nearest).
+
+        Readers that can read many ranges in a few calls override this; the default
+        reads range by range with :meth:`read_into`.
+        """
+        import torch
+
+        row = torch.from_numpy(out)
+        col = 0
+        for name, start, stop in segments:
+            self.read_into(name, start, stop, row[col : col + stop - start])
+            col += stop - start
+
     def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
         """Read the flat elements of one tensor at the given positions.
 
@@ -273,12 +342,45 @@ class CheckpointReader(ABC):
         Readers that can pick elements without reading the whole tensor override
         this; the default reads the whole tensor once.
         """
+        import torch
+
         spec = self.specs()[name] if name in self.specs() else None
         if spec is None:
             raise KeyError(f"no tensor {name!r}")
         idx = check_index(spec, index)
         flat = self.read(name)
         return flat[torch.from_numpy(np.ascontiguousarray(idx))]
+
+    def gather_many(self, index: dict[str, np.ndarray]) -> np.ndarray:
+        """The elements at the given positions of several float tensors, as float64.
+
+        Pass 1 of a fit asks every checkpoint for the same positions this way.
+
+        Parameters
+        ----------
+        index : dict of str to numpy.ndarray
+            Tensor name → 1-D integer positions, as for :meth:`gather`; the tensors
+            are floating point.
+
+        Returns
+        -------
+        numpy.ndarray of shape (n,)
+            float64, ``n`` the total number of positions: the tensors' elements one
+            tensor after the other in the order of ``index``, each in the order of
+            its positions. The values are exact (every float dtype read fits in float64).
+
+        Readers that can read the elements of many tensors in a few calls override
+        this; the default gathers tensor by tensor.
+        """
+        import torch
+
+        out = np.empty(sum(len(v) for v in index.values()))
+        r = 0
+        for name, idx in index.items():
+            values = self.gather(name, idx)
+            out[r : r + len(values)] = values.to(torch.float64).numpy()
+            r += len(values)
+        return out
 
     @abstractmethod
     def close(self) -> None:
@@ -397,7 +499,7 @@ class Probe:
     detail: str | None = None
 
 
-TensorSource = Callable[[str], Iterator[tuple[int, torch.Tensor]]]
+TensorSource = Callable[[str], Iterator[tuple[int, "torch.Tensor"]]]
 """``pieces(name)``: the rebuilt values of tensor ``name`` as ``(flat start, values)`` pieces."""
 
 

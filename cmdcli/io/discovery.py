@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..dtypes import dtype_name
 from ..errors import CheckpointError
 from . import names
 from .base import Checkpoint, CheckpointFormat, Entry, Run, TensorSpec
@@ -480,20 +481,16 @@ def _compare_specs(
                 f"{b}: tensor {shown!r} has shape {_shape(spec.shape)}, but "
                 f"{_shape(ref.shape)} in {a}"
             )
-        if spec.dtype != ref.dtype:
+        if spec.code != ref.code:
             raise CheckpointError(
-                f"{b}: tensor {shown!r} has dtype {_dtype(spec.dtype)}, but "
-                f"{_dtype(ref.dtype)} in {a}"
+                f"{b}: tensor {shown!r} has dtype {dtype_name(spec.code)}, but "
+                f"{dtype_name(ref.code)} in {a}"
             )
     for tname in specs:
         if tname not in first_specs:
             raise CheckpointError(
                 f"{b}: tensor {printable(tname)!r} is not in {a} (unexpected extra tensor)"
             )
-
-
-def _dtype(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -23,9 +23,10 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ..errors import InputError
+from ..lazy import torch
 from . import names
 from .base import Checkpoint, TensorSource, TensorSpec
 from .jsonio import dumps
@@ -69,10 +70,31 @@ def output_names(
     return [check_output_name(n, "output name") for n in out]
 
 
+def as_tensor(values: torch.Tensor | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A piece as a torch tensor of ``dtype``: numpy pieces (bfloat16, float8 as their
+    bits in unsigned integers of the same width) viewed, not converted."""
+    if not isinstance(values, np.ndarray):
+        return values
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    return tensor if tensor.dtype == dtype else tensor.view(dtype)
+
+
+def tensor_pieces(pieces: TensorSource, specs: dict[str, TensorSpec]) -> TensorSource:
+    """``pieces`` with every piece a torch tensor (for the writers of torch containers)."""
+
+    def torch_pieces(name: str):
+        dtype = specs[name].dtype
+        for start, values in pieces(name):
+            yield start, as_tensor(values, dtype)
+
+    return torch_pieces
+
+
 def full_tensor(pieces: TensorSource, name: str, spec: TensorSpec) -> torch.Tensor:
     """Tensor ``name`` assembled from its pieces, in its shape and dtype."""
     flat = torch.empty(spec.numel, dtype=spec.dtype)
     for start, values in pieces(name):
+        values = as_tensor(values, spec.dtype)
         flat[start : start + values.numel()] = values.reshape(-1)
     return flat.reshape(spec.shape)
 
@@ -94,7 +116,7 @@ def write_weight_file(
             raise InputError(f"{printable(path)}: cannot write ({exc.strerror or exc})") from None
         return
     meta = {"format": "pt", "cmd_step": str(ckpt.step), "cmd_source": ckpt.name}
-    entries = [TensorEntry(n, specs[n].dtype, specs[n].shape) for n in tensor_names]
+    entries = [TensorEntry(n, specs[n].code, specs[n].shape) for n in tensor_names]
     with SafetensorsWriter(path, entries, meta) as w:
         for name in tensor_names:
             for start, values in pieces(name):
@@ -161,7 +183,8 @@ def write_checkpoint(
         if not fmt.has_native_writer:
             raise InputError(f"--native: no native writer for {fmt.name} checkpoints")
         try:
-            fmt.write_native(ckpt, target, specs, pieces, trust_pickle=trust_pickle)
+            native_pieces = tensor_pieces(pieces, specs)
+            fmt.write_native(ckpt, target, specs, native_pieces, trust_pickle=trust_pickle)
         except RecursionError:
             raise InputError(
                 f"{printable(ckpt.name)}: nested too deeply to be written back (--native); "

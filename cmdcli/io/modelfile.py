@@ -33,13 +33,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..dtypes import CODE_DTYPES, DTYPE_CODES
+from ..dtypes import CODE_NAMES, FLOAT_CODES, NUMPY_DTYPES, code_of, code_of_array
 from ..errors import InputError
+from ..lazy import torch
 from .jsonio import loads
 from .paths import check_plain_name, check_relative, is_inside, printable
-from .safetensors import SafetensorsHeader, SafetensorsWriter, TensorEntry, pread_into, read_header
+from .safetensors import (
+    _NUMPY_CODES,
+    SafetensorsHeader,
+    SafetensorsWriter,
+    TensorEntry,
+    pread_into,
+    read_header,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -49,6 +56,7 @@ __all__ = [
     "ModelFile",
     "open_writer",
     "read_model",
+    "read_range",
 ]
 
 FORMAT_NAME = "cmd"
@@ -76,7 +84,7 @@ def open_writer(
     sample_modes: np.ndarray,
     sample_index: dict[str, np.ndarray],
     header: dict[str, object],
-    extra: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, np.ndarray | torch.Tensor] | None = None,
 ) -> SafetensorsWriter:
     """Open a model file and write all but the coefficients.
 
@@ -94,20 +102,23 @@ def open_writer(
         or [np.zeros(0, np.int32)]
     )
     flat = np.concatenate(list(sample_index.values()) or [np.zeros(0, np.int64)])
-    mode_torch = torch.from_numpy(np.zeros(0, dtype=mode_dtype)).dtype
-    tensors: dict[str, torch.Tensor] = {
-        "references": torch.from_numpy(np.ascontiguousarray(references, dtype=np.float32)),
-        "steps": torch.from_numpy(np.asarray(steps).astype(np.int64)),
-        "sample/values": torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)),
-        "sample/mode": torch.from_numpy(np.asarray(sample_modes).astype(np.int64)),
-        "sample/tensor": torch.from_numpy(owner),
-        "sample/index": torch.from_numpy(flat.astype(np.int64)),
+    mode_code = _NUMPY_CODES[np.dtype(mode_dtype).name]
+    arrays: dict[str, np.ndarray] = {  # numpy: writing a model needs no torch
+        "references": np.ascontiguousarray(references, dtype=np.float32),
+        "steps": np.asarray(steps).astype(np.int64),
+        "sample/values": np.ascontiguousarray(samples, dtype=np.float32),
+        "sample/mode": np.asarray(sample_modes).astype(np.int64),
+        "sample/tensor": owner,
+        "sample/index": flat.astype(np.int64),
     }
-    entries = [TensorEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    for kind, dtype in (("a", torch.float32), ("b", torch.float32), ("mode", mode_torch)):
-        entries += [TensorEntry(f"{kind}/{n}", dtype, tuple(sh)) for n, sh in shapes.items()]
-    for name, t in (extra or {}).items():
-        entries.append(TensorEntry(name, t.dtype, tuple(t.shape)))
+    entries = [
+        TensorEntry(n, _NUMPY_CODES[a.dtype.name], tuple(a.shape)) for n, a in arrays.items()
+    ]
+    for kind, code in (("a", "F32"), ("b", "F32"), ("mode", mode_code)):
+        entries += [TensorEntry(f"{kind}/{n}", code, tuple(sh)) for n, sh in shapes.items()]
+    for name, t in (extra or {}).items():  # numpy arrays or torch tensors
+        code = code_of_array(t) if isinstance(t, np.ndarray) else code_of(t.dtype)
+        entries.append(TensorEntry(name, code, tuple(t.shape)))
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **header}
     meta["format"], meta["format_version"] = FORMAT_NAME, FORMAT_VERSION
     strings = {
@@ -115,8 +126,8 @@ def open_writer(
     }
     w = SafetensorsWriter(path, entries, strings, keep_order=True)
     try:
-        for n, t in tensors.items():
-            w.write(n, t)
+        for n, a in arrays.items():
+            w.write(n, a)
         for name, t in (extra or {}).items():
             w.write(name, t)
     except BaseException:
@@ -282,8 +293,8 @@ class ModelFile:
         entry = self.header.entries.get(name)
         if entry is None:
             return None
-        code = DTYPE_CODES[entry.spec.dtype]
-        out = np.empty(entry.spec.shape, dtype=_NP[code])
+        code = entry.spec.code
+        out = np.empty(entry.spec.shape, dtype=_NP.get(code) or NUMPY_DTYPES[code])
         self._read(entry, memoryview(out.reshape(-1).view(np.uint8)))
         return out
 
@@ -309,22 +320,25 @@ class ModelFile:
     def coefficients(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``a``, ``b`` and the modes of every weight in flat order, memory-mapped.
 
-        Copy-on-write maps when each kind lies back to back (as :func:`open_writer`
-        lays them out); read into memory otherwise.
+        Read-only maps when each kind lies back to back (as :func:`open_writer` lays
+        them out); read into memory otherwise. Read ranges of them with
+        :func:`read_range`, which lets go of the mapped pages once copied: the pages of
+        a map that are touched stay in the process's RSS (as file-backed memory) until
+        the map is closed or told it no longer needs them.
         """
         names = list(self.shapes)
         n_weights = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
         out = []
         for kind in ("a", "b", "mode"):
             entries = [self.header.entries[f"{kind}/{n}"] for n in names]
-            dtype = _NP[DTYPE_CODES[entries[0].spec.dtype]]
+            dtype = _NP[entries[0].spec.code]
             contiguous = all(p.stop == q.start for p, q in zip(entries, entries[1:]))
             if n_weights and contiguous:
                 out.append(
                     np.memmap(
                         self.path,
                         dtype=dtype,
-                        mode="c",
+                        mode="r",
                         offset=entries[0].start,
                         shape=(n_weights,),
                     )
@@ -333,6 +347,62 @@ class ModelFile:
                 parts = [self.array(f"{kind}/{n}").reshape(-1) for n in names]
                 out.append(np.concatenate(parts) if parts else np.zeros(0, dtype))
         return out[0], out[1], out[2]
+
+
+def read_range(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``array[start:stop]``, copied; the pages of a file's memory map let go after the copy.
+
+    Rebuilding reads the coefficients of a model file chunk by chunk: with this, the
+    process holds the chunk (anonymous memory) and not, in addition, every page of the
+    map read so far (file-backed, counted in RSS, kept until the map is closed). The
+    pages stay in the page cache; reading them again costs a page fault, not a disk read.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        1-D: one of :meth:`ModelFile.coefficients`' read-only maps, or any array
+        (then this is a plain copy).
+    start, stop : int
+        The range, ``0 <= start <= stop <= len(array)``.
+    """
+    part = np.array(array[start:stop])
+    _let_go(array, start, stop)
+    return part
+
+
+_FAULT_MARGIN = 2 * 2**20
+
+
+def _let_go(array: np.ndarray, start: int, stop: int) -> None:
+    """madvise(DONTNEED) the pages holding ``array[start:stop]`` of a read-only file map.
+
+    Only for a read-only map (a copy-on-write one could hold written pages, which
+    DONTNEED would throw away): its pages come back from the file when touched again.
+    """
+    mm = getattr(array, "_mmap", None)
+    if (
+        mm is None
+        or not isinstance(array, np.memmap)
+        or array.base is not mm  # a view: where it starts in the map is not known here
+        or array.mode != "r"
+        or not hasattr(mm, "madvise")
+        or stop <= start
+    ):
+        return
+    import mmap
+
+    # numpy maps from the allocation granularity below the array's file offset.
+    skip = array.offset % mmap.ALLOCATIONGRANULARITY
+    # Faulting a page maps its neighbours too (fault-around, mmap read-around): the
+    # pages just before the range, let go with the range before it, are back. Reading
+    # 400 KB ranges one after the other kept ~40% of the map without this margin.
+    lo = max(skip + start * array.itemsize - _FAULT_MARGIN, 0)
+    hi = skip + stop * array.itemsize
+    lo -= lo % mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(mm)) - lo)
+    except (OSError, ValueError):  # advice only: nothing is lost if it is not taken
+        pass
 
 
 def read_model(path: str | os.PathLike) -> ModelFile:
@@ -512,7 +582,7 @@ def _check_specs(v: Any, w: _Where) -> None:
             isinstance(row, list)
             and len(row) == 4
             and isinstance(row[0], str)
-            and row[1] in CODE_DTYPES
+            and row[1] in CODE_NAMES
             and isinstance(row[2], list)
             and len(row[2]) <= 64
             and all(_is_int(d) and 0 <= d < 2**62 for d in row[2])
@@ -595,7 +665,7 @@ def _need(header: SafetensorsHeader, shown: str, name: str, codes: tuple[str, ..
     entry = header.entries.get(name)
     if entry is None:
         raise InputError(f"{shown}: tensor {name!r} is missing; not a complete cmd model")
-    code = DTYPE_CODES[entry.spec.dtype]
+    code = entry.spec.code
     if code not in codes:
         raise InputError(
             f"{shown}: tensor {name!r} has dtype {code}, expected {' or '.join(codes)}"
@@ -629,7 +699,7 @@ def _check_tensors(
         shape = tuple(a.spec.shape)
         _need(header, shown, f"b/{name}", ("F32",), shape)
         mode = _need(header, shown, f"mode/{name}", tuple(_MODE_CODES), shape)
-        mode_codes.add(DTYPE_CODES[mode.spec.dtype])
+        mode_codes.add(mode.spec.code)
         shapes[name] = shape
     if len(mode_codes) > 1:  # the modes are read as one array of one dtype
         raise InputError(
@@ -672,7 +742,7 @@ def _check_modes(model: ModelFile, names: list[str], n_modes: int, shown: str) -
     """Every mode id below M: read in chunks, so a model larger than memory is fine."""
     for name in names:
         entry = model.header.entries[f"mode/{name}"]
-        dtype = np.dtype(_MODE_CODES[DTYPE_CODES[entry.spec.dtype]])
+        dtype = np.dtype(_MODE_CODES[entry.spec.code])
         count = (entry.stop - entry.start) // dtype.itemsize
         if count == 0:
             continue
@@ -684,6 +754,7 @@ def _check_modes(model: ModelFile, names: list[str], n_modes: int, shown: str) -
                     f"{shown}: tensor 'mode/{printable(name)}' holds mode ids outside "
                     f"0 … {n_modes - 1}"
                 )
+            _let_go(mapped, start, start + part.size)
         del mapped
 
 
@@ -741,17 +812,12 @@ def _specs(rows: list, shapes: dict[str, tuple[int, ...]], shown: str):
                 f"but its coefficients have shape {shapes[name]}"
             )
     for name, code, _, is_modelled in specs:
-        if is_modelled and CODE_DTYPES[code] not in _FLOAT_CODES:
+        if is_modelled and code not in FLOAT_CODES:
             raise InputError(
                 f"{shown}: metadata 'tensor_specs' marks {printable(name)!r} of dtype {code} "
                 f"as modelled"
             )
     return specs
-
-
-_FLOAT_CODES = {
-    CODE_DTYPES[c] for c in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2") if c in CODE_DTYPES
-}
 
 
 def _records(meta: dict[str, Any], steps: np.ndarray, shown: str) -> list[CheckpointRecord]:
@@ -841,7 +907,7 @@ def _check_extras(model: ModelFile, shown: str) -> None:
             raise InputError(
                 f"{shown}: tensor {printable(name)!r} is not a copy of an unmodelled tensor"
             )
-        if DTYPE_CODES[entry.spec.dtype] != spec[1] or tuple(entry.spec.shape) != spec[2]:
+        if entry.spec.code != spec[1] or tuple(entry.spec.shape) != spec[2]:
             raise InputError(
                 f"{shown}: tensor {printable(name)!r} does not match the dtype and shape "
                 f"'tensor_specs' gives"

@@ -22,9 +22,8 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-import torch
-
 from ..errors import CheckpointError
+from ..lazy import torch
 from .paths import printable
 
 __all__ = [

@@ -14,24 +14,38 @@ piece of it) in memory at a time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
-from ..dtypes import CODE_DTYPES, DTYPE_CODES, itemsize
+from ..dtypes import (
+    CODE_ITEMSIZE,
+    CODE_NAMES,
+    FLOAT_CODES,
+    NUMPY_DTYPES,
+    code_of,
+    decode_float,
+    dtype_name,
+    itemsize,
+    widen_into,
+)
 from ..errors import CheckpointError, InputError
 from . import jsonio
 from .base import CheckpointReader, TensorSpec, check_index, check_range
 from .paths import temporary_name
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -88,10 +102,6 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
 _HAVE_PREADV = hasattr(os, "preadv")
 _HAVE_PREAD = hasattr(os, "pread")
 _SEEK_LOCK = threading.Lock()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class HeaderEntry(NamedTuple):
@@ -165,7 +175,36 @@ def read_header(path: Path, display: str | None = None) -> SafetensorsHeader:
         raise CheckpointError(f"{display}: cannot read ({exc.strerror or exc})") from exc
     finally:
         os.close(fd)
-    return parse_header(bytes(raw), size, display)
+    return _parsed(bytes(raw), size, display)
+
+
+# A fit reads every checkpoint's header three times (discovery, pass 1, pass 2), and
+# the checkpoints of a run mostly have the same header: a header of 2,000 tensors takes
+# ~45 ms to check. The check is a function of the header's bytes and the file size
+# alone (the name shown only goes into errors, which are not kept), so a header seen
+# before is not checked again. SafetensorsHeader and its entries are immutable.
+_HEADERS = 16
+_HEADER_CACHE_BYTES = 8 * 1024 * 1024  # of header text kept (the parsed form is ~5x)
+_headers: dict[tuple[bytes, int], SafetensorsHeader] = {}
+_headers_lock = threading.Lock()
+
+
+def _parsed(raw: bytes, size: int, display: str) -> SafetensorsHeader:
+    """:func:`parse_header`, remembered (the last few, up to _HEADER_CACHE_BYTES)."""
+    if len(raw) > _HEADER_CACHE_BYTES // 2:
+        return parse_header(raw, size, display)
+    key = (raw, size)
+    with _headers_lock:
+        header = _headers.pop(key, None)
+        if header is not None:
+            _headers[key] = header  # now the most recently used
+            return header
+    header = parse_header(raw, size, display)
+    with _headers_lock:
+        _headers[key] = header
+        while len(_headers) > _HEADERS or sum(len(k[0]) for k in _headers) > _HEADER_CACHE_BYTES:
+            del _headers[next(iter(_headers))]
+    return header
 
 
 def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
@@ -203,7 +242,7 @@ def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
         expected = math.prod(shape) * item
         if end - begin != expected:
             raise CheckpointError(
-                f"{bad}: tensor {name!r} of shape {shape} and dtype {_dtype_name(dtype)} "
+                f"{bad}: tensor {name!r} of shape {shape} and dtype {dtype_name(dtype)} "
                 f"needs {expected} bytes, but its offsets span {end - begin}"
             )
         parsed.append((begin, end, name, dtype, shape, item))
@@ -232,9 +271,7 @@ def parse_header(raw: bytes, size: int, display: str) -> SafetensorsHeader:
     return SafetensorsHeader(entries, metadata, data_start, size)
 
 
-def _check_entry(
-    display: str, name: str, info: Any
-) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+def _check_entry(display: str, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
     """Validate one tensor entry of a safetensors header."""
     bad = f"{display}: corrupt safetensors header for tensor {name!r}"
     if not isinstance(info, dict):
@@ -242,11 +279,11 @@ def _check_entry(
     code = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if code not in CODE_DTYPES:
+    if code not in CODE_NAMES:
         if isinstance(code, str):
             raise CheckpointError(
                 f"{display}: tensor {name!r} has dtype {code}, which cmd cannot read "
-                f"(supported: {', '.join(CODE_DTYPES)})"
+                f"(supported: {', '.join(CODE_NAMES)})"
             )
         raise CheckpointError(f"{bad} (no dtype)")
     if not (
@@ -262,10 +299,38 @@ def _check_entry(
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(f"{bad} (data_offsets {str(offsets)[:80]})")
-    return CODE_DTYPES[code], tuple(shape), offsets[0], offsets[1]
+    return code, tuple(shape), offsets[0], offsets[1]
 
 
 # --------------------------------------------------------------------------- reading
+
+
+# read_segments(): plans by (layout, segments), the layouts interned as small ints.
+_SEGMENT_PLANS = 256
+_segment_plans: dict[tuple, tuple] = {}
+_layouts: dict[tuple, int] = {}
+_layouts_lock = threading.Lock()
+_layout_ids = itertools.count()
+_scratch_local = threading.local()
+
+
+def _layout_id(layout: tuple) -> int:
+    """A small int naming ``layout``; equal layouts get the same one."""
+    with _layouts_lock:
+        if len(_layouts) > 64:  # runs of many layouts: forget the old ones
+            _layouts.clear()
+        if layout not in _layouts:
+            _layouts[layout] = next(_layout_ids)  # never reused, even after a clear
+        return _layouts[layout]
+
+
+def _scratch(kind: str, nbytes: int) -> memoryview:
+    """This thread's scratch buffer ``kind``, at least ``nbytes`` long, reused."""
+    buf = getattr(_scratch_local, kind, None)
+    if buf is None or len(buf) < nbytes:
+        buf = memoryview(bytearray(max(nbytes, 1)))
+        setattr(_scratch_local, kind, buf)
+    return buf
 
 
 class _Located(NamedTuple):
@@ -307,6 +372,11 @@ class SafetensorsReader(CheckpointReader):
                     )
                 self._entries[name] = _Located(e.spec, i, e.start, e.itemsize)
                 self.where[name] = path.name
+        # The layout (where every tensor lies): readers of checkpoints laid out alike
+        # share the read plans of read_segments.
+        self._layout = _layout_id(
+            tuple((n, e.file, e.offset, e.spec.code) for n, e in self._entries.items())
+        )
         # File descriptors are opened on first use: a reader of a sharded checkpoint
         # that is only asked for one tensor keeps one fd, not one per shard.
         self._fds: list[int | None] = [None] * len(self._files)
@@ -358,6 +428,8 @@ class SafetensorsReader(CheckpointReader):
             )
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        import torch
+
         entry = self._entry(name)
         start, stop = check_range(entry.spec, start, stop)
         if stop == start:
@@ -366,7 +438,19 @@ class SafetensorsReader(CheckpointReader):
         self._read_bytes(entry, buf, entry.offset + start * entry.itemsize)
         return torch.frombuffer(buf, dtype=entry.spec.dtype)
 
+    def read_array(self, name: str) -> np.ndarray:
+        entry = self._entry(name)
+        dtype = NUMPY_DTYPES.get(entry.spec.code)
+        if dtype is None:
+            return super().read_array(name)  # raises: numpy has no such dtype
+        out = np.empty(entry.spec.numel, dtype=dtype)
+        if out.size:
+            self._read_bytes(entry, memoryview(out.view(np.uint8)), entry.offset)
+        return out
+
     def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        import torch
+
         entry = self._entry(name)
         start, stop = check_range(entry.spec, start, stop)
         if (
@@ -382,7 +466,95 @@ class SafetensorsReader(CheckpointReader):
         raw = memoryview(out.view(torch.uint8).numpy())
         self._read_bytes(entry, raw, entry.offset + start * entry.itemsize)
 
+    def read_segments(self, segments: Sequence[tuple[str, int, int]], out: np.ndarray) -> None:
+        if self._closed:
+            raise ValueError("read from a closed CheckpointReader")
+        key = (self._layout, tuple(segments))
+        plan = _segment_plans.get(key)
+        if plan is None:
+            plan = self._segments_plan(key[1])
+            with _many_plans_lock:
+                _segment_plans[key] = plan
+                while len(_segment_plans) > _SEGMENT_PLANS:
+                    del _segment_plans[next(iter(_segment_plans))]
+        spans, decodes, stage_bytes, width = plan
+        if out.dtype != np.float32 or out.ndim != 1 or out.nbytes != width:
+            raise ValueError(
+                f"out must be 1-D float32 of {width // 4} elements, got {out.dtype} {out.shape}"
+            )
+        row = memoryview(out).cast("B")  # raises for a non-contiguous out
+        stage = _scratch("stage", stage_bytes) if stage_bytes else row
+        trash = _scratch("trash", _SPAN_GAP)
+        for file, offset, parts, total in spans:
+            bufs = [
+                row[at : at + n] if kind == "out" else stage[at : at + n] if kind else trash[:n]
+                for kind, at, n, _ in parts
+            ]
+            fd = self._fd(file)
+            try:
+                got = os.preadv(fd, bufs, offset) if _HAVE_PREADV else -1
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{self._displays[file]}: cannot read ({exc.strerror or exc})"
+                ) from exc
+            if got != total:  # short (EOF, a signal) or no preadv: one part at a time
+                for (_, _, n, name), buf in zip(parts, bufs, strict=True):
+                    if name is not None:
+                        self._read_bytes(self._entries[name], buf, offset)
+                    offset += n
+        for code, at, n, col in decodes:
+            item = CODE_ITEMSIZE[code]
+            raw = np.frombuffer(stage, dtype=_ELEMENT_TYPES[item], count=n, offset=at)
+            widen_into(code, raw, out[col : col + n])
+
+    def _segments_plan(self, segments: tuple[tuple[str, int, int], ...]):
+        """Spans (one preadv each), decodes and staging bytes of :meth:`read_segments`.
+
+        A span's parts are ``(kind, at, length, tensor)``: ``kind`` "out" reads float32
+        bytes straight into the row at byte ``at``, "stage" reads other widths into the
+        staging buffer, None throws the bytes between two ranges away.
+        """
+        pieces = []  # (file, file byte, length, kind, at, tensor)
+        decodes = []  # (code, staging byte, elements, column)
+        stage = col = 0
+        for name, start, stop in segments:
+            entry = self._entry(name)
+            start, stop = check_range(entry.spec, start, stop)
+            code = entry.spec.code
+            if code not in FLOAT_CODES:
+                raise TypeError(f"tensor {name!r} is not floating point ({code})")
+            n = stop - start
+            if n:
+                begin = entry.offset + start * entry.itemsize
+                if code == "F32":
+                    pieces.append((entry.file, begin, n * 4, "out", col * 4, name))
+                else:
+                    pieces.append((entry.file, begin, n * entry.itemsize, "stage", stage, name))
+                    decodes.append((code, stage, n, col))
+                    stage += n * entry.itemsize
+            col += n
+        pieces.sort(key=lambda p: (p[0], p[1]))
+        spans = []
+        for file, begin, length, kind, at, name in pieces:
+            if spans:
+                s_file, s_off, parts, total = spans[-1]
+                gap = begin - (s_off + total)
+                if s_file == file and 0 <= gap < _SPAN_GAP and len(parts) + 2 <= _IOV_MAX:
+                    last = parts[-1]
+                    if gap == 0 and last[0] == kind and last[1] + last[2] == at:
+                        parts[-1] = (kind, last[1], last[2] + length, last[3])  # one iovec
+                    else:
+                        if gap:
+                            parts.append((None, 0, gap, None))
+                        parts.append((kind, at, length, name))
+                    spans[-1] = (file, s_off, parts, total + gap + length)
+                    continue
+            spans.append((file, begin, [(kind, at, length, name)], length))
+        return spans, decodes, stage, col * 4
+
     def gather(self, name: str, index: np.ndarray) -> torch.Tensor:
+        import torch
+
         entry = self._entry(name)
         idx = check_index(entry.spec, index)
         if idx.size == 0:
@@ -392,6 +564,51 @@ class SafetensorsReader(CheckpointReader):
             idx, entry.itemsize, lambda view, runs: self._read_runs(entry, view, runs), out
         )
         return torch.frombuffer(out, dtype=entry.spec.dtype)
+
+    def gather_many(self, index: dict[str, np.ndarray]) -> np.ndarray:
+        entries = [self._entry(name) for name in index]
+        idxs = [check_index(e.spec, index[e.spec.name]) for e in entries]
+        codes = [e.spec.code for e in entries]
+        if not all(c in FLOAT_CODES for c in codes):
+            return super().gather_many(index)
+        layout = tuple(
+            (e.file, e.offset, e.itemsize, c) for e, c in zip(entries, codes, strict=True)
+        )
+        plan = _many_plan(layout, idxs)
+        with plan.buffers() as (regions, iovecs):
+            for (file, offset, parts, total), bufs in zip(plan.spans, iovecs, strict=True):
+                fd = self._fd(file)
+                try:
+                    got = os.preadv(fd, bufs, offset) if _HAVE_PREADV else -1
+                    if got != total:  # short (EOF, a signal) or no preadv: one part at a time
+                        self._read_parts(file, fd, offset, parts, bufs, layout, entries)
+                except OSError as exc:
+                    raise CheckpointError(
+                        f"{self._displays[file]}: cannot read ({exc.strerror or exc})"
+                    ) from exc
+            out = np.empty(plan.rows)
+            for code, pos, dest in plan.picks:
+                out[dest] = decode_float(code, regions[code][pos])
+        return out
+
+    def _read_parts(self, file, fd, offset, parts, bufs, layout, entries) -> None:
+        """The parts of one span read one by one, a short read reported as truncation."""
+        for (_, _, length), buf in zip(parts, bufs, strict=True):
+            got = pread_into(fd, buf, offset)
+            if got != length:
+                # Name the tensor whose bytes are missing, as the other reads do.
+                end = offset + got
+                owner = max(
+                    (i for i, lay in enumerate(layout) if lay[0] == file and lay[1] <= end),
+                    key=lambda i: layout[i][1],
+                    default=0,
+                )
+                raise CheckpointError(
+                    f"{self._displays[file]}: file is truncated: tensor "
+                    f"{entries[owner].spec.name!r} needs bytes up to {offset + length}, "
+                    f"but the file ends at {end}"
+                )
+            offset += length
 
     def _read_runs(
         self, entry: _Located, view: memoryview, runs: list[tuple[int, int, int]]
@@ -573,15 +790,206 @@ def _gather_chunk(
     return _GatherChunk(nbytes, runs, src, dest)
 
 
+# gather_many(): the sampled elements of many tensors of one checkpoint (pass 1 of a
+# fit), read with as few preadv calls as their places in the file allow. Sorted by
+# file offset, wanted elements closer than _RUN_GAP bytes form a run, read into the
+# staging buffer of its dtype; runs closer than _SPAN_GAP share one preadv, the
+# bytes between them read into a scratch buffer that is thrown away. _SPAN_GAP is
+# what a syscall costs in copying (~1 µs ≈ 10 KiB from the page cache on a 2-core
+# Xeon): samples in clusters ~200 KB apart read 0.35 MB a checkpoint at a 4 KiB gap,
+# 2.5 MB at 16 KiB, 20 MB at 64 KiB, all in about as long. Every checkpoint
+# of a run is asked for the same positions, and usually has the same layout, so the
+# plan (and its buffers, and the iovec list) is made once and kept.
+_RUN_GAP = 64
+_SPAN_GAP = 16 * 1024
+try:
+    _IOV_MAX = max(min(os.sysconf("SC_IOV_MAX"), 1024), 16)
+except (AttributeError, ValueError, OSError):  # pragma: no cover - no sysconf
+    _IOV_MAX = 16
+_MANY_PLANS = 4  # plans kept (most recently used)
+_MANY_PLAN_BYTES = 32 * 1024 * 1024  # at most this much staging kept in them
+_many_plans: dict[tuple, _ManyPlan] = {}
+_many_plans_lock = threading.Lock()
+
+
+class _ManyPlan:
+    """How :meth:`SafetensorsReader.gather_many` reads one set of positions of one layout.
+
+    Attributes
+    ----------
+    rows : int
+        Elements in the result.
+    region_bytes : dict of str to int
+        Staging bytes per dtype code.
+    spans : list of (file, offset, parts, total)
+        One preadv each: ``parts`` is a list of ``(code or None, region byte, length)``,
+        None for bytes thrown away; ``total`` the bytes of the span.
+    picks : list of (code, positions, rows)
+        The result's rows ``rows`` are the elements at ``positions`` of ``code``'s region.
+    """
+
+    def __init__(self, rows, region_bytes, spans, picks, trash_bytes) -> None:
+        self.rows = rows
+        self.region_bytes = region_bytes
+        self.spans = spans
+        self.picks = picks
+        self.trash_bytes = trash_bytes
+        self.nbytes = sum(region_bytes.values()) + trash_bytes
+        self._lock = threading.Lock()
+        self._kept: tuple[dict[str, np.ndarray], list[list[memoryview]]] | None = None
+
+    def _allocate(self) -> tuple[dict[str, np.ndarray], list[list[memoryview]]]:
+        from ..dtypes import CODE_ITEMSIZE
+
+        # bytearrays, not numpy arrays: the first memoryview of a numpy array costs
+        # ~70 ms (numpy builds its buffer format with ctypes).
+        raw = {code: bytearray(n) for code, n in self.region_bytes.items()}
+        views = {code: memoryview(a) for code, a in raw.items()}
+        trash = memoryview(bytearray(self.trash_bytes))
+        iovecs = [
+            [trash[:n] if code is None else views[code][at : at + n] for code, at, n in parts]
+            for _, _, parts, _ in self.spans
+        ]
+        regions = {
+            code: np.frombuffer(a, dtype=_ELEMENT_TYPES[CODE_ITEMSIZE[code]])
+            for code, a in raw.items()
+        }
+        return regions, iovecs
+
+    @contextmanager
+    def buffers(self) -> Iterator[tuple[dict[str, np.ndarray], list[list[memoryview]]]]:
+        """The staging regions (as unsigned ints of their width) and the iovecs into them.
+
+        The plan's own, made once, when no other thread is using them; fresh ones otherwise.
+        """
+        if not self._lock.acquire(blocking=False):
+            yield self._allocate()
+            return
+        try:
+            if self._kept is None:
+                self._kept = self._allocate()
+            yield self._kept
+        finally:
+            self._lock.release()
+
+
+def _many_plan(layout: tuple, idxs: list[np.ndarray]) -> _ManyPlan:
+    """The cached plan for ``layout`` ((file, offset, itemsize, code) per tensor) and positions."""
+    key = (layout, tuple(len(i) for i in idxs), b"".join(i.tobytes() for i in idxs))
+    with _many_plans_lock:
+        plan = _many_plans.pop(key, None)
+        if plan is not None:
+            _many_plans[key] = plan  # now the most recently used
+            return plan
+    plan = _make_many_plan(layout, idxs)
+    with _many_plans_lock:
+        _many_plans[key] = plan
+        while len(_many_plans) > 1 and (
+            len(_many_plans) > _MANY_PLANS
+            or sum(p.nbytes for p in _many_plans.values()) > _MANY_PLAN_BYTES
+        ):
+            del _many_plans[next(iter(_many_plans))]
+    return plan
+
+
+def _make_many_plan(layout: tuple, idxs: list[np.ndarray]) -> _ManyPlan:
+    """Runs, spans and picks for the positions ``idxs`` of the tensors of ``layout``."""
+    # Every unique wanted element: file, byte offset, size, code, and the result rows it fills.
+    files, starts, sizes, codes, tensor_of, inverses = [], [], [], [], [], []
+    for j, ((file, offset, item, code), idx) in enumerate(zip(layout, idxs, strict=True)):
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        files.append(np.full(uniq.size, file, dtype=np.int64))
+        starts.append(offset + uniq * item)
+        sizes.append(np.full(uniq.size, item, dtype=np.int64))
+        codes.append(code)
+        tensor_of.append(np.full(uniq.size, j, dtype=np.int64))
+        inverses.append(inverse.reshape(-1))
+    rows = sum(i.size for i in idxs)
+    if rows == 0:
+        return _ManyPlan(0, {}, [], [], 0)
+    code_ids = {c: k for k, c in enumerate(dict.fromkeys(codes))}
+    file_a = np.concatenate(files)
+    start_a = np.concatenate(starts)
+    size_a = np.concatenate(sizes)
+    tensor_a = np.concatenate(tensor_of)
+    code_a = np.array([code_ids[codes[j]] for j in range(len(codes))], dtype=np.int64)[tensor_a]
+    order = np.lexsort((start_a, file_a))
+    file_s, start_s, size_s, code_s = file_a[order], start_a[order], size_a[order], code_a[order]
+    end_s = start_s + size_s
+    # A new run where the file or dtype changes, at a gap of _RUN_GAP bytes or more, or
+    # where the gap is not whole elements (a tensor of another width in between).
+    gap = start_s[1:] - end_s[:-1]
+    new_run = (
+        (file_s[1:] != file_s[:-1])
+        | (code_s[1:] != code_s[:-1])
+        | (gap >= _RUN_GAP)
+        | (gap % size_s[1:] != 0)
+    )
+    first = np.concatenate(([0], np.flatnonzero(new_run) + 1))
+    last = np.append(first[1:], start_s.size) - 1
+    run_file, run_code = file_s[first], code_s[first]
+    run_start, run_end = start_s[first], end_s[last]
+    run_len = run_end - run_start
+    # Each run's place in its dtype's region, in file order.
+    region_at = np.zeros(first.size, dtype=np.int64)
+    region_bytes: dict[str, int] = {}
+    names = list(code_ids)
+    for k, code in enumerate(names):
+        mine = np.flatnonzero(run_code == k)
+        region_at[mine] = np.cumsum(run_len[mine]) - run_len[mine]
+        region_bytes[code] = int(run_len[mine].sum())
+    # Each unique element's position (in elements) in its region.
+    run_of = np.repeat(np.arange(first.size), last - first + 1)
+    elem_pos = np.empty(start_s.size, dtype=np.int64)
+    elem_pos[order] = (region_at[run_of] + start_s - run_start[run_of]) // size_s
+    # The result's rows, tensor by tensor, in the order asked.
+    bases = np.cumsum([0] + [len(i) for i in idxs])
+    uniq_bases = np.cumsum([0] + [t.size for t in tensor_of])
+    picks = []
+    for k, code in enumerate(names):
+        members = [j for j in range(len(codes)) if code_ids[codes[j]] == k and idxs[j].size]
+        if not members:
+            continue
+        pos = np.concatenate([elem_pos[uniq_bases[j] + inverses[j]] for j in members])
+        dest = np.concatenate([np.arange(bases[j], bases[j + 1]) for j in members])
+        picks.append((code, pos, dest))
+    # Spans: consecutive runs of one file with gaps below _SPAN_GAP, within _IOV_MAX parts.
+    spans = []
+    trash = 0
+    r = 0
+    n_runs = first.size
+    run_file_l, run_start_l, run_end_l = run_file.tolist(), run_start.tolist(), run_end.tolist()
+    run_code_l, region_at_l = run_code.tolist(), region_at.tolist()
+    while r < n_runs:
+        file, begin = run_file_l[r], run_start_l[r]
+        parts = [(names[run_code_l[r]], region_at_l[r], run_end_l[r] - begin)]
+        end = run_end_l[r]
+        r += 1
+        while (
+            r < n_runs
+            and run_file_l[r] == file
+            and run_start_l[r] - end < _SPAN_GAP
+            and len(parts) + 2 <= _IOV_MAX
+        ):
+            if run_start_l[r] > end:
+                parts.append((None, 0, run_start_l[r] - end))
+                trash = max(trash, run_start_l[r] - end)
+            parts.append((names[run_code_l[r]], region_at_l[r], run_end_l[r] - run_start_l[r]))
+            end = run_end_l[r]
+            r += 1
+        spans.append((file, begin, parts, end - begin))
+    return _ManyPlan(rows, region_bytes, spans, picks, trash)
+
+
 # --------------------------------------------------------------------------- writing
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Name, dtype and shape of one tensor to be written."""
+    """Name, dtype and shape of one tensor to be written (dtype: a torch dtype or a code)."""
 
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str
     shape: tuple[int, ...]
 
     @property
@@ -591,10 +999,35 @@ class TensorEntry:
 
 def tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
     """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.dim() == 0:
         t = t.reshape(1)
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else b""
+
+
+_NUMPY_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+    "uint32": "U32", "uint64": "U64",
+}  # fmt: skip
+
+
+def _array_bytes(values: np.ndarray, code: str) -> tuple[memoryview | bytes, int]:
+    """A numpy array's bytes as a tensor of dtype ``code`` stores them, and its itemsize.
+
+    Its dtype must be the code's, or, for dtypes numpy lacks (bfloat16, float8),
+    unsigned integers of the same width holding the bits.
+    """
+    got = _NUMPY_CODES.get(values.dtype.name)
+    raw_bits = code not in _NUMPY_CODES.values() and values.dtype == _ELEMENT_TYPES.get(
+        CODE_ITEMSIZE.get(code, 0)
+    )
+    if got != code and not raw_bits:
+        raise TypeError(f"got a numpy array of {values.dtype}, expected {dtype_name(code)}")
+    flat = np.ascontiguousarray(values).reshape(-1).astype(values.dtype.newbyteorder("<"))
+    return (memoryview(flat).cast("B") if flat.size else b""), flat.itemsize
 
 
 class SafetensorsWriter:
@@ -644,7 +1077,7 @@ class SafetensorsWriter:
         offset = 0
         for e in ordered:
             header[e.name] = {
-                "dtype": DTYPE_CODES[e.dtype],
+                "dtype": code_of(e.dtype),
                 "shape": list(e.shape),
                 "data_offsets": [offset, offset + e.nbytes],
             }
@@ -667,17 +1100,27 @@ class SafetensorsWriter:
             self.abort()
             raise write_error(self.path, exc) from None
 
-    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray, start: int = 0) -> None:
         """Write ``tensor``'s elements at flat element ``start`` of tensor ``name``.
 
         The dtype must be the entry's; the values are written in flat order, so a
-        large tensor can be written in consecutive pieces.
+        large tensor can be written in consecutive pieces. A numpy array may stand for
+        a tensor (bfloat16 and float8 as unsigned integers of their width: the bits).
         """
         begin, end, entry = self._spans[name]
-        if tensor.dtype != entry.dtype:
-            raise TypeError(f"tensor {name!r}: got dtype {tensor.dtype}, expected {entry.dtype}")
-        item = tensor.element_size()
-        data = tensor_bytes(tensor.reshape(-1))
+        code = code_of(entry.dtype)
+        if isinstance(tensor, np.ndarray):
+            try:
+                data, item = _array_bytes(tensor, code)
+            except TypeError as exc:
+                raise TypeError(f"tensor {name!r}: {exc}") from None
+        else:
+            if code_of(tensor.dtype) != code:
+                raise TypeError(
+                    f"tensor {name!r}: got dtype {tensor.dtype}, expected torch.{dtype_name(code)}"
+                )
+            item = tensor.element_size()
+            data = tensor_bytes(tensor.reshape(-1))
         pos = begin + start * item
         if pos + len(data) > end:
             raise ValueError(f"tensor {name!r}: write past its end")

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
-import torch
 
 from ..errors import CheckpointError
+from ..lazy import torch
 from .base import CheckpointReader, TensorSpec, check_index, check_range
 from .paths import printable
 from .pickles import StandIn, standin_pickle_module

@@ -20,9 +20,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-import torch
-
 from ..errors import CheckpointError
+from ..lazy import torch
 from .paths import printable
 
 __all__ = [

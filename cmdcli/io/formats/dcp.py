@@ -52,6 +52,7 @@ Writing
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -68,10 +69,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from ...dtypes import itemsize
 from ...errors import CheckpointError, InputError
+from ...lazy import torch
 from .. import names, pickles
 from ..base import (
     Checkpoint,
@@ -109,12 +110,20 @@ _ZIP_LOCAL = b"PK\x03\x04"
 
 _MD = "torch.distributed.checkpoint.metadata"
 
+
 # From the module's own namespace: a name read from a file is looked up here and never
-# with getattr(torch, name), which could import a submodule.
-_DTYPES: dict[str, torch.dtype] = {
-    k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype) and not k.startswith("_")
-}
-_DTYPE_NAMES = {f"torch.{k}": pickles.Named(k) for k in _DTYPES}
+# with getattr(torch, name), which could import a submodule. Built on first use (the
+# tables need torch; discovery imports this module for every run).
+@functools.cache
+def _dtypes() -> dict[str, torch.dtype]:
+    return {
+        k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype) and not k.startswith("_")
+    }
+
+
+def _dtype_names() -> dict[str, pickles.Named]:
+    return {f"torch.{k}": pickles.Named(k) for k in _dtypes()}
+
 
 _KINDS: dict[str, type[pickles.StandIn]] = {
     kind: pickles.standin(qualified, kind)
@@ -147,12 +156,14 @@ def _refuse_metadata_pid(pid: Any) -> Any:
     raise pickle.UnpicklingError("it holds a persistent id, which a DCP .metadata never does")
 
 
-_MetadataUnpickler = pickles.restricted_unpickler(
-    {**{k.qualified_name: k for k in _KINDS.values()}, **_DTYPE_NAMES},
-    refuse=_refuse_metadata_global,
-    persistent_load=_refuse_metadata_pid,
-)
-"""Unpickles a DCP ``.metadata`` into stand-ins; any other global is refused."""
+@functools.cache
+def _metadata_unpickler() -> type:
+    """Unpickles a DCP ``.metadata`` into stand-ins; any other global is refused."""
+    return pickles.restricted_unpickler(
+        {**{k.qualified_name: k for k in _KINDS.values()}, **_dtype_names()},
+        refuse=_refuse_metadata_global,
+        persistent_load=_refuse_metadata_pid,
+    )
 
 
 class _Stored(NamedTuple):
@@ -243,7 +254,7 @@ def _properties(value: Any, fqn: str, shown: str) -> tuple[torch.dtype, str]:
         dtype, layout = state.get("dtype"), state.get("layout")
     else:
         raise CheckpointError(f"{what}: TensorProperties of an unknown form")
-    if not isinstance(dtype, pickles.Named) or dtype.name not in _DTYPES:
+    if not isinstance(dtype, pickles.Named) or dtype.name not in _dtypes():
         raise CheckpointError(
             f"{what}: dtype is a {pickles.describe(dtype)}, expected a torch dtype"
         )
@@ -255,7 +266,7 @@ def _properties(value: Any, fqn: str, shown: str) -> tuple[torch.dtype, str]:
         raise CheckpointError(
             f"{what}: layout is a {pickles.describe(layout)}, expected a torch layout"
         )
-    return _DTYPES[dtype.name], layout_name
+    return _dtypes()[dtype.name], layout_name
 
 
 def _transforms(value: Any, fqn: str, shown: str) -> tuple[str, ...]:
@@ -447,7 +458,7 @@ def _tensor_meta(
 def _parse_metadata(raw: bytes, directory: Path, display: str) -> _Metadata:
     shown = f"{display}/{names.DCP_METADATA}"
     try:
-        obj = _MetadataUnpickler(io.BytesIO(raw)).load()
+        obj = _metadata_unpickler()(io.BytesIO(raw)).load()
     except Exception as exc:  # a hostile or corrupt pickle fails in many ways; all refused
         reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -691,21 +702,26 @@ def _choose(
 
 # --------------------------------------------------------------------------- items
 
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "ComplexDoubleStorage": torch.complex128,
-    "ComplexFloatStorage": torch.complex64,
+_STORAGE_DTYPE_NAMES: dict[str, str] = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
 }
 """The typed storages ``torch.save`` names in ``data.pkl`` (``_rebuild_tensor_v2``)."""
+
+
+@functools.cache
+def _storage_dtypes() -> dict[str, torch.dtype]:
+    return {k: getattr(torch, v) for k, v in _STORAGE_DTYPE_NAMES.items()}
 
 
 class _NotPlain(Exception):
@@ -735,18 +751,22 @@ _REBUILD = {
     version: pickles.standin(f"torch._utils._rebuild_tensor_{version}", "rebuild", version=version)
     for version in ("v2", "v3")
 }
-_TensorPickle = pickles.restricted_unpickler(
-    {
-        **{cls.qualified_name: cls for cls in _REBUILD.values()},
-        "collections.OrderedDict": pickles.standin("collections.OrderedDict"),
-        **_DTYPE_NAMES,
-        **{f"torch.{k}": pickles.Named(k) for k in _STORAGE_DTYPES},
-        "torch.storage.UntypedStorage": pickles.Named("UntypedStorage"),
-    },
-    refuse=lambda module, name: _NotPlain(f"{module}.{name}"),
-    persistent_load=_storage_ref,
-)
-"""Reads a tensor item's ``data.pkl`` into stand-ins: which storage, where, what shape."""
+
+
+@functools.cache
+def _tensor_pickle() -> type:
+    """Reads a tensor item's ``data.pkl`` into stand-ins: which storage, where, what shape."""
+    return pickles.restricted_unpickler(
+        {
+            **{cls.qualified_name: cls for cls in _REBUILD.values()},
+            "collections.OrderedDict": pickles.standin("collections.OrderedDict"),
+            **_dtype_names(),
+            **{f"torch.{k}": pickles.Named(k) for k in _STORAGE_DTYPE_NAMES},
+            "torch.storage.UntypedStorage": pickles.Named("UntypedStorage"),
+        },
+        refuse=lambda module, name: _NotPlain(f"{module}.{name}"),
+        persistent_load=_storage_ref,
+    )
 
 
 class _Plain(NamedTuple):
@@ -763,7 +783,7 @@ class _Plain(NamedTuple):
 def _plain_tensor(raw: bytes) -> _Plain:
     """What a ``data.pkl`` holding one tensor says about it; :class:`_NotPlain` otherwise."""
     try:
-        obj = _TensorPickle(io.BytesIO(raw)).load()
+        obj = _tensor_pickle()(io.BytesIO(raw)).load()
     except _NotPlain:
         raise
     except Exception as exc:  # torch.load will say what is wrong with it
@@ -782,12 +802,12 @@ def _plain_tensor(raw: bytes) -> _Plain:
         dtype_ref = args[6]
         if storage.type_name != "UntypedStorage" or not isinstance(dtype_ref, pickles.Named):
             raise _NotPlain("storage")
-        dtype = _DTYPES.get(dtype_ref.name)
+        dtype = _dtypes().get(dtype_ref.name)
         if dtype is None or storage.numel % itemsize(dtype):
             raise _NotPlain("storage")
         numel = storage.numel // itemsize(dtype)
     else:
-        dtype = _STORAGE_DTYPES.get(storage.type_name)
+        dtype = _storage_dtypes().get(storage.type_name)
         if dtype is None:
             raise _NotPlain("storage")
         numel = storage.numel

@@ -62,9 +62,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from ...errors import CheckpointError, InputError
+from ...lazy import torch
 from .. import names, pickles
 from ..base import (
     Checkpoint,

@@ -6,9 +6,8 @@ from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ... import errors
+from ...lazy import torch
 from ..base import (
     Checkpoint,
     CheckpointFormat,
