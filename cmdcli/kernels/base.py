@@ -71,31 +71,30 @@ GRAM_GROUPS = 8
 _HASH = np.uint64(0x9E3779B97F4A7C15)  # 2⁶⁴/φ: Fibonacci hashing
 
 
-def gram_sample(first: int, width: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+def gram_sample(first: int, width: int, stride: int) -> tuple[np.ndarray, int]:
     """Which of the weights ``first … first + width − 1`` (flat indices in the run)
-    a Gram matrix sampled at ``stride`` sums, and in which part.
+    a Gram matrix sampled at ``stride`` sums, and the part they count in.
 
-    Each weight's index is hashed (multiplied by 2⁶⁴/φ, top 32 bits kept) into
-    one of ``stride · GRAM_GROUPS`` equal buckets; buckets 0 … GRAM_GROUPS − 1
-    are the sample, each its own part. So every weight is drawn with probability
-    1/stride, independently of where tensors start or how a run is cut into
-    blocks and pieces, and every kernel draws the same ones.
+    Each weight's index is hashed (multiplied by 2⁶⁴/φ modulo 2⁶⁴); the weight is
+    drawn when the hash falls in the lowest 1/stride of the range. So every weight
+    is drawn with probability 1/stride, independently of where tensors start or
+    how a run is cut into blocks, and every kernel draws the same ones. The part
+    (one of ``GRAM_GROUPS``) is the hash of ``first``: a piece's draws count in
+    one part, so the spread between the parts also sees how the weights of
+    different places in the run differ.
 
     Returns
     -------
     columns : int64 array
-        The sampled columns (0-based in the range), part by part.
-    counts : int64 array of shape (GRAM_GROUPS,)
-        How many of them fall in each part, in order.
+        The drawn columns (0-based in the range), in order.
+    part : int
     """
     index = np.arange(first, first + width, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = (index * _HASH) >> np.uint64(32)
-    bucket = h // np.uint64((1 << 32) // (stride * GRAM_GROUPS))
-    chosen = np.flatnonzero(bucket < GRAM_GROUPS)
-    part = bucket[chosen].astype(np.int64)
-    order = np.argsort(part, kind="stable")
-    return chosen[order], np.bincount(part, minlength=GRAM_GROUPS)
+        index *= _HASH
+        part = int((np.uint64(first) * _HASH) >> np.uint64(61)) % GRAM_GROUPS
+    limit = np.uint64(((1 << 64) - 1) // stride)
+    return np.flatnonzero(index <= limit), part
 
 
 class NonFiniteColumn(InputError):

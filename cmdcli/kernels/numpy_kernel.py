@@ -192,24 +192,19 @@ def _gram(xc: np.ndarray, fix: np.ndarray, c0: int, stride: int, acc: BlockSums)
         acc.gram_weights += width
         return
     # Σ_i (xc_it − fix_i)² exactly, then the Gram matrix of the sample the hash
-    # of each weight's place in the run draws (gram_sample), part by part.
+    # of each weight's place in the run draws (gram_sample), in the piece's part.
     acc.sq_t += (
         np.einsum("tb,tb->t", xc, xc).astype(f64)
         - 2 * np.dot(xc, fix).astype(f64)
         + float(np.dot(fix.astype(f64), fix.astype(f64)))
     )
-    columns, counts = gram_sample(acc.origin + c0, width, stride)
-    sample = np.take(xc, columns, axis=1)  # a copy of 1/stride of the piece
-    sample_fix = fix[columns]
-    lo = 0
-    for k, n in enumerate(counts.tolist()):
-        if n:
-            g = _centred_gram(sample[:, lo : lo + n], sample_fix[lo : lo + n])
-            acc.gram += g
-            acc.gram_groups[k] += g
-            acc.gram_group_weights[k] += n
-            lo += n
-    acc.gram_weights += lo
+    columns, group = gram_sample(acc.origin + c0, width, stride)
+    if len(columns):
+        g = _centred_gram(np.take(xc, columns, axis=1), fix[columns])
+        acc.gram += g
+        acc.gram_groups[group] += g
+        acc.gram_group_weights[group] += len(columns)
+        acc.gram_weights += len(columns)
 
 
 def _centred_gram(part: np.ndarray, fix: np.ndarray) -> np.ndarray:

@@ -124,20 +124,20 @@ def _columns(x, c0: int, forced: dict[int, int], ctx: KernelContext, acc: BlockS
         acc.gram += g
         acc.sq_t += torch.diagonal(g)
         acc.gram_weights += width
-    else:  # the sample gram_sample draws, part by part (the CPU kernel's weights)
+    else:  # the sample gram_sample draws, piece by piece as the CPU kernel's
+        from .numpy_kernel import cpu_chunk
+
         acc.sq_t += torch.linalg.vector_norm(x, dim=1).to(f64) ** 2
-        columns, counts = gram_sample(acc.origin + c0, width, stride)
-        sample = x.index_select(1, torch.from_numpy(columns).to(dev))
-        lo = 0
-        for k, n in enumerate(counts.tolist()):
-            if n:
-                part = sample[:, lo : lo + n]
+        step = cpu_chunk(n_ckpt)
+        for p0 in range(0, width, step):
+            columns, group = gram_sample(acc.origin + c0 + p0, min(step, width - p0), stride)
+            if len(columns):
+                part = x.index_select(1, torch.from_numpy(columns + p0).to(dev))
                 g = (part @ part.T).to(f64)
                 acc.gram += g
-                acc.gram_groups[k] += g
-                acc.gram_group_weights[k] += n
-                lo += n
-        acc.gram_weights += lo
+                acc.gram_groups[group] += g
+                acc.gram_group_weights[group] += len(columns)
+                acc.gram_weights += len(columns)
 
     # Scores against every reference (and the alternatives), scaled to norm 1.
     c = tab["unit"] @ x  # (M + ΣM', width)
