@@ -458,6 +458,17 @@ class _Combinations:
             self.sums.pop(shared, None)
 
 
+def _modelled_sizes(model: CMD) -> tuple[int, int]:
+    """N and the bytes of one checkpoint of the modelled tensors, from the model file."""
+    n_weights = int(sum(model.tensor_sizes_.values()))
+    checkpoint_bytes = sum(
+        spec.nbytes
+        for name, spec in api._specs_from_metadata(model).items()
+        if name in model.tensor_sizes_
+    )
+    return n_weights, int(checkpoint_bytes)
+
+
 def _model_vectors(
     model: CMD,
     specs: Sequence[baselines.Spec],
@@ -469,17 +480,14 @@ def _model_vectors(
     average: its one set of weights, stood for the last checkpoint)."""
     if gram is None:  # averages need only the steps: their sums are not scored here
         t_count = len(steps)
+        n_weights, checkpoint_bytes = _modelled_sizes(model)
         gram = baselines.RunGram(
             gram=np.zeros((t_count, t_count)),
             cross=np.zeros(t_count),
             mean_sumsq=0.0,
             steps=np.asarray(steps, dtype=np.int64),
-            n_weights=sum(model.tensor_sizes_.values()),
-            checkpoint_bytes=sum(
-                spec.nbytes
-                for name, spec in api._specs_from_metadata(model).items()
-                if name in model.tensor_sizes_
-            ),
+            n_weights=n_weights,
+            checkpoint_bytes=checkpoint_bytes,
         )
     fitted = {spec.name: baselines.fit_model(gram, spec) for spec in specs}
     vectors = {
@@ -687,7 +695,12 @@ def _compared_models(
 ) -> tuple[list[baselines.Spec], baselines.RunGram | None]:
     """The models to score and the Gram matrices they are fitted from (when stored)."""
     path = out / STATISTICS_FILE
-    gram = baselines.read_statistics(path, steps) if path.is_file() else None
+    gram = None
+    if path.is_file():
+        n_weights, checkpoint_bytes = _modelled_sizes(model)
+        gram = baselines.read_statistics(
+            path, steps, n_weights=n_weights, checkpoint_bytes=checkpoint_bytes
+        )
     text = str(models).strip()
     if text.lower() == "fit":
         names = ",".join(gram.models) if gram is not None else ""

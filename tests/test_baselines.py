@@ -77,6 +77,22 @@ def cmd(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def read_stats(out, path=None, steps=None):
+    """``OUT/statistics.safetensors`` (or ``path``) read against OUT's model file."""
+    from cmdcli.evaluate import _load_model, _modelled_sizes
+
+    model = _load_model(out)
+    n_weights, ckpt_bytes = _modelled_sizes(model)
+    if steps is None:
+        steps = [int(c.step) for c in model.model_file_.checkpoints]
+    return baselines.read_statistics(
+        path or out / "statistics.safetensors",
+        steps,
+        n_weights=n_weights,
+        checkpoint_bytes=ckpt_bytes,
+    )
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -288,9 +304,7 @@ def test_report_lists_every_model(fitted):
 def test_rebuilt_baselines_are_x_times_c(fitted):
     out, x, report = fitted
     x64 = x.astype(np.float64)
-    with safe_open(str(out / "cmd.safetensors"), "numpy") as f:
-        steps = f.get_tensor("steps").tolist()
-    gram = baselines.read_statistics(out / "statistics.safetensors", steps)
+    gram = read_stats(out)
     n, t = x.shape
     for row in report["models"][1:]:
         spec = parse_specs(row["model"])[0]
@@ -418,12 +432,109 @@ def test_statistics_file_is_checked(fitted, tmp_path):
         meta = f.metadata()
     save_file(bad, str(path), metadata=meta)
     with pytest.raises(InputError, match="NaN"):
-        baselines.read_statistics(path, steps)
+        read_stats(out, path)
     with pytest.raises(InputError, match="steps"):
-        baselines.read_statistics(out / "statistics.safetensors", [s + 1 for s in steps])
+        read_stats(out, steps=[s + 1 for s in steps])
     path.write_bytes(b"\0" * (10 * 2**20))
     with pytest.raises(InputError, match="more than"):
-        baselines.read_statistics(path, steps)
+        read_stats(out, path)
+
+
+def _tamper(out, what: str) -> None:
+    """Rewrite OUT/statistics.safetensors with one planted fault."""
+    from safetensors.numpy import save_file
+
+    path = out / "statistics.safetensors"
+    t = load_file(path)
+    with safe_open(str(path), "numpy") as f:
+        meta = dict(f.metadata())
+    g = t["gram"].copy()
+    d = np.sqrt(np.diagonal(g))
+    if what.startswith("models="):
+        meta["models"] = what.removeprefix("models=")
+    elif what == "sizes":
+        sizes = json.loads(meta["sizes"])
+        sizes.update(n_weights=1, checkpoint_bytes=10**18)
+        meta["sizes"] = json.dumps(sizes)
+    elif what == "asymmetric":  # 0.01·√(G_00·G_55): far beyond γ_N ≈ 1.5e-4 of it
+        g[0, 5] += 0.01 * d[0] * d[5]
+    elif what == "negated":
+        g = -g
+    elif what == "huge":
+        g = g * 1e300
+    elif what == "indefinite":  # a correlation block with eigenvalue −0.8
+        r = np.eye(len(d))
+        r[np.ix_([0, 1, 2], [0, 1, 2])] = [[1, 0.9, 0.9], [0.9, 1, -0.9], [0.9, -0.9, 1]]
+        g = r * np.outer(d, d)
+    elif what == "mean_sumsq":
+        t["mean_sumsq"] = -t["mean_sumsq"]
+    elif what == "cross":
+        t["cross"] = t["cross"].copy()
+        t["cross"][3] = 2 * np.sqrt(g[3, 3] * t["mean_sumsq"][0])
+    t["gram"] = g
+    save_file(t, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "what, key, why",
+    [
+        ("models=lawa:99", "models", "lawa:99: the run has only 12 checkpoints"),
+        ("models=swa:99999", "models", "swa:99999: no fitted checkpoint"),
+        ("models=pca:99", "models", "pca:99: at most 11 components"),
+        ("models=dmd:99", "models", "dmd:99: at most rank 11"),
+        ("models=" + ",".join(f"ema:0.{i:03d}" for i in range(1, 100)), "models", "more than"),
+        ("sizes", "sizes", "the model has 2,440"),
+        ("asymmetric", "gram", "not symmetric"),
+        ("negated", "gram", "negative diagonal"),
+        ("huge", "gram", "beyond weights"),
+        ("indefinite", "gram", "not positive semi-definite"),
+        ("mean_sumsq", "mean_sumsq", "negative"),
+        ("cross", "cross", "Cauchy–Schwarz"),
+    ],
+)
+def test_a_tampered_statistics_file_is_refused_in_one_line(fitted, tmp_path, what, key, why):
+    out, _, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    _tamper(out, what)
+    result = cmd("evaluate", out, "--eval-fn", f"{fn}:evaluate", "--checkpoints", "last")
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    line = result.stderr.strip()
+    assert "\n" not in line and "statistics.safetensors" in line, line
+    assert f"statistics.safetensors: {key}" in line and why in line, line
+    assert not (out / "evaluation.json").exists()
+
+
+def test_library_averages_refuse_arguments_out_of_range():
+    from cmdcli.baselines.averages import lawa_weights, swa_weights
+
+    with pytest.raises(ValueError, match="LAWA"):
+        lawa_weights(40, 99)
+    with pytest.raises(ValueError, match="LAWA"):
+        lawa_weights(40, 0)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        swa_weights(np.arange(40), 99999)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        swa_weights(np.arange(40), 1.5)
+    with pytest.raises(ValueError, match="decay"):
+        ema_weights(40, 1.0)
+    gram = RunGram.from_trajectories(planted(50, 40))
+    for spec in ("lawa:99", "swa:99999", "pca:40", "dmd:40"):
+        with pytest.raises(InputError, match=spec.replace(":", ":")):
+            baselines.fit_model(gram, parse_specs(spec)[0])
+
+
+def test_spec_names_are_canonical():
+    assert [s.name for s in parse_specs("pca:02,dmd:0003,lawa:5,ema:0.90")] == [
+        "pca:2",
+        "dmd:3",
+        "lawa:5",
+        "ema:0.90",
+    ]
+    with pytest.raises(InputError, match="twice"):
+        parse_specs("pca:2,pca:02")
+    with pytest.raises(InputError, match="both|integer"):
+        parse_specs("swa:1e3")
 
 
 # --------------------------------------------------------------------------- cmd evaluate
@@ -470,9 +581,7 @@ def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
     assert reads == list(range(len(STEPS)))  # every checkpoint read once, in order
     names = [r["model"] for r in result["models"]]
     assert names == [m["model"] for m in report["models"]]
-    with safe_open(str(out / "cmd.safetensors"), "numpy") as f:
-        steps = f.get_tensor("steps").tolist()
-    gram = baselines.read_statistics(out / "statistics.safetensors", steps)
+    gram = read_stats(out)
     x64 = x.astype(np.float64)
     for row in result["models"][1:]:
         model = baselines.fit_model(gram, parse_specs(row["model"])[0])

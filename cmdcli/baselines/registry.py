@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = [
+    "MAX_MODELS",
     "Baseline",
     "LinearModel",
     "REGISTRY",
@@ -82,6 +83,55 @@ class RunGram:
     def n_checkpoints(self) -> int:
         return len(self.steps)
 
+    def problem(self) -> tuple[str, str] | None:
+        """Why these sums cannot be any run's (``(key, reason)``), None when they can.
+
+        Sums read from a file are untrusted: each property the sums of N weights
+        have is checked, with the slack their float rounding allows. Each of the
+        products behind an entry of ``gram`` and ``cross`` is float32 and sums of
+        at most N of them run in float32 (any kernel, any order), so an entry is
+        within ``γ_N · Σ_i |a_i|·|b_i| ≤ γ_N · √(Σa²·Σb²)`` of the exact sum
+        (Higham §3.1; no bound where N·u ≥ ½): hence ``gram`` is symmetric
+        and within Cauchy–Schwarz to that slack, its eigenvalues are ≥
+        −γ_N·trace (‖|X_c|ᵀ|X_c|‖₂ ≤ trace), and ``cross_t² ≤ G_tt·x̄ᵀx̄`` to the
+        same slack. A diagonal entry and ``mean_sumsq`` are sums of squares (never
+        negative in floating point), and every weight is within the kernels'
+        ``MAX_MAGNITUDE`` (M): trace ≤ N·T·M², x̄ᵀx̄ ≤ N·M². A sampled Gram matrix is
+        scaled to the run, which keeps all of this except the Cauchy–Schwarz
+        bound on ``cross`` (summed over every weight, not the sample): not checked
+        then.
+        """
+        from ..kernels import MAX_MAGNITUDE
+
+        g, c, m = self.gram, self.cross, float(self.mean_sumsq)
+        n, t = max(int(self.n_weights), 1), self.n_checkpoints
+        diag = np.diagonal(g)
+        if (diag < 0).any():
+            return "gram", "has a negative diagonal entry (a sum of squares)"
+        if not m >= 0:
+            return "mean_sumsq", "is negative (a sum of squares)"
+        trace = float(diag.sum())
+        if trace > n * t * MAX_MAGNITUDE**2:
+            return "gram", f"sums beyond weights of ±{MAX_MAGNITUDE:g} for {n:,} weights"
+        if m > n * MAX_MAGNITUDE**2:
+            return "mean_sumsq", f"sums beyond weights of ±{MAX_MAGNITUDE:g} for {n:,} weights"
+        gamma = gram_rounding(n)
+        if gamma >= 0.5:  # sums this long bound nothing in float32's worst case
+            return None
+        # computed diagonals are within (1 ± γ) of the exact sums of squares, so
+        # √(Σa²·Σb²) ≤ √(G_ss·G_tt)/(1 − γ)
+        scale = np.sqrt(np.outer(diag, diag)) / (1 - gamma)
+        if (np.abs(g - g.T) > 2 * gamma * scale).any():
+            return "gram", "is not symmetric"
+        if (np.abs(g) > (1 + gamma) * scale).any():
+            return "gram", "breaks Cauchy–Schwarz (|G_st| > √(G_ss·G_tt))"
+        if t and float(np.linalg.eigvalsh((g + g.T) / 2)[0]) < -2 * gamma * trace:
+            return "gram", "is not positive semi-definite"
+        bound = (1 + gamma) / (1 - gamma) * np.sqrt(diag * m)
+        if not self.estimated and (np.abs(c) > bound).any():
+            return "cross", "breaks Cauchy–Schwarz (cross_t² > G_tt·mean_sumsq)"
+        return None
+
     @property
     def raw(self) -> np.ndarray:
         """XᵀX = X_cᵀX_c + X_cᵀx̄·1ᵀ + 1·x̄ᵀX_c + x̄ᵀx̄·11ᵀ."""
@@ -128,6 +178,14 @@ class RunGram:
             n_weights=x.shape[0],
             checkpoint_bytes=4 * x.shape[0],
         )
+
+
+def gram_rounding(n_weights: int) -> float:
+    """γ_N for float32 (u = 2⁻²⁴; 1 once N·u ≥ ½): the relative rounding of a sum of
+    N float32 products in any order, the most pass 2 can have (see
+    :meth:`RunGram.problem`)."""
+    nu = int(n_weights) * 2.0**-24
+    return 1.0 if nu >= 0.5 else nu / (1 - nu)
 
 
 def squared_errors(gram: RunGram, coefficients: np.ndarray) -> np.ndarray:
@@ -269,6 +327,10 @@ class Baseline:
 
 REGISTRY: dict[str, Baseline] = {}
 
+MAX_MODELS = 64
+"""Models one ``--baselines`` / ``--models`` list (or a statistics file) may name:
+``cmd evaluate`` scores each with the user's function, and the default set has 11."""
+
 
 def register(entry: Baseline) -> Baseline:
     """Add a baseline kind (one module defines and registers each)."""
@@ -292,7 +354,10 @@ def parse_specs(text: str, *, option: str = "--baselines") -> list[Spec]:
         return []
     specs: list[Spec] = []
     seen: set[tuple[str, Any]] = set()
-    for raw in cleaned.split(","):
+    items = cleaned.split(",")
+    if len(items) > MAX_MODELS:
+        raise InputError(f"{option}: {len(items)} models, more than the {MAX_MODELS} allowed")
+    for raw in items:
         item = raw.strip()
         kind, colon, arg = item.partition(":")
         kind = kind.strip().lower()
@@ -318,7 +383,9 @@ def parse_specs(text: str, *, option: str = "--baselines") -> list[Spec]:
         if key in seen:
             raise InputError(f"{option}: {item!r} is asked for twice")
         seen.add(key)
-        specs.append(Spec(kind, value, arg if value is not None else ""))
+        # integers by their value (pca:02 is pca:2); decimals as written (ema:0.999)
+        text_arg = "" if value is None else str(value) if isinstance(value, int) else arg
+        specs.append(Spec(kind, value, text_arg))
     return specs
 
 
@@ -334,7 +401,20 @@ def check_specs(
 
 
 def fit_model(gram: RunGram, spec: Spec) -> LinearModel:
-    """Fit one requested model from the Gram matrices."""
-    model = REGISTRY[spec.kind].fit(gram, spec.argument)
+    """Fit one requested model from the Gram matrices.
+
+    Raises
+    ------
+    InputError
+        The kind is not registered, or its argument does not fit the run's
+        checkpoints (the entry's ``check``, as :func:`check_specs`).
+    """
+    entry = REGISTRY.get(spec.kind)
+    if entry is None:
+        raise InputError(f"{spec.name}: unknown model; known: {_known()}")
+    problem = entry.check(spec.argument, np.asarray(gram.steps, dtype=np.int64))
+    if problem:
+        raise InputError(f"{spec.name}: {problem}")
+    model = entry.fit(gram, spec.argument)
     model.name = spec.name
     return model
