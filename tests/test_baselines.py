@@ -207,6 +207,44 @@ def test_dmd_equals_a_dense_exact_dmd(r):
     assert_within(model.squared_error, err, rel * scale**2 * x.shape[0], "DMD errors")
 
 
+def _small_motion(n: int, t: int, amplitude: float, seed: int = 0) -> np.ndarray:
+    """Weights of mean ≈ 1 moving by ``amplitude`` along three DMD-friendly directions."""
+    rng = np.random.default_rng(seed)
+    s = np.arange(t)
+    parts = np.stack([0.9**s, 0.7**s * np.cos(s), 0.7**s * np.sin(s)])
+    x = 1.0 + rng.normal(size=(n, 1)) + amplitude * rng.normal(size=(n, 3)) @ parts
+    return x + amplitude * 1e-3 * rng.normal(size=(n, t))
+
+
+def test_dmd_cuts_its_rank_where_the_gram_matrix_cannot_resolve_the_snapshots():
+    # Squared singular values of X1 are known to ‖Δ(XᵀX)‖₂ ≤ E (RunGram.raw_error): with
+    # weights of mean ≈ 1 (x̄ᵀx̄ ≈ 2N) the float64 sums' bound γ_N·T·x̄ᵀx̄ ≈ 1e-7, so
+    # motions of 1e-6 (σ ≈ 1e-4) are below √E and motions of 1e-2 far above it.
+    for amplitude, resolved in ((1e-2, True), (1e-6, False)):
+        x = _small_motion(5000, 20, amplitude)
+        gram = RunGram.from_trajectories(x)
+        floor = np.sqrt(gram.raw_error())
+        sv = np.linalg.svd(x[:, :-1], compute_uv=False)
+        model = baselines.fit_model(gram, parse_specs("dmd:3")[0])
+        rank = model.details["rank"]
+        assert rank == min(3, int((sv > floor).sum()))
+        assert ("note" not in model.details) == resolved, (amplitude, model.details)
+        if not resolved:
+            assert rank < 3 and "not resolved" in model.details["note"]
+        # what is reported is what the model rebuilds: X·C scored densely
+        var = ((x - x.mean(axis=1, keepdims=True)) ** 2).sum()
+        ev = 1 - ((x - x @ model.coefficients) ** 2).sum() / var
+        scale = (x**2).sum() / var  # the sums' rounding relative to the variance
+        assert_within(model.explained_variance(gram), ev, 64 * 20 * U64 * scale, "DMD EV")
+    # pass 2's float32 sums are coarser: the same run at 1e-4 is resolved in float64
+    # (σ ≈ 1e-2 ≫ √E ≈ 3e-4) but not from float32 sums (√E ≈ 2·√(T·γ_B·x̄ᵀx̄) ≈ 30)
+    x = _small_motion(5000, 20, 1e-4)
+    exact = RunGram.from_trajectories(x)
+    coarse = RunGram(exact.gram, exact.cross, exact.mean_sumsq, exact.steps, 5000, 20000)
+    assert "note" not in baselines.fit_model(exact, parse_specs("dmd:3")[0]).details
+    assert "not resolved" in baselines.fit_model(coarse, parse_specs("dmd:3")[0]).details["note"]
+
+
 def test_averages_are_the_hand_computed_ones():
     x = planted(50, 8, seed=3)
     steps = np.array([5, 10, 15, 20, 25, 30, 35, 40])

@@ -78,10 +78,46 @@ class RunGram:
     checkpoint_bytes: int
     estimated: bool = False
     models: tuple[str, ...] = ()
+    rounding: float | None = None
 
     @property
     def n_checkpoints(self) -> int:
         return len(self.steps)
+
+    @property
+    def entry_rounding(self) -> float:
+        """ρ: every entry of ``gram`` and ``cross`` is within ρ·Σ_i |a_i|·|b_i| of the
+        exact sum of its terms (a, b the trajectories' values it multiplies).
+
+        ``rounding`` when given (``from_trajectories``: float64 sums); otherwise the
+        sums of pass 2 (see the class docstring): float32 products summed in float32
+        over one piece of B = ``cpu_chunk(T)`` columns, then in float64, and x̄
+        rounded to float32 in ``cross``: ρ = γ_B + 2u + γ_N(float64).
+        """
+        if self.rounding is not None:
+            return float(self.rounding)
+        from ..kernels import cpu_chunk
+
+        u32, u64 = 2.0**-24, 2.0**-53
+        b = cpu_chunk(self.n_checkpoints)
+        n = max(int(self.n_weights), 1)
+        return b * u32 / (1 - b * u32) + 2 * u32 + n * u64 / (1 - n * u64)
+
+    def raw_error(self) -> float:
+        """A bound on ‖Δ(XᵀX)‖₂, the error of :attr:`raw` and of its eigen-decomposition.
+
+        With ρ = :attr:`entry_rounding`: ``|ΔG| ≤ ρ·|X_c|ᵀ|X_c|`` entrywise, whose
+        2-norm is at most trace(G); ``|Δcross_t| ≤ ρ·√(G_tt·x̄ᵀx̄)``, so the two
+        rank-one terms move by 2·√T·‖Δcross‖ ≤ 2ρ·√(T·x̄ᵀx̄·trace G); x̄ᵀx̄ (float64
+        squares of float64 means) by ρ·x̄ᵀx̄ at most, T times in 11ᵀ. Forming XᵀX and
+        its eigen-decomposition in float64 add about 3T·2⁻⁵³·‖XᵀX‖_F.
+        """
+        rho = self.entry_rounding
+        t = self.n_checkpoints
+        trace = max(float(np.trace(self.gram)), 0.0)
+        m = max(float(self.mean_sumsq), 0.0)
+        sums = rho * (trace + 2 * np.sqrt(t * m * trace) + t * m)
+        return float(sums + 3 * t * 2.0**-53 * np.linalg.norm(self.raw))
 
     def problem(self) -> tuple[str, str] | None:
         """Why these sums cannot be any run's (``(key, reason)``), None when they can.
@@ -177,6 +213,7 @@ class RunGram:
             steps=np.arange(x.shape[1]) if steps is None else np.asarray(steps, np.int64),
             n_weights=x.shape[0],
             checkpoint_bytes=4 * x.shape[0],
+            rounding=x.shape[0] * 2.0**-53 / (1 - x.shape[0] * 2.0**-53),
         )
 
 
