@@ -726,7 +726,7 @@ def evaluate(
         typer.Option(
             "--models",
             help="Compact models scored beside CMD, each rebuilt from the same read of the run "
-            "(one float64 copy of the weights each): fit (those `cmd fit --baselines` "
+            "(a float64 sum each, within --max-memory): fit (those `cmd fit --baselines` "
             "compared), none, or specs like pca:2,dmd:4,lawa:5,ema:0.99,swa:0.5,uniform,last.",
             metavar="SPECS",
         ),
@@ -739,6 +739,14 @@ def evaluate(
             metavar="STEP",
         ),
     ] = "last",
+    max_memory: Annotated[
+        str,
+        typer.Option(
+            help="Memory for the float64 sums of the baselines and --models (8 bytes a "
+            "weight each); more are summed a group at a time, reading the run once a group.",
+            metavar="SIZE",
+        ),
+    ] = "512MiB",
     run: RunOverride = None,
     trust_pickle: TrustPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -748,8 +756,8 @@ def evaluate(
 
     Also scores the baselines a user compares with: the last checkpoint, an EMA
     and an SWA average of the checkpoints, and every compact model of the run
-    (PCA, DMD, averages) beside CMD, all in one read of the run. Writes
-    OUT/evaluation.json.
+    (PCA, DMD, averages) beside CMD, all in one read of the run (one a group when
+    their sums exceed --max-memory). Writes OUT/evaluation.json.
     """
     with _errors():
         from .evaluate import evaluate_fit
@@ -766,6 +774,7 @@ def evaluate(
                 trust_pickle=trust_pickle,
                 models=models,
                 models_at=models_at,
+                max_memory=max_memory,
             )
     for note in result.get("notices", []):
         err.print(f"note: {_line(note)}", markup=False)

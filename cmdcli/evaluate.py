@@ -37,7 +37,7 @@ from .io import load_state_dict, outdir
 from .io.jsonio import dumps, non_finite_paths
 from .io.names import EVALUATION_JSON, LANDSCAPE_JSON, MODEL_FILE, STATISTICS_FILE
 from .io.paths import printable
-from .model import CMD
+from .model import CMD, DEFAULT_MAX_MEMORY
 from .reports import lower_is_better
 
 __all__ = [
@@ -411,9 +411,10 @@ class _Combinations:
 
     Every baseline's rebuilt checkpoint is such a combination of the checkpoints
     (``cmdcli.baselines``): EMA, SWA and the other averages, PCA and DMD alike. The
-    checkpoints are read once, in order; each combination keeps one float64 copy of
-    the modelled tensors. Tensors that are not modelled (integer buffers, excluded
-    tensors) come from the checkpoint rebuilt.
+    checkpoints are read in order; each combination keeps one float64 copy of the
+    modelled tensors (``evaluate_fit`` sums as many at once as ``max_memory`` holds).
+    Tensors that are not modelled (integer buffers, excluded tensors) come from the
+    checkpoint rebuilt.
     """
 
     def __init__(self, vectors: dict[str, np.ndarray], modelled: Sequence[str]) -> None:
@@ -456,6 +457,24 @@ class _Combinations:
         self.users[shared] -= 1
         if self.users[shared] == 0:
             self.sums.pop(shared, None)
+
+
+def _groups(vectors: dict[str, np.ndarray], sum_bytes: int, budget: int) -> list[list[str]]:
+    """``vectors``' keys in order, in groups whose distinct sums fit ``budget`` bytes
+    (``sum_bytes`` each; at least one a group). Equal combinations stay together."""
+    distinct: list[np.ndarray] = []
+    owner: dict[str, int] = {}
+    for key, c in vectors.items():
+        same = next((i for i, v in enumerate(distinct) if np.array_equal(v, c)), None)
+        if same is None:
+            distinct.append(np.asarray(c))
+            same = len(distinct) - 1
+        owner[key] = same
+    per_group = max(1, int(budget) // max(int(sum_bytes), 1))
+    groups: list[list[str]] = [[] for _ in range(-(-len(distinct) // per_group))]
+    for key, i in owner.items():
+        groups[i // per_group].append(key)
+    return groups or [[]]
 
 
 def _modelled_sizes(model: CMD) -> tuple[int, int]:
@@ -508,6 +527,7 @@ def evaluate_fit(
     trust_pickle: bool = False,
     models: str = "fit",
     models_at: str = "last",
+    max_memory: int | str = DEFAULT_MAX_MEMORY,
 ) -> dict:
     """Score original and CMD weights with the user's function (``cmd evaluate``).
 
@@ -544,6 +564,11 @@ def evaluate_fit(
     models_at : str, default="last"
         ``"last"`` or the step of the checkpoint PCA and DMD rebuild (averages
         are one set of weights, scored as the last).
+    max_memory : int or str, default 512 MiB
+        Bytes for the float64 sums of the baselines and models (8 bytes a modelled
+        weight each; equal combinations share one). When they need more, they are
+        summed a group at a time, the run read once per group (said in ``notices``);
+        the results are the same.
 
     Returns
     -------
@@ -556,6 +581,7 @@ def evaluate_fit(
         ``checkpoint`` rebuilt, ``metrics``).
     """
     decay = _check_decay(ema_decay)
+    budget = api.parse_size(max_memory, option="--max-memory")
     if swa_start is not None and (isinstance(swa_start, bool) or not isinstance(swa_start, int)):
         raise InputError(f"--swa-start: expected a training step (an integer), got {swa_start!r}")
     model = _load_model(out)
@@ -590,48 +616,83 @@ def evaluate_fit(
         progress("baselines", 0, n_base)
         if fitted:
             progress("models", 0, n_models)
-    sums = _Combinations(vectors, list(model.tensor_sizes_))
+    modelled = list(model.tensor_sizes_)
+    groups = _groups(vectors, 8 * sum(model.tensor_sizes_.values()), budget)
+    notices = []
+    if len(groups) > 1:
+        notices.append(
+            f"the {sum(map(len, groups))} sums of the baselines and models (8 bytes a weight "
+            f"each) exceed --max-memory {api._format_bytes(budget)}: the run was read "
+            f"{len(groups)} times, {len(groups[0])} sums at a time"
+        )
+    kept: dict[int, StateDict] = {}
     scored: dict[int, dict] = {}
-    for t, rec in enumerate(records):
-        sd = original_state_dict(model, t, run=run, trust_pickle=trust_pickle)
-        sums.add(sd, t, keep=t in (last_t, at))
-        if progress:
-            progress("baselines", t + 1, n_base)
-        if t in chosen:
-            original = fn(dict(sd), _describe(rec, "original"))
-            done_calls += 1
-            if progress:
-                progress("evaluate", done_calls, n_calls)
-            cmd = fn(
-                cmd_state_dict(model, t, run=run, trust_pickle=trust_pickle),
-                _describe(rec, "CMD"),
-            )
-            done_calls += 1
-            if progress:
-                progress("evaluate", done_calls, n_calls)
-            scored[t] = {"name": rec["name"], "step": steps[t], "original": original, "cmd": cmd}
-        del sd
-
+    model_metrics: dict[str, dict] = {}
     last_rec = records[last_t]
-    if last_t in scored:
-        last_metrics = scored[last_t]["original"]
-    else:
-        last_metrics = fn(dict(sums.kept[last_t]), _describe(last_rec, "original"))
-    if progress:
-        progress("baselines", len(records) + 1, n_base)
-    ema_metrics = fn(
-        sums.state("baseline:ema", last_t), f"the EMA of all checkpoints (decay {decay:g})"
-    )
-    sums.drop("baseline:ema")
-    if progress:
-        progress("baselines", len(records) + 2, n_base)
-    swa_metrics = fn(
-        sums.state("baseline:swa", last_t),
-        f"the SWA average of {n_swa} checkpoints from step {swa_start}",
-    )
-    sums.drop("baseline:swa")
-    if progress:
-        progress("baselines", n_base, n_base)
+    last_metrics = ema_metrics = swa_metrics = None
+    for g, group in enumerate(groups):
+        sums = _Combinations({k: vectors[k] for k in group}, modelled)
+        for t, rec in enumerate(records):
+            sd = original_state_dict(model, t, run=run, trust_pickle=trust_pickle)
+            sums.add(sd, t)
+            if g > 0:
+                del sd
+                continue
+            if t in (last_t, at):
+                kept[t] = sd
+            if progress:
+                progress("baselines", t + 1, n_base)
+            if t in chosen:
+                original = fn(dict(sd), _describe(rec, "original"))
+                done_calls += 1
+                if progress:
+                    progress("evaluate", done_calls, n_calls)
+                cmd = fn(
+                    cmd_state_dict(model, t, run=run, trust_pickle=trust_pickle),
+                    _describe(rec, "CMD"),
+                )
+                done_calls += 1
+                if progress:
+                    progress("evaluate", done_calls, n_calls)
+                scored[t] = {
+                    "name": rec["name"],
+                    "step": steps[t],
+                    "original": original,
+                    "cmd": cmd,
+                }
+            del sd
+        sums.kept = kept
+        if g == 0:
+            if last_t in scored:
+                last_metrics = scored[last_t]["original"]
+            else:
+                last_metrics = fn(dict(kept[last_t]), _describe(last_rec, "original"))
+            if progress:
+                progress("baselines", len(records) + 1, n_base)
+        if "baseline:ema" in group:
+            ema_metrics = fn(
+                sums.state("baseline:ema", last_t), f"the EMA of all checkpoints (decay {decay:g})"
+            )
+            sums.drop("baseline:ema")
+            if progress:
+                progress("baselines", len(records) + 2, n_base)
+        if "baseline:swa" in group:
+            swa_metrics = fn(
+                sums.state("baseline:swa", last_t),
+                f"the SWA average of {n_swa} checkpoints from step {swa_start}",
+            )
+            sums.drop("baseline:swa")
+            if progress:
+                progress("baselines", n_base, n_base)
+        for name, m in fitted.items():
+            if name not in group:
+                continue
+            t = last_t if m.final_only else at
+            model_metrics[name] = fn(sums.state(name, t), f"{m.label} ({name}), as step {steps[t]}")
+            sums.drop(name)
+            if progress:
+                progress("models", len(model_metrics) + 1, n_models)
+        del sums
 
     rows = []
     if fitted:
@@ -643,8 +704,6 @@ def evaluate_fit(
                 cmd_state_dict(model, at, run=run, trust_pickle=trust_pickle),
                 _describe(at_rec, "CMD"),
             )
-        if progress:
-            progress("models", 1, n_models)
         rows.append(
             {
                 "model": "cmd",
@@ -654,21 +713,17 @@ def evaluate_fit(
                 "metrics": cmd_metrics,
             }
         )
-        for i, (name, m) in enumerate(fitted.items()):
+        for name, m in fitted.items():
             t = last_t if m.final_only else at
-            metrics = fn(sums.state(name, t), f"{m.label} ({name}), as step {steps[t]}")
-            sums.drop(name)
             rows.append(
                 {
                     "model": name,
                     "label": m.label,
                     "storage_bytes": int(m.storage_bytes),
                     "checkpoint": {"name": records[t]["name"], "step": steps[t]},
-                    "metrics": metrics,
+                    "metrics": model_metrics[name],
                 }
             )
-            if progress:
-                progress("models", i + 2, n_models)
 
     metrics = list(fn.metrics or [])
     result = {
@@ -686,6 +741,8 @@ def evaluate_fit(
         },
         "models": rows,
     }
+    if notices:
+        result["notices"] = notices
     _write_json(Path(out), EVALUATION_FILE, result, model)
     return result
 

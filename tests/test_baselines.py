@@ -652,6 +652,50 @@ def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
         ev.evaluate_fit(out, f"{fn}:evaluate", models="pcaa:2")
 
 
+def test_evaluate_sums_the_models_in_groups_that_fit_max_memory(fitted, tmp_path, monkeypatch):
+    from cmdcli import evaluate as ev
+
+    out, x, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    one = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last")
+    assert "notices" not in one
+    reads = []
+    original = ev.original_state_dict
+
+    def counted(model, t, **kw):
+        reads.append(t)
+        return original(model, t, **kw)
+
+    monkeypatch.setattr(ev, "original_state_dict", counted)
+    n = x.shape[0]
+    # the EMA and SWA baselines and 9 models; equal ones (SWA from step 700, swa:0.5 and
+    # swa:650) share a sum: 3 sums a read
+    grouped = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", max_memory=3 * 8 * n)
+    distinct = len({tuple(v) for v in _vectors(ev, out).values()})
+    n_reads = -(-distinct // 3)
+    assert n_reads >= 3 and reads == list(range(len(STEPS))) * n_reads
+    assert any(f"read {n_reads} times, 3 sums at a time" in m for m in grouped["notices"])
+    # the same float64 sums in the same order: the same numbers
+    grouped.pop("notices")
+    assert grouped == one
+    result = cmd(
+        "evaluate", out, "--eval-fn", f"{fn}:evaluate", "--checkpoints", "last",
+        "--max-memory", str(3 * 8 * n), "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0 and f"read {n_reads} times" in result.stderr
+
+
+def _vectors(ev, out):
+    model = ev._load_model(out)
+    steps = [int(c.step) for c in model.model_file_.checkpoints]
+    specs, gram = ev._compared_models(out, model, steps, "fit")
+    vectors, _ = ev._model_vectors(model, specs, gram, steps, len(steps) - 1)
+    vectors["baseline:ema"] = baselines.averages.ema_weights(len(steps), 0.9)
+    vectors["baseline:swa"] = baselines.averages.swa_weights(np.asarray(steps), steps[6])
+    return vectors
+
+
 def test_evaluate_cli_prints_the_models(fitted, tmp_path):
     out, _, _ = fitted
     fn = tmp_path / "score.py"
