@@ -49,7 +49,11 @@ app = typer.Typer(
 
 
 def _examples(*lines: str) -> str:
-    """A help epilog of example command lines, kept as written (click's ``\\b``)."""
+    """A help epilog of example command lines, kept as written (click's ``\\b``).
+
+    Each line is printed indented by 4: at most 76 characters keeps it within an
+    80-column terminal (a longer one is wrapped by the terminal, not by click, and
+    shows twice in some)."""
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
@@ -243,16 +247,18 @@ ShardSize = Annotated[
     epilog=_examples(
         "cmd fit runs/my-run --out my-run-cmd",
         "cmd fit runs/resnet --out resnet-cmd --modes auto --target-variance 0.97",
-        "cmd fit runs/resnet --out resnet-paper --references sampled --modes 10 --seed 0",
-        "cmd fit runs/resnet --out resnet-cmd --steps 1000:50000 --exclude '*.running_*' \\",
-        "    --reconstruct all",
+        "cmd fit runs/resnet --out resnet-paper --references sampled \\",
+        "    --modes 10 --seed 0",
+        "cmd fit runs/resnet --out resnet-cmd --steps 1000:50000 \\",
+        "    --exclude '*.running_*' --reconstruct all",
         "cmd fit runs/dit/checkpoints --out dit-ema --weights ema",
         "cmd fit runs/guided --out guided-ema --files 'ema_*'",
         "cmd fit runs/lightning --out lightning-cmd --reconstruct last --native",
         "cmd fit runs/big --out big-cmd --max-memory 4GiB --dry-run",
-        "cmd fit /shared/runs/big --out /shared/big-cmd --scheduler tcp://10.0.0.5:8786",
-        "cmd fit runs/my-run --out my-run-cmd --baselines pca:2,dmd:4,lawa:5,ema:0.999,swa:0.5,"
-        "uniform,last \\",
+        "cmd fit /shared/runs/big --out /shared/big-cmd \\",
+        "    --scheduler tcp://10.0.0.5:8786",
+        "cmd fit runs/my-run --out my-run-cmd \\",
+        "    --baselines pca:2,dmd:4,lawa:5,ema:0.999,swa:0.5,uniform,last \\",
         "    --reconstruct-baselines last",
     )
 )
@@ -844,7 +850,8 @@ def _print_evaluation(result: dict) -> None:
         "cmd plot correlation my-run-cmd",
         "cmd plot all my-run-cmd --format svg",
         "cmd plot tradeoff my-run-cmd",
-        "cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate --grid 15 --span 0.5",
+        "cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate \\",
+        "    --grid 15 --span 0.5",
     )
 )
 def plot(
