@@ -245,6 +245,40 @@ def test_dmd_cuts_its_rank_where_the_gram_matrix_cannot_resolve_the_snapshots():
     assert "not resolved" in baselines.fit_model(coarse, parse_specs("dmd:3")[0]).details["note"]
 
 
+def test_standard_error_is_the_spread_of_the_models_fitted_on_each_part():
+    x = planted(4000, 10, seed=3, noise=0.2)
+    exact = RunGram.from_trajectories(x)
+    assert baselines.explained_variance_stderr(exact, parse_specs("pca:2")[0]) == 0
+    # eight disjoint parts of the weights, each Gram matrix scaled to the run (×8)
+    parts = np.stack(
+        [8 * RunGram.from_trajectories(x[i::8]).gram for i in range(8)]
+    )  # centred per weight: the same X_c rows
+    import dataclasses
+
+    sampled = dataclasses.replace(exact, estimated=True, parts=parts)
+    var = {i: (8 * ((x[i::8] - x[i::8].mean(axis=1, keepdims=True)) ** 2).sum()) for i in range(8)}
+    for spec in ("pca:2", "uniform", "last"):
+        evs = []
+        for i in range(8):
+            xi = x[i::8]
+            xc = xi - xi.mean(axis=1, keepdims=True)
+            if spec == "pca:2":  # dense: SVD of the part's centred trajectories
+                s = np.linalg.svd(xc, compute_uv=False)
+                evs.append((s[:2] ** 2).sum() / (s**2).sum())
+            else:  # an average c stands for every checkpoint: error Σ_t ‖x_t − X·c‖²
+                c = np.full(10, 0.1) if spec == "uniform" else np.eye(10)[-1]
+                # scored with the part's centred Gram and the whole run's cross, mean
+                d = np.eye(10) - np.repeat(c[:, None], 10, axis=1)
+                s_ = d.sum(axis=0)
+                err = np.einsum("st,su,ut->t", d, parts[i], d)
+                err = err + 2 * s_ * (exact.cross @ d) + s_**2 * exact.mean_sumsq
+                evs.append(1 - err.sum() / np.trace(parts[i]))
+        want = np.std(evs, ddof=1) / np.sqrt(8)
+        got = baselines.explained_variance_stderr(sampled, parse_specs(spec)[0])
+        # float64 sums of T-term products, relative to each part's variance
+        assert_within(got, want, 64 * 10 * U64 * max(var.values()) / min(var.values()), spec)
+
+
 def test_averages_are_the_hand_computed_ones():
     x = planted(50, 8, seed=3)
     steps = np.array([5, 10, 15, 20, 25, 30, 35, 40])

@@ -15,6 +15,7 @@ are parsed by :func:`parse_specs`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "REGISTRY",
     "RunGram",
     "Spec",
+    "explained_variance_stderr",
     "fit_model",
     "parse_specs",
     "register",
@@ -59,6 +61,11 @@ class RunGram:
         Bytes of one checkpoint's modelled tensors in their own dtypes.
     estimated : bool
         The sums come from a sample of the weights, not all of them.
+    parts : ndarray (P, T, T) or None
+        For a sample: ``gram`` estimated from each of its P disjoint parts alone
+        (each scaled to the run), for standard errors (:func:`explained_variance_stderr`).
+    rounding : float or None
+        See :attr:`entry_rounding`.
     models : tuple of str
         The specs ``cmd fit`` fitted from these sums (as stored beside them).
 
@@ -79,6 +86,7 @@ class RunGram:
     estimated: bool = False
     models: tuple[str, ...] = ()
     rounding: float | None = None
+    parts: np.ndarray | None = None
 
     @property
     def n_checkpoints(self) -> int:
@@ -189,7 +197,16 @@ class RunGram:
         cls, stats: Any, steps: Sequence[int], n_weights: int, checkpoint_bytes: int
     ) -> RunGram:
         """From :class:`cmdcli.fitting.FitStatistics` (``gram``, ``cross_per_checkpoint``,
-        ``mean_sumsq``; ``gram_sampled`` where the fit sampled the weights)."""
+        ``mean_sumsq``; ``gram_sampled`` where the fit sampled the weights, and then
+        ``gram_groups``, already scaled to the run, as :attr:`parts`)."""
+        estimated = bool(getattr(stats, "gram_sampled", False))
+        parts = None
+        groups = getattr(stats, "gram_groups", None)
+        if estimated and groups is not None:
+            groups = np.asarray(groups, dtype=np.float64)
+            counts = getattr(stats, "gram_group_weights", None)
+            used = np.ones(len(groups), bool) if counts is None else np.asarray(counts) > 0
+            parts = groups[used] if used.sum() >= 2 else None
         return cls(
             gram=np.array(stats.gram, dtype=np.float64),
             cross=np.array(stats.cross_per_checkpoint, dtype=np.float64),
@@ -197,7 +214,8 @@ class RunGram:
             steps=np.asarray(steps, dtype=np.int64),
             n_weights=int(n_weights),
             checkpoint_bytes=int(checkpoint_bytes),
-            estimated=bool(getattr(stats, "gram_sampled", False)),
+            estimated=estimated,
+            parts=parts,
         )
 
     @classmethod
@@ -215,6 +233,27 @@ class RunGram:
             checkpoint_bytes=4 * x.shape[0],
             rounding=x.shape[0] * 2.0**-53 / (1 - x.shape[0] * 2.0**-53),
         )
+
+
+def explained_variance_stderr(gram: RunGram, spec: Spec) -> float:
+    """Standard error of ``spec``'s explained variance when ``gram`` is a sample's estimate.
+
+    The model is fitted again and scored on each of the sample's P disjoint parts
+    (:attr:`RunGram.parts`, ``cross`` and ``mean_sumsq`` unchanged: they are summed
+    over every weight) and the spread of those P figures is taken over √P, as for
+    PCA's figures in the report. 0 for exact sums; NaN where there are fewer than
+    two parts.
+    """
+    if not gram.estimated:
+        return 0.0
+    if gram.parts is None or len(gram.parts) < 2:
+        return float("nan")
+    values = []
+    for part in gram.parts:
+        one = dataclasses.replace(gram, gram=np.asarray(part, dtype=np.float64), parts=None)
+        values.append(fit_model(one, spec).explained_variance(one))
+    ev = np.asarray(values)
+    return float(ev.std(ddof=1) / np.sqrt(len(ev)))
 
 
 def gram_rounding(n_weights: int) -> float:
