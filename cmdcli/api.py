@@ -740,11 +740,13 @@ def _fit_baselines(
     if specs == []:
         return [], []
     stats = model.statistics_
-    if not bool(np.isfinite(stats.gram).all()):
+    if opts.online:
         return [], [
             "no baselines: an online fit has no Gram matrix of the run to fit them from "
             "(fit without --online to compare CMD with PCA, DMD and weight averages)"
         ]
+    if not bool(np.isfinite(stats.gram).all() and np.isfinite(stats.cross_per_checkpoint).all()):
+        return [], ["no baselines: the run's Gram matrix is not finite (its sums overflow)"]
     n_weights = int(sum(s.numel for s in modelled.values()))
     gram = baselines.RunGram.from_statistics(
         stats, [c.step for c in ckpts], n_weights, _modelled_bytes(modelled)

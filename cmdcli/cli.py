@@ -226,7 +226,9 @@ RunOverride = Annotated[
 
 
 def _fmt(x: float, digits: int = 4) -> str:
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    # a value that rounds to zero is 0, whatever its sign (not -0.0000)
+    return text.lstrip("-") if text.startswith("-") and float(text) == 0 else text
 
 
 # --------------------------------------------------------------------------- fit

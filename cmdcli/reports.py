@@ -309,7 +309,9 @@ def _fmt(x: float, digits: int = 4) -> str:
         return "–"
     if isinstance(x, float) and math.isinf(x):
         return "∞"
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    # a value that rounds to zero is 0, whatever its sign (not -0.0000)
+    return text.lstrip("-") if text.startswith("-") and float(text) == 0 else text
 
 
 def _pm(value, stderr, digits: int = 4) -> str:

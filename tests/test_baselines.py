@@ -862,3 +862,13 @@ def test_streaming_rebuild_is_x_times_c_block_by_block(tmp_path):
     want = (x64 @ columns).T
     bound = gamma(9, U64) * (np.abs(columns).T @ np.abs(x64).T) + U32 * np.abs(want)
     assert_within(got, want, bound, "X·C")
+
+
+def test_known_kinds_start_with_pca_and_negative_zero_prints_as_zero():
+    from cmdcli import cli, reports
+
+    with pytest.raises(InputError, match=r"known: pca:K, dmd:R, "):
+        parse_specs("pcb:2")
+    for fmt in (cli._fmt, reports._fmt):
+        assert fmt(-0.00001) == "0.0000" and fmt(-0.0) == "0.0000"
+        assert fmt(-0.25) == "-0.2500" and fmt(0.25, 2) == "0.25"

@@ -8,7 +8,8 @@ a :class:`Baseline`.
 
 from __future__ import annotations
 
-from . import averages, dmd, pca  # noqa: F401  (each registers its entries)
+# each registers its entries, in this order (the order of help and error messages)
+from . import pca, dmd, averages  # noqa: F401, I001
 from .rebuild import RebuiltColumns, rebuild_columns
 from .registry import (
     REGISTRY,
