@@ -9,7 +9,10 @@ a :class:`Baseline`.
 from __future__ import annotations
 
 # each registers its entries, in this order (the order of help and error messages)
-from . import pca, dmd, averages  # noqa: F401, I001
+# isort: off
+from . import pca, dmd, averages  # noqa: F401
+
+# isort: on
 from .rebuild import RebuiltColumns, rebuild_columns
 from .registry import (
     REGISTRY,
