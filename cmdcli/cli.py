@@ -518,6 +518,16 @@ def _print_plan(plan: dict) -> None:
                     f"{_size(plan['baselines_pass_bytes'])} (--reconstruct-baselines)",
                 ]
             )
+        if plan.get("baseline_outputs"):
+            n = plan["baseline_outputs"]
+            rows.append(
+                [
+                    "baselines' pass writes",
+                    f"{n} checkpoint{'s' if n > 1 else ''}, ≈ "
+                    f"{_size(plan['baselines_write_bytes'])}, through a temporary spool of "
+                    f"{_size(plan['baselines_spool_bytes'])} under OUT",
+                ]
+            )
         if plan["spool_bytes"]:
             rows.append(["temporary copies", f"{_size(plan['spool_bytes'])} of legacy pickles"])
         where = f"on {plan['scheduler']}" if plan["scheduler"] else "local"

@@ -872,3 +872,24 @@ def test_known_kinds_start_with_pca_and_negative_zero_prints_as_zero():
     for fmt in (cli._fmt, reports._fmt):
         assert fmt(-0.00001) == "0.0000" and fmt(-0.0) == "0.0000"
         assert fmt(-0.25) == "-0.2500" and fmt(0.25, 2) == "0.25"
+
+
+def test_dry_run_states_what_the_baselines_pass_writes(tmp_path):
+    from cmdcli.api import FitOptions, plan_fit
+
+    run, x = write_run(tmp_path)
+    n, t = x.shape
+    opts = FitOptions(n_modes=2, baselines="pca:1,dmd:2,lawa:3", reconstruct_baselines="all")
+    plan = plan_fit(run, opts)
+    k = t + t + 1  # PCA and DMD at every step, LAWA once
+    assert plan["baseline_outputs"] == k
+    assert plan["baselines_spool_bytes"] == 4 * k * n
+    assert plan["baselines_write_bytes"] == k * (4 * n + 8)  # float32 weights, int64 count
+    none = plan_fit(run, FitOptions(n_modes=2, baselines="pca:1"))
+    assert none["baseline_outputs"] == 0
+    result = cmd(
+        "fit", run, "--dry-run", "-m", "2", "--baselines", "pca:1,dmd:2,lawa:3",
+        "--reconstruct-baselines", "all",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "baselines' pass writes" in result.stdout and f"{k} checkpoints" in result.stdout
