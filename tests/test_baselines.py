@@ -893,3 +893,17 @@ def test_dry_run_states_what_the_baselines_pass_writes(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert "baselines' pass writes" in result.stdout and f"{k} checkpoints" in result.stdout
+
+
+def test_html_lists_models_scored_by_evaluate_but_not_in_the_report(fitted, tmp_path):
+    from cmdcli import evaluate as ev
+    from cmdcli.html_report import build_html
+
+    out, _, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", models="pca:2,lawa:4")
+    page = build_html(out).read_text()
+    assert "<code>pca:2</code>" in page  # pca:2 is not among the fit's baselines
+    assert "1 model scored by <code>cmd evaluate --models</code>" in page
+    assert "not in report.json" in page
