@@ -767,7 +767,9 @@ def test_tradeoff_figure_has_every_model_and_labelled_axes(fitted, tmp_path):
     try:
         (ax,) = fig.axes
         drawn = _points(ax)
-        notes = {t.get_text().rsplit(": ", 1)[0] for t in ax.texts}
+        # a label per point drawn on the floor: "model: value", or for several at one
+        # place "model = model: value"
+        notes = {n for t in ax.texts for n in t.get_text().rsplit(": ", 1)[0].split(" = ")}
         for row in report["models"]:
             kind, ev = row["kind"], row["explained_variance"]
             # a point at its storage and explained variance, or, below the axis' floor,
@@ -907,3 +909,32 @@ def test_html_lists_models_scored_by_evaluate_but_not_in_the_report(fitted, tmp_
     assert "<code>pca:2</code>" in page  # pca:2 is not among the fit's baselines
     assert "1 model scored by <code>cmd evaluate --models</code>" in page
     assert "not in report.json" in page
+
+
+def test_tradeoff_panels_share_storage_name_overlaps_and_say_what_is_left_out(fitted, tmp_path):
+    from cmdcli import plots
+    from cmdcli.evaluate import _load_model, evaluate_fit
+
+    out, _, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    result = evaluate_fit(out, f"{fn}:evaluate", checkpoints="last")
+    # four metrics: the figure draws three and says which it leaves out
+    result["metrics"] = ["sum", "energy", "sum2", "extra"]
+    for row in result["models"]:
+        row["metrics"].update(sum2=1.0, extra=2.0)
+    model = _load_model(out)
+    report = json.loads((out / "report.json").read_text())
+    fig = plots.tradeoff_figure(model, report, result)
+    try:
+        axes = fig.axes
+        assert len(axes) == 4
+        assert all(ax.get_xlim() == axes[0].get_xlim() for ax in axes)
+        # swa:0.5 and swa:650 are the same average (from step 700): one label, both names
+        for ax in axes[:2]:
+            texts = [t.get_text() for t in ax.texts]
+            assert any("swa:0.5 = swa:650" in t for t in texts), texts
+        notes = [t.get_text() for t in fig.texts if t.get_gid() == "tradeoff-left-out"]
+        assert notes == ["the first 3 of 4 metrics are drawn; left out: extra"]
+    finally:
+        del fig
