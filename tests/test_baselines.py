@@ -231,6 +231,8 @@ def test_dmd_cuts_its_rank_where_the_gram_matrix_cannot_resolve_the_snapshots():
         assert ("note" not in model.details) == resolved, (amplitude, model.details)
         if not resolved:
             assert rank < 3 and "not resolved" in model.details["note"]
+        # it stores the modes it has: N numbers, an eigenvalue and an amplitude each
+        assert model.storage_bytes == 4 * (5000 * rank + 2 * rank)
         # what is reported is what the model rebuilds: X·C scored densely
         var = ((x - x.mean(axis=1, keepdims=True)) ** 2).sum()
         ev = 1 - ((x - x @ model.coefficients) ** 2).sum() / var

@@ -94,12 +94,14 @@ def fit_dmd(gram: RunGram, r: int) -> LinearModel:
             f"or below {floor:.3g}, the square root of the bound {error:.3g} on the Gram "
             f"matrix's rounding, and are not resolved"
         )
+    rank = details["rank"]
     return LinearModel(
         name=f"dmd:{r}",
         kind="dmd",
-        label=f"Exact DMD, rank {r}",
+        label=f"Exact DMD, rank {r}" + (f" (cut to {rank})" if rank < r else ""),
         coefficients=coefficients,
-        storage_bytes=dmd_storage_bytes(gram.n_weights, r),
+        # what the model needs: the modes it has (a cut rank stores fewer)
+        storage_bytes=dmd_storage_bytes(gram.n_weights, rank),
         squared_error=squared_errors(gram, coefficients),
         parameter=r,
         details=details,
