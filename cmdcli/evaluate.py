@@ -459,9 +459,12 @@ class _Combinations:
             self.sums.pop(shared, None)
 
 
-def _groups(vectors: dict[str, np.ndarray], sum_bytes: int, budget: int) -> list[list[str]]:
+def _groups(
+    vectors: dict[str, np.ndarray], sum_bytes: int, budget: int
+) -> tuple[list[list[str]], int, int]:
     """``vectors``' keys in order, in groups whose distinct sums fit ``budget`` bytes
-    (``sum_bytes`` each; at least one a group). Equal combinations stay together."""
+    (``sum_bytes`` each; at least one a group); equal combinations stay together.
+    Returns the groups, the number of distinct sums and how many a group holds."""
     distinct: list[np.ndarray] = []
     owner: dict[str, int] = {}
     for key, c in vectors.items():
@@ -474,7 +477,7 @@ def _groups(vectors: dict[str, np.ndarray], sum_bytes: int, budget: int) -> list
     groups: list[list[str]] = [[] for _ in range(-(-len(distinct) // per_group))]
     for key, i in owner.items():
         groups[i // per_group].append(key)
-    return groups or [[]]
+    return groups or [[]], len(distinct), per_group
 
 
 def _modelled_sizes(model: CMD) -> tuple[int, int]:
@@ -617,13 +620,13 @@ def evaluate_fit(
         if fitted:
             progress("models", 0, n_models)
     modelled = list(model.tensor_sizes_)
-    groups = _groups(vectors, 8 * sum(model.tensor_sizes_.values()), budget)
+    groups, n_sums, per_group = _groups(vectors, 8 * sum(model.tensor_sizes_.values()), budget)
     notices = []
     if len(groups) > 1:
         notices.append(
-            f"the {sum(map(len, groups))} sums of the baselines and models (8 bytes a weight "
-            f"each) exceed --max-memory {api._format_bytes(budget)}: the run was read "
-            f"{len(groups)} times, {len(groups[0])} sums at a time"
+            f"the {n_sums} sums of the baselines and models (8 bytes a weight each) exceed "
+            f"--max-memory {api._format_bytes(budget)}: the run was read {len(groups)} "
+            f"times, {per_group} sum{'s' if per_group > 1 else ''} at a time"
         )
     kept: dict[int, StateDict] = {}
     scored: dict[int, dict] = {}

@@ -711,7 +711,10 @@ def test_evaluate_sums_the_models_in_groups_that_fit_max_memory(fitted, tmp_path
     distinct = len({tuple(v) for v in _vectors(ev, out).values()})
     n_reads = -(-distinct // 3)
     assert n_reads >= 3 and reads == list(range(len(STEPS))) * n_reads
-    assert any(f"read {n_reads} times, 3 sums at a time" in m for m in grouped["notices"])
+    assert any(
+        f"the {distinct} sums" in m and f"read {n_reads} times, 3 sums at a time" in m
+        for m in grouped["notices"]
+    ), grouped["notices"]
     # the same float64 sums in the same order: the same numbers
     grouped.pop("notices")
     assert grouped == one
