@@ -806,11 +806,13 @@ def _fit_baselines(
     if specs == []:
         return [], []
     stats = model.statistics_
-    if not bool(np.isfinite(stats.gram).all()):
+    if opts.online:
         return [], [
             "no baselines: an online fit has no Gram matrix of the run to fit them from "
             "(fit without --online to compare CMD with PCA, DMD and weight averages)"
         ]
+    if not bool(np.isfinite(stats.gram).all() and np.isfinite(stats.cross_per_checkpoint).all()):
+        return [], ["no baselines: the run's Gram matrix is not finite (its sums overflow)"]
     n_weights = int(sum(s.numel for s in modelled.values()))
     gram = baselines.RunGram.from_statistics(
         stats, [c.step for c in ckpts], n_weights, _modelled_bytes(modelled)
@@ -1079,6 +1081,7 @@ def plan_fit(
         baselines_pass_bytes=int(n_ckpt * modelled_bytes)
         if plan["baseline_reconstruct_steps"]
         else 0,
+        **_baseline_outputs(opts, ckpts, n_weights, n_modes, modelled_bytes + copied_bytes),
         spool_bytes=int(n_legacy * modelled_bytes),
         block_weights=max(widths),
         n_blocks=len(widths),
@@ -1090,6 +1093,31 @@ def plan_fit(
         ),
     )
     return plan
+
+
+def _baseline_outputs(
+    opts: FitOptions,
+    ckpts: Sequence[Checkpoint],
+    n_weights: int,
+    n_modes: int,
+    checkpoint_bytes: int,
+) -> dict:
+    """What ``--reconstruct-baselines`` writes: K rebuilt checkpoints (one per model and
+    step; one per average) through a temporary float32 spool of 4·K·N bytes. The
+    default set is sized once CMD is fitted; here from CMD's usual storage (9 bytes a
+    weight and its references)."""
+    specs, positions = _baseline_inputs(opts, ckpts)
+    if not positions:
+        return {"baseline_outputs": 0, "baselines_spool_bytes": 0, "baselines_write_bytes": 0}
+    if specs is None:
+        cmd_bytes = 9 * n_weights + 4 * n_modes * len(ckpts)
+        specs = baselines.default_specs(len(ckpts), n_weights, cmd_bytes)
+    n_out = sum(1 if not baselines.REGISTRY[s.kind].needs_sums else len(positions) for s in specs)
+    return {
+        "baseline_outputs": int(n_out),
+        "baselines_spool_bytes": int(4 * n_out * n_weights),
+        "baselines_write_bytes": int(n_out * checkpoint_bytes),
+    }
 
 
 # --------------------------------------------------------------------------- reconstruct

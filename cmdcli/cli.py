@@ -49,7 +49,11 @@ app = typer.Typer(
 
 
 def _examples(*lines: str) -> str:
-    """A help epilog of example command lines, kept as written (click's ``\\b``)."""
+    """A help epilog of example command lines, kept as written (click's ``\\b``).
+
+    Each line is printed indented by 4: at most 76 characters keeps it within an
+    80-column terminal (a longer one is wrapped by the terminal, not by click, and
+    shows twice in some)."""
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
@@ -222,7 +226,9 @@ RunOverride = Annotated[
 
 
 def _fmt(x: float, digits: int = 4) -> str:
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    # a value that rounds to zero is 0, whatever its sign (not -0.0000)
+    return text.lstrip("-") if text.startswith("-") and float(text) == 0 else text
 
 
 # --------------------------------------------------------------------------- fit
@@ -243,16 +249,18 @@ ShardSize = Annotated[
     epilog=_examples(
         "cmd fit runs/my-run --out my-run-cmd",
         "cmd fit runs/resnet --out resnet-cmd --modes auto --target-variance 0.97",
-        "cmd fit runs/resnet --out resnet-paper --references sampled --modes 10 --seed 0",
-        "cmd fit runs/resnet --out resnet-cmd --steps 1000:50000 --exclude '*.running_*' \\",
-        "    --reconstruct all",
+        "cmd fit runs/resnet --out resnet-paper --references sampled \\",
+        "    --modes 10 --seed 0",
+        "cmd fit runs/resnet --out resnet-cmd --steps 1000:50000 \\",
+        "    --exclude '*.running_*' --reconstruct all",
         "cmd fit runs/dit/checkpoints --out dit-ema --weights ema",
         "cmd fit runs/guided --out guided-ema --files 'ema_*'",
         "cmd fit runs/lightning --out lightning-cmd --reconstruct last --native",
         "cmd fit runs/big --out big-cmd --max-memory 4GiB --dry-run",
-        "cmd fit /shared/runs/big --out /shared/big-cmd --scheduler tcp://10.0.0.5:8786",
-        "cmd fit runs/my-run --out my-run-cmd --baselines pca:2,dmd:4,lawa:5,ema:0.999,swa:0.5,"
-        "uniform,last \\",
+        "cmd fit /shared/runs/big --out /shared/big-cmd \\",
+        "    --scheduler tcp://10.0.0.5:8786",
+        "cmd fit runs/my-run --out my-run-cmd \\",
+        "    --baselines pca:2,dmd:4,lawa:5,ema:0.999,swa:0.5,uniform,last \\",
         "    --reconstruct-baselines last",
     )
 )
@@ -510,6 +518,16 @@ def _print_plan(plan: dict) -> None:
                     f"{_size(plan['baselines_pass_bytes'])} (--reconstruct-baselines)",
                 ]
             )
+        if plan.get("baseline_outputs"):
+            n = plan["baseline_outputs"]
+            rows.append(
+                [
+                    "baselines' pass writes",
+                    f"{n} checkpoint{'s' if n > 1 else ''}, ≈ "
+                    f"{_size(plan['baselines_write_bytes'])}, through a temporary spool of "
+                    f"{_size(plan['baselines_spool_bytes'])} under OUT",
+                ]
+            )
         if plan["spool_bytes"]:
             rows.append(["temporary copies", f"{_size(plan['spool_bytes'])} of legacy pickles"])
         where = f"on {plan['scheduler']}" if plan["scheduler"] else "local"
@@ -726,7 +744,7 @@ def evaluate(
         typer.Option(
             "--models",
             help="Compact models scored beside CMD, each rebuilt from the same read of the run "
-            "(one float64 copy of the weights each): fit (those `cmd fit --baselines` "
+            "(a float64 sum each, within --max-memory): fit (those `cmd fit --baselines` "
             "compared), none, or specs like pca:2,dmd:4,lawa:5,ema:0.99,swa:0.5,uniform,last.",
             metavar="SPECS",
         ),
@@ -739,6 +757,14 @@ def evaluate(
             metavar="STEP",
         ),
     ] = "last",
+    max_memory: Annotated[
+        str,
+        typer.Option(
+            help="Memory for the float64 sums of the baselines and --models (8 bytes a "
+            "weight each); more are summed a group at a time, reading the run once a group.",
+            metavar="SIZE",
+        ),
+    ] = "512MiB",
     run: RunOverride = None,
     trust_pickle: TrustPickle = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -748,8 +774,8 @@ def evaluate(
 
     Also scores the baselines a user compares with: the last checkpoint, an EMA
     and an SWA average of the checkpoints, and every compact model of the run
-    (PCA, DMD, averages) beside CMD, all in one read of the run. Writes
-    OUT/evaluation.json.
+    (PCA, DMD, averages) beside CMD, all in one read of the run (one a group when
+    their sums exceed --max-memory). Writes OUT/evaluation.json.
     """
     with _errors():
         from .evaluate import evaluate_fit
@@ -766,6 +792,7 @@ def evaluate(
                 trust_pickle=trust_pickle,
                 models=models,
                 models_at=models_at,
+                max_memory=max_memory,
             )
     for note in result.get("notices", []):
         err.print(f"note: {_line(note)}", markup=False)
@@ -835,7 +862,8 @@ def _print_evaluation(result: dict) -> None:
         "cmd plot correlation my-run-cmd",
         "cmd plot all my-run-cmd --format svg",
         "cmd plot tradeoff my-run-cmd",
-        "cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate --grid 15 --span 0.5",
+        "cmd plot landscape my-run-cmd --eval-fn my_eval.py:evaluate \\",
+        "    --grid 15 --span 0.5",
     )
 )
 def plot(

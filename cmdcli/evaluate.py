@@ -37,7 +37,7 @@ from .io import load_state_dict, outdir
 from .io.jsonio import dumps, non_finite_paths
 from .io.names import EVALUATION_JSON, LANDSCAPE_JSON, MODEL_FILE, STATISTICS_FILE
 from .io.paths import printable
-from .model import CMD
+from .model import CMD, DEFAULT_MAX_MEMORY
 from .reports import lower_is_better
 
 __all__ = [
@@ -411,9 +411,10 @@ class _Combinations:
 
     Every baseline's rebuilt checkpoint is such a combination of the checkpoints
     (``cmdcli.baselines``): EMA, SWA and the other averages, PCA and DMD alike. The
-    checkpoints are read once, in order; each combination keeps one float64 copy of
-    the modelled tensors. Tensors that are not modelled (integer buffers, excluded
-    tensors) come from the checkpoint rebuilt.
+    checkpoints are read in order; each combination keeps one float64 copy of the
+    modelled tensors (``evaluate_fit`` sums as many at once as ``max_memory`` holds).
+    Tensors that are not modelled (integer buffers, excluded tensors) come from the
+    checkpoint rebuilt.
     """
 
     def __init__(self, vectors: dict[str, np.ndarray], modelled: Sequence[str]) -> None:
@@ -458,6 +459,38 @@ class _Combinations:
             self.sums.pop(shared, None)
 
 
+def _groups(
+    vectors: dict[str, np.ndarray], sum_bytes: int, budget: int
+) -> tuple[list[list[str]], int, int]:
+    """``vectors``' keys in order, in groups whose distinct sums fit ``budget`` bytes
+    (``sum_bytes`` each; at least one a group); equal combinations stay together.
+    Returns the groups, the number of distinct sums and how many a group holds."""
+    distinct: list[np.ndarray] = []
+    owner: dict[str, int] = {}
+    for key, c in vectors.items():
+        same = next((i for i, v in enumerate(distinct) if np.array_equal(v, c)), None)
+        if same is None:
+            distinct.append(np.asarray(c))
+            same = len(distinct) - 1
+        owner[key] = same
+    per_group = max(1, int(budget) // max(int(sum_bytes), 1))
+    groups: list[list[str]] = [[] for _ in range(-(-len(distinct) // per_group))]
+    for key, i in owner.items():
+        groups[i // per_group].append(key)
+    return groups or [[]], len(distinct), per_group
+
+
+def _modelled_sizes(model: CMD) -> tuple[int, int]:
+    """N and the bytes of one checkpoint of the modelled tensors, from the model file."""
+    n_weights = int(sum(model.tensor_sizes_.values()))
+    checkpoint_bytes = sum(
+        spec.nbytes
+        for name, spec in api._specs_from_metadata(model).items()
+        if name in model.tensor_sizes_
+    )
+    return n_weights, int(checkpoint_bytes)
+
+
 def _model_vectors(
     model: CMD,
     specs: Sequence[baselines.Spec],
@@ -469,17 +502,14 @@ def _model_vectors(
     average: its one set of weights, stood for the last checkpoint)."""
     if gram is None:  # averages need only the steps: their sums are not scored here
         t_count = len(steps)
+        n_weights, checkpoint_bytes = _modelled_sizes(model)
         gram = baselines.RunGram(
             gram=np.zeros((t_count, t_count)),
             cross=np.zeros(t_count),
             mean_sumsq=0.0,
             steps=np.asarray(steps, dtype=np.int64),
-            n_weights=sum(model.tensor_sizes_.values()),
-            checkpoint_bytes=sum(
-                spec.nbytes
-                for name, spec in api._specs_from_metadata(model).items()
-                if name in model.tensor_sizes_
-            ),
+            n_weights=n_weights,
+            checkpoint_bytes=checkpoint_bytes,
         )
     fitted = {spec.name: baselines.fit_model(gram, spec) for spec in specs}
     vectors = {
@@ -500,6 +530,7 @@ def evaluate_fit(
     trust_pickle: bool = False,
     models: str = "fit",
     models_at: str = "last",
+    max_memory: int | str = DEFAULT_MAX_MEMORY,
 ) -> dict:
     """Score original and CMD weights with the user's function (``cmd evaluate``).
 
@@ -536,6 +567,11 @@ def evaluate_fit(
     models_at : str, default="last"
         ``"last"`` or the step of the checkpoint PCA and DMD rebuild (averages
         are one set of weights, scored as the last).
+    max_memory : int or str, default 512 MiB
+        Bytes for the float64 sums of the baselines and models (8 bytes a modelled
+        weight each; equal combinations share one). When they need more, they are
+        summed a group at a time, the run read once per group (said in ``notices``);
+        the results are the same.
 
     Returns
     -------
@@ -548,6 +584,7 @@ def evaluate_fit(
         ``checkpoint`` rebuilt, ``metrics``).
     """
     decay = _check_decay(ema_decay)
+    budget = api.parse_size(max_memory, option="--max-memory")
     if swa_start is not None and (isinstance(swa_start, bool) or not isinstance(swa_start, int)):
         raise InputError(f"--swa-start: expected a training step (an integer), got {swa_start!r}")
     model = _load_model(out)
@@ -582,48 +619,83 @@ def evaluate_fit(
         progress("baselines", 0, n_base)
         if fitted:
             progress("models", 0, n_models)
-    sums = _Combinations(vectors, list(model.tensor_sizes_))
+    modelled = list(model.tensor_sizes_)
+    groups, n_sums, per_group = _groups(vectors, 8 * sum(model.tensor_sizes_.values()), budget)
+    notices = []
+    if len(groups) > 1:
+        notices.append(
+            f"the {n_sums} sums of the baselines and models (8 bytes a weight each) exceed "
+            f"--max-memory {api._format_bytes(budget)}: the run was read {len(groups)} "
+            f"times, {per_group} sum{'s' if per_group > 1 else ''} at a time"
+        )
+    kept: dict[int, StateDict] = {}
     scored: dict[int, dict] = {}
-    for t, rec in enumerate(records):
-        sd = original_state_dict(model, t, run=run, trust_pickle=trust_pickle)
-        sums.add(sd, t, keep=t in (last_t, at))
-        if progress:
-            progress("baselines", t + 1, n_base)
-        if t in chosen:
-            original = fn(dict(sd), _describe(rec, "original"))
-            done_calls += 1
-            if progress:
-                progress("evaluate", done_calls, n_calls)
-            cmd = fn(
-                cmd_state_dict(model, t, run=run, trust_pickle=trust_pickle),
-                _describe(rec, "CMD"),
-            )
-            done_calls += 1
-            if progress:
-                progress("evaluate", done_calls, n_calls)
-            scored[t] = {"name": rec["name"], "step": steps[t], "original": original, "cmd": cmd}
-        del sd
-
+    model_metrics: dict[str, dict] = {}
     last_rec = records[last_t]
-    if last_t in scored:
-        last_metrics = scored[last_t]["original"]
-    else:
-        last_metrics = fn(dict(sums.kept[last_t]), _describe(last_rec, "original"))
-    if progress:
-        progress("baselines", len(records) + 1, n_base)
-    ema_metrics = fn(
-        sums.state("baseline:ema", last_t), f"the EMA of all checkpoints (decay {decay:g})"
-    )
-    sums.drop("baseline:ema")
-    if progress:
-        progress("baselines", len(records) + 2, n_base)
-    swa_metrics = fn(
-        sums.state("baseline:swa", last_t),
-        f"the SWA average of {n_swa} checkpoints from step {swa_start}",
-    )
-    sums.drop("baseline:swa")
-    if progress:
-        progress("baselines", n_base, n_base)
+    last_metrics = ema_metrics = swa_metrics = None
+    for g, group in enumerate(groups):
+        sums = _Combinations({k: vectors[k] for k in group}, modelled)
+        for t, rec in enumerate(records):
+            sd = original_state_dict(model, t, run=run, trust_pickle=trust_pickle)
+            sums.add(sd, t)
+            if g > 0:
+                del sd
+                continue
+            if t in (last_t, at):
+                kept[t] = sd
+            if progress:
+                progress("baselines", t + 1, n_base)
+            if t in chosen:
+                original = fn(dict(sd), _describe(rec, "original"))
+                done_calls += 1
+                if progress:
+                    progress("evaluate", done_calls, n_calls)
+                cmd = fn(
+                    cmd_state_dict(model, t, run=run, trust_pickle=trust_pickle),
+                    _describe(rec, "CMD"),
+                )
+                done_calls += 1
+                if progress:
+                    progress("evaluate", done_calls, n_calls)
+                scored[t] = {
+                    "name": rec["name"],
+                    "step": steps[t],
+                    "original": original,
+                    "cmd": cmd,
+                }
+            del sd
+        sums.kept = kept
+        if g == 0:
+            if last_t in scored:
+                last_metrics = scored[last_t]["original"]
+            else:
+                last_metrics = fn(dict(kept[last_t]), _describe(last_rec, "original"))
+            if progress:
+                progress("baselines", len(records) + 1, n_base)
+        if "baseline:ema" in group:
+            ema_metrics = fn(
+                sums.state("baseline:ema", last_t), f"the EMA of all checkpoints (decay {decay:g})"
+            )
+            sums.drop("baseline:ema")
+            if progress:
+                progress("baselines", len(records) + 2, n_base)
+        if "baseline:swa" in group:
+            swa_metrics = fn(
+                sums.state("baseline:swa", last_t),
+                f"the SWA average of {n_swa} checkpoints from step {swa_start}",
+            )
+            sums.drop("baseline:swa")
+            if progress:
+                progress("baselines", n_base, n_base)
+        for name, m in fitted.items():
+            if name not in group:
+                continue
+            t = last_t if m.final_only else at
+            model_metrics[name] = fn(sums.state(name, t), f"{m.label} ({name}), as step {steps[t]}")
+            sums.drop(name)
+            if progress:
+                progress("models", len(model_metrics) + 1, n_models)
+        del sums
 
     rows = []
     if fitted:
@@ -635,8 +707,6 @@ def evaluate_fit(
                 cmd_state_dict(model, at, run=run, trust_pickle=trust_pickle),
                 _describe(at_rec, "CMD"),
             )
-        if progress:
-            progress("models", 1, n_models)
         rows.append(
             {
                 "model": "cmd",
@@ -646,21 +716,17 @@ def evaluate_fit(
                 "metrics": cmd_metrics,
             }
         )
-        for i, (name, m) in enumerate(fitted.items()):
+        for name, m in fitted.items():
             t = last_t if m.final_only else at
-            metrics = fn(sums.state(name, t), f"{m.label} ({name}), as step {steps[t]}")
-            sums.drop(name)
             rows.append(
                 {
                     "model": name,
                     "label": m.label,
                     "storage_bytes": int(m.storage_bytes),
                     "checkpoint": {"name": records[t]["name"], "step": steps[t]},
-                    "metrics": metrics,
+                    "metrics": model_metrics[name],
                 }
             )
-            if progress:
-                progress("models", i + 2, n_models)
 
     metrics = list(fn.metrics or [])
     result = {
@@ -678,6 +744,8 @@ def evaluate_fit(
         },
         "models": rows,
     }
+    if notices:
+        result["notices"] = notices
     _write_json(Path(out), EVALUATION_FILE, result, model)
     return result
 
@@ -687,7 +755,12 @@ def _compared_models(
 ) -> tuple[list[baselines.Spec], baselines.RunGram | None]:
     """The models to score and the Gram matrices they are fitted from (when stored)."""
     path = out / STATISTICS_FILE
-    gram = baselines.read_statistics(path, steps) if path.is_file() else None
+    gram = None
+    if path.is_file():
+        n_weights, checkpoint_bytes = _modelled_sizes(model)
+        gram = baselines.read_statistics(
+            path, steps, n_weights=n_weights, checkpoint_bytes=checkpoint_bytes
+        )
     text = str(models).strip()
     if text.lower() == "fit":
         names = ",".join(gram.models) if gram is not None else ""

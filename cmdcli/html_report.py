@@ -226,13 +226,38 @@ def _compact_models(report: dict, evaluation: dict | None) -> str:
             got = (scored.get(str(r.get("model"))) or {}).get("metrics") or {}
             cells += [_num(got.get(m)) for m in metrics]
         rows.append(cells)
+    # Models `cmd evaluate --models` scored that the fit did not compare: their
+    # metrics, without the fit figures report.json does not have.
+    known = {str(r.get("model")) for r in models}
+    extra = [row for name, row in scored.items() if name not in known]
+    for row in extra:
+        got = row.get("metrics") or {}
+        rows.append(
+            [
+                f"{_e(row.get('label'))} (<code>{_e(row.get('model'))}</code>)",
+                _bytes(row.get("storage_bytes")),
+                "–",
+                "–",
+                "–",
+                "–",
+                *[_num(got.get(m)) for m in metrics],
+            ]
+        )
     where = ""
+    if extra:
+        names = ", ".join(f"<code>{_e(r.get('model'))}</code>" for r in extra)
+        many = len(extra) > 1
+        where += (
+            f" {len(extra)} model{'s' if many else ''} scored by <code>cmd evaluate "
+            f"--models</code> ({names}) {'are' if many else 'is'} not in report.json: only "
+            f"{'their' if many else 'its'} metrics are known."
+        )
     if scored:
         at = next(iter(scored.values())).get("checkpoint") or {}
         where = (
             f" Metrics: each model's weights rebuilt at step {_num(at.get('step'))} (an "
             "average is its one set of weights)."
-        )
+        ) + where
     return "\n".join(
         [
             "<h2>Every compact model of the run</h2>",

@@ -1088,6 +1088,7 @@ def _draw_models(
     """One point per model at (storage, value); PCA and DMD sizes joined by a line and
     labelled with k or r. Values below ``floor`` are drawn on it as ▼ with their value."""
     drawn: list[float] = []
+    singles: list[tuple[float, float, str, Any]] = []  # averages and the last checkpoint
     by_kind: dict[str, list[dict]] = {}
     for row in rows:
         by_kind.setdefault(_kind_of(row), []).append(row)
@@ -1117,6 +1118,10 @@ def _draw_models(
         for x, y, v, r, is_low in zip(xs, shown, ys, group, low):
             if not math.isfinite(v):
                 continue
+            if kind not in _SERIES and kind != "cmd":  # named below, with any it hides
+                # clustered by the value itself: points on the floor may differ
+                singles.append((float(x), float(v), str(r["model"]), float(y) if is_low else None))
+                continue
             text = _size_label(r) if kind in _SERIES else ""
             if is_low:
                 text = f"{r['model']}: {v:.2g}"
@@ -1126,7 +1131,47 @@ def _draw_models(
                     color=color,
                 )  # fmt: skip
         drawn += shown[keep].tolist()
+    _label_singles(ax, singles, drawn)
     return drawn
+
+
+def _label_singles(ax: Any, points: list[tuple[float, float, str, float | None]], drawn) -> None:
+    """Name the one-checkpoint models (averages, the last) that share their storage with
+    another (they sit on one vertical line) or are drawn on the floor (with their
+    value). ``points``: (storage, value, name, the floor where drawn there, else None).
+    Points whose values are within 2% of the panel's range of each other get one label,
+    their names joined by ``=``."""
+    span = (max(drawn) - min(drawn)) if drawn else 0.0
+    close = 0.02 * span if span > 0 else 0.0
+    clusters: list[list[tuple[float, float, str, float | None]]] = []
+    for p in sorted(points, key=lambda p: (p[0], p[1])):
+        last = clusters[-1][-1] if clusters else None
+        if last is not None and last[0] == p[0] and abs(p[1] - last[1]) <= close:
+            clusters[-1].append(p)
+        else:
+            clusters.append([p])
+    # labels at one x are stacked at least 7 points apart: points per unit of y, from
+    # the axes' height (before the layout's last adjustments) and the data's range
+    height = ax.get_position().height * ax.figure.get_figheight() * 72
+    per_unit = height / (1.15 * span) if span > 0 else 0.0
+    placed: tuple[float, float] | None = None  # x and height (points) of the last label
+    for cluster in clusters:
+        x = cluster[0][0]
+        shared = sum(p[0] == x for p in points) > 1
+        floor = [p[3] for p in cluster if p[3] is not None]
+        if not shared and not floor:
+            continue
+        value = float(np.mean([p[1] for p in cluster]))
+        y = floor[0] if floor else value
+        lift = 0.0
+        if placed is not None and placed[0] == x:
+            lift = max(0.0, placed[1] + 7.0 - y * per_unit)
+        placed = (x, y * per_unit + lift)
+        text = " = ".join(p[2] for p in cluster) + (f": {value:.2g}" if floor else "")
+        ax.annotate(
+            text, (x, y), textcoords="offset points", xytext=(6, lift), ha="left",
+            va="center", fontsize=6, color="0.3",
+        )  # fmt: skip
 
 
 @_styled
@@ -1174,10 +1219,13 @@ def tradeoff_figure(
         scored = _model_rows(ev.get("models", []), ev_path, "metrics")
         scored = [r for r in scored if isinstance(r.get("metrics"), dict)]
         listed = ev.get("metrics") if isinstance(ev.get("metrics"), list) else []
-        metrics = [str(m) for m in listed][:3]
+        metrics = [str(m) for m in listed]
+    left_out = metrics[3:] if scored else []
+    metrics = metrics[:3]
     n_panels = 1 + (len(metrics) if scored else 0)
     fig = _new_figure(4.4 * n_panels + 2.6, 4.0)
-    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    # one storage axis for every panel: a model sits at the same x in each
+    axes = fig.subplots(1, n_panels, squeeze=False, sharex=True)[0]
     original = (
         data.get("storage", {}).get("original_bytes")
         if isinstance(data.get("storage"), dict)
@@ -1239,6 +1287,13 @@ def tradeoff_figure(
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=7)
+    if left_out:
+        fig.text(
+            0.995, 0.01,
+            f"the first 3 of {len(left_out) + 3} metrics are drawn; left out: "
+            + ", ".join(left_out),
+            ha="right", va="bottom", fontsize=7, color="0.4", gid="tradeoff-left-out",
+        )  # fmt: skip
     _title(fig, "Every compact model of the run", header.subtitle())
     return fig
 

@@ -186,7 +186,8 @@ def build_report(
         report["notices"].append(
             f"the PCA and baseline figures come from a Gram matrix summed over a sample of "
             f"{int(stats.gram_weights):,} of the {n_params:,} weights (its cost is T/2 "
-            f"multiply-adds per value); each PCA figure's standard error is in report.json"
+            f"multiply-adds per value); each PCA and baseline figure's standard error is in "
+            f"report.json (± in report.md)"
         )
     return report
 
@@ -203,7 +204,10 @@ def _models(
     """One row per compact model of the run, CMD first, for the side-by-side table.
 
     ``storage_bytes`` is what the model needs to rebuild its checkpoints;
-    ``storage_ratio`` how many times less than the fitted checkpoints themselves.
+    ``storage_ratio`` how many times less than the fitted checkpoints themselves;
+    ``estimated`` whether its figures come from a Gram matrix summed over a sample
+    of the weights, and then ``explained_variance_stderr`` the standard error of its
+    explained variance (:func:`cmdcli.baselines.explained_variance_stderr`).
     """
     label = _KIND_LABEL.get(model.references_kind_, model.references_kind_)
     cmd_row = {
@@ -217,18 +221,28 @@ def _models(
         "checkpoint_errors": [c["relative_error"] for c in report["checkpoints"]],
         "storage_bytes": cmd_bytes,
         "storage_ratio": _ratio(original_bytes, cmd_bytes),
+        "estimated": False,  # CMD's own figures are summed over every weight
         "reconstructed": [],
     }
     rows = [cmd_row]
     for m in baselines:
         errors = m.checkpoint_errors(gram)
+        estimated = bool(gram.estimated)
+        extra = {}
+        if estimated:
+            from .baselines import explained_variance_stderr, parse_specs
+
+            se = explained_variance_stderr(gram, parse_specs(m.name)[0])
+            extra["explained_variance_stderr"] = se if math.isfinite(se) else None
         rows.append(
             {
                 "model": m.name,
                 "kind": m.kind,
                 "label": m.label,
                 "parameter": m.parameter,
+                "estimated": estimated,
                 "explained_variance": m.explained_variance(gram),
+                **extra,
                 "relative_error": m.relative_error(gram),
                 "final_relative_error": errors[-1],
                 "checkpoint_errors": errors,
@@ -295,7 +309,16 @@ def _fmt(x: float, digits: int = 4) -> str:
         return "–"
     if isinstance(x, float) and math.isinf(x):
         return "∞"
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    # a value that rounds to zero is 0, whatever its sign (not -0.0000)
+    return text.lstrip("-") if text.startswith("-") and float(text) == 0 else text
+
+
+def _pm(value, stderr, digits: int = 4) -> str:
+    """``value ± stderr`` when a standard error is known and not 0."""
+    if stderr:
+        return f"{_fmt(value, digits)} ± {_fmt(stderr, digits)}"
+    return _fmt(value, digits)
 
 
 def _bytes(n: float) -> str:
@@ -327,9 +350,21 @@ def _models_markdown(report: dict, max_rows: int) -> list[str]:
     for r in models:
         lines.append(
             f"| {r['label']} (`{r['model']}`) | {_bytes(r['storage_bytes'])} "
-            f"| {_fmt(r['storage_ratio'], 1)} | {_fmt(r['explained_variance'])} "
+            f"| {_fmt(r['storage_ratio'], 1)} "
+            f"| {_pm(r['explained_variance'], r.get('explained_variance_stderr'))} "
             f"| {_fmt(r['relative_error'], 6)} | {_fmt(r['final_relative_error'], 6)} |"
         )
+    if any(r.get("estimated") for r in models):
+        lines += [
+            "",
+            "± is the standard error of a figure computed from the Gram matrix of a sample "
+            "of the weights (the model fitted again on each part of the sample).",
+        ]
+    notes = [(r, (r.get("details") or {}).get("note")) for r in models]
+    notes = [(r, n) for r, n in notes if n]
+    if notes:
+        lines += ["", "Notes:", ""]
+        lines += [f"- `{r['model']}`: {n}" for r, n in notes]
     written = [(r, rec) for r in models for rec in r.get("reconstructed", [])]
     if written:
         lines += ["", "Rebuilt by the baselines:", ""]
@@ -379,6 +414,9 @@ def render_markdown(report: dict, *, max_rows: int = 40) -> str:
             f"(the model, plus the sampled trajectories kept for plots and any stored "
             f"integer tensors) |"
         )
+    if report.get("notices"):
+        lines += ["", "## Notices", ""]
+        lines += [f"- {n}" for n in report["notices"]]
     lines += [
         "",
         "## Against the paper's procedure and PCA of the trajectory",
@@ -390,9 +428,14 @@ def render_markdown(report: dict, *, max_rows: int = 40) -> str:
         "| model | explained variance | storage |",
         "|---|---|---|",
     ]
+    pca_se = {
+        p.get("components"): p.get("explained_variance_stderr")
+        for p in (report.get("baselines") or {}).get("pca", [])
+    }
     for row in report.get("comparison", []):
+        se = pca_se.get(row["components"]) if "components" in row else None
         lines.append(
-            f"| {row['method']} | {_fmt(row['explained_variance'])} "
+            f"| {row['method']} | {_pm(row['explained_variance'], se)} "
             f"| {_bytes(row['storage_bytes'])} |"
         )
     lines += _models_markdown(report, max_rows)

@@ -119,3 +119,35 @@ def test_a_report_from_a_sampled_gram_matrix_says_so_with_standard_errors(tmp_pa
             abs(s["explained_variance"] - e["explained_variance"])
             <= 6 * s["explained_variance_stderr"] + 1e-9
         )
+
+
+def test_baselines_from_a_sampled_gram_matrix_carry_standard_errors(tmp_path, monkeypatch):
+    from cmdcli import fitting
+    from tests.builders import write_safetensors_run
+
+    p = planted_modes(n_weights=60_000, n_checkpoints=8, n_modes=3, seed=2, noise=0.05)
+    sds = [{"w": torch.from_numpy(p.W[:, t].astype(np.float32)).clone()} for t in range(8)]
+    write_safetensors_run(tmp_path / "run", sds, list(range(1, 9)))
+    opts = FitOptions(
+        n_modes=3,
+        max_memory=8000 * bytes_per_weight(8, 6),
+        baselines="pca:1,pca:3,dmd:2,ema:0.9,lawa:3,uniform,last",
+    )
+    exact = fit_run(tmp_path / "run", tmp_path / "exact", opts)
+    monkeypatch.setattr(fitting, "EXACT_GRAM_WEIGHTS", 1000)
+    monkeypatch.setattr(fitting, "MIN_GRAM_SAMPLE", 1000)
+    monkeypatch.setattr(fitting, "GRAM_MULADDS_PER_VALUE", 1)
+    sampled = fit_run(tmp_path / "run", tmp_path / "sampled", opts)
+
+    assert all(r["estimated"] is False for r in exact["models"])
+    assert all("explained_variance_stderr" not in r for r in exact["models"])
+    assert sampled["models"][0]["model"] == "cmd" and not sampled["models"][0]["estimated"]
+    for e, s in zip(exact["models"][1:], sampled["models"][1:], strict=True):
+        assert s["estimated"] is True
+        se = s["explained_variance_stderr"]
+        assert se is not None and se > 0, s["model"]
+        assert abs(s["explained_variance"] - e["explained_variance"]) <= 6 * se + 1e-9
+    md = (tmp_path / "sampled" / "report.md").read_text()
+    assert "## Notices" in md and "sample of" in md
+    assert " ± " in md
+    assert " ± " not in (tmp_path / "exact" / "report.md").read_text()

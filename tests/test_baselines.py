@@ -77,6 +77,22 @@ def cmd(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def read_stats(out, path=None, steps=None):
+    """``OUT/statistics.safetensors`` (or ``path``) read against OUT's model file."""
+    from cmdcli.evaluate import _load_model, _modelled_sizes
+
+    model = _load_model(out)
+    n_weights, ckpt_bytes = _modelled_sizes(model)
+    if steps is None:
+        steps = [int(c.step) for c in model.model_file_.checkpoints]
+    return baselines.read_statistics(
+        path or out / "statistics.safetensors",
+        steps,
+        n_weights=n_weights,
+        checkpoint_bytes=ckpt_bytes,
+    )
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -191,6 +207,80 @@ def test_dmd_equals_a_dense_exact_dmd(r):
     assert_within(model.squared_error, err, rel * scale**2 * x.shape[0], "DMD errors")
 
 
+def _small_motion(n: int, t: int, amplitude: float, seed: int = 0) -> np.ndarray:
+    """Weights of mean ≈ 1 moving by ``amplitude`` along three DMD-friendly directions."""
+    rng = np.random.default_rng(seed)
+    s = np.arange(t)
+    parts = np.stack([0.9**s, 0.7**s * np.cos(s), 0.7**s * np.sin(s)])
+    x = 1.0 + rng.normal(size=(n, 1)) + amplitude * rng.normal(size=(n, 3)) @ parts
+    return x + amplitude * 1e-3 * rng.normal(size=(n, t))
+
+
+def test_dmd_cuts_its_rank_where_the_gram_matrix_cannot_resolve_the_snapshots():
+    # Squared singular values of X1 are known to ‖Δ(XᵀX)‖₂ ≤ E (RunGram.raw_error): with
+    # weights of mean ≈ 1 (x̄ᵀx̄ ≈ 2N) the float64 sums' bound γ_N·T·x̄ᵀx̄ ≈ 1e-7, so
+    # motions of 1e-6 (σ ≈ 1e-4) are below √E and motions of 1e-2 far above it.
+    for amplitude, resolved in ((1e-2, True), (1e-6, False)):
+        x = _small_motion(5000, 20, amplitude)
+        gram = RunGram.from_trajectories(x)
+        floor = np.sqrt(gram.raw_error())
+        sv = np.linalg.svd(x[:, :-1], compute_uv=False)
+        model = baselines.fit_model(gram, parse_specs("dmd:3")[0])
+        rank = model.details["rank"]
+        assert rank == min(3, int((sv > floor).sum()))
+        assert ("note" not in model.details) == resolved, (amplitude, model.details)
+        if not resolved:
+            assert rank < 3 and "not resolved" in model.details["note"]
+        # it stores the modes it has: N numbers, an eigenvalue and an amplitude each
+        assert model.storage_bytes == 4 * (5000 * rank + 2 * rank)
+        # what is reported is what the model rebuilds: X·C scored densely
+        var = ((x - x.mean(axis=1, keepdims=True)) ** 2).sum()
+        ev = 1 - ((x - x @ model.coefficients) ** 2).sum() / var
+        scale = (x**2).sum() / var  # the sums' rounding relative to the variance
+        assert_within(model.explained_variance(gram), ev, 64 * 20 * U64 * scale, "DMD EV")
+    # pass 2's float32 sums are coarser: the same run at 1e-4 is resolved in float64
+    # (σ ≈ 1e-2 ≫ √E ≈ 3e-4) but not from float32 sums (√E ≈ 2·√(T·γ_B·x̄ᵀx̄) ≈ 30)
+    x = _small_motion(5000, 20, 1e-4)
+    exact = RunGram.from_trajectories(x)
+    coarse = RunGram(exact.gram, exact.cross, exact.mean_sumsq, exact.steps, 5000, 20000)
+    assert "note" not in baselines.fit_model(exact, parse_specs("dmd:3")[0]).details
+    assert "not resolved" in baselines.fit_model(coarse, parse_specs("dmd:3")[0]).details["note"]
+
+
+def test_standard_error_is_the_spread_of_the_models_fitted_on_each_part():
+    x = planted(4000, 10, seed=3, noise=0.2)
+    exact = RunGram.from_trajectories(x)
+    assert baselines.explained_variance_stderr(exact, parse_specs("pca:2")[0]) == 0
+    # eight disjoint parts of the weights, each Gram matrix scaled to the run (×8)
+    parts = np.stack(
+        [8 * RunGram.from_trajectories(x[i::8]).gram for i in range(8)]
+    )  # centred per weight: the same X_c rows
+    import dataclasses
+
+    sampled = dataclasses.replace(exact, estimated=True, parts=parts)
+    var = {i: (8 * ((x[i::8] - x[i::8].mean(axis=1, keepdims=True)) ** 2).sum()) for i in range(8)}
+    for spec in ("pca:2", "uniform", "last"):
+        evs = []
+        for i in range(8):
+            xi = x[i::8]
+            xc = xi - xi.mean(axis=1, keepdims=True)
+            if spec == "pca:2":  # dense: SVD of the part's centred trajectories
+                s = np.linalg.svd(xc, compute_uv=False)
+                evs.append((s[:2] ** 2).sum() / (s**2).sum())
+            else:  # an average c stands for every checkpoint: error Σ_t ‖x_t − X·c‖²
+                c = np.full(10, 0.1) if spec == "uniform" else np.eye(10)[-1]
+                # scored with the part's centred Gram and the whole run's cross, mean
+                d = np.eye(10) - np.repeat(c[:, None], 10, axis=1)
+                s_ = d.sum(axis=0)
+                err = np.einsum("st,su,ut->t", d, parts[i], d)
+                err = err + 2 * s_ * (exact.cross @ d) + s_**2 * exact.mean_sumsq
+                evs.append(1 - err.sum() / np.trace(parts[i]))
+        want = np.std(evs, ddof=1) / np.sqrt(8)
+        got = baselines.explained_variance_stderr(sampled, parse_specs(spec)[0])
+        # float64 sums of T-term products, relative to each part's variance
+        assert_within(got, want, 64 * 10 * U64 * max(var.values()) / min(var.values()), spec)
+
+
 def test_averages_are_the_hand_computed_ones():
     x = planted(50, 8, seed=3)
     steps = np.array([5, 10, 15, 20, 25, 30, 35, 40])
@@ -288,9 +378,7 @@ def test_report_lists_every_model(fitted):
 def test_rebuilt_baselines_are_x_times_c(fitted):
     out, x, report = fitted
     x64 = x.astype(np.float64)
-    with safe_open(str(out / "cmd.safetensors"), "numpy") as f:
-        steps = f.get_tensor("steps").tolist()
-    gram = baselines.read_statistics(out / "statistics.safetensors", steps)
+    gram = read_stats(out)
     n, t = x.shape
     for row in report["models"][1:]:
         spec = parse_specs(row["model"])[0]
@@ -418,12 +506,109 @@ def test_statistics_file_is_checked(fitted, tmp_path):
         meta = f.metadata()
     save_file(bad, str(path), metadata=meta)
     with pytest.raises(InputError, match="NaN"):
-        baselines.read_statistics(path, steps)
+        read_stats(out, path)
     with pytest.raises(InputError, match="steps"):
-        baselines.read_statistics(out / "statistics.safetensors", [s + 1 for s in steps])
+        read_stats(out, steps=[s + 1 for s in steps])
     path.write_bytes(b"\0" * (10 * 2**20))
     with pytest.raises(InputError, match="more than"):
-        baselines.read_statistics(path, steps)
+        read_stats(out, path)
+
+
+def _tamper(out, what: str) -> None:
+    """Rewrite OUT/statistics.safetensors with one planted fault."""
+    from safetensors.numpy import save_file
+
+    path = out / "statistics.safetensors"
+    t = load_file(path)
+    with safe_open(str(path), "numpy") as f:
+        meta = dict(f.metadata())
+    g = t["gram"].copy()
+    d = np.sqrt(np.diagonal(g))
+    if what.startswith("models="):
+        meta["models"] = what.removeprefix("models=")
+    elif what == "sizes":
+        sizes = json.loads(meta["sizes"])
+        sizes.update(n_weights=1, checkpoint_bytes=10**18)
+        meta["sizes"] = json.dumps(sizes)
+    elif what == "asymmetric":  # 0.01·√(G_00·G_55): far beyond γ_N ≈ 1.5e-4 of it
+        g[0, 5] += 0.01 * d[0] * d[5]
+    elif what == "negated":
+        g = -g
+    elif what == "huge":
+        g = g * 1e300
+    elif what == "indefinite":  # a correlation block with eigenvalue −0.8
+        r = np.eye(len(d))
+        r[np.ix_([0, 1, 2], [0, 1, 2])] = [[1, 0.9, 0.9], [0.9, 1, -0.9], [0.9, -0.9, 1]]
+        g = r * np.outer(d, d)
+    elif what == "mean_sumsq":
+        t["mean_sumsq"] = -t["mean_sumsq"]
+    elif what == "cross":
+        t["cross"] = t["cross"].copy()
+        t["cross"][3] = 2 * np.sqrt(g[3, 3] * t["mean_sumsq"][0])
+    t["gram"] = g
+    save_file(t, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "what, key, why",
+    [
+        ("models=lawa:99", "models", "lawa:99: the run has only 12 checkpoints"),
+        ("models=swa:99999", "models", "swa:99999: no fitted checkpoint"),
+        ("models=pca:99", "models", "pca:99: at most 11 components"),
+        ("models=dmd:99", "models", "dmd:99: at most rank 11"),
+        ("models=" + ",".join(f"ema:0.{i:03d}" for i in range(1, 100)), "models", "more than"),
+        ("sizes", "sizes", "the model has 2,440"),
+        ("asymmetric", "gram", "not symmetric"),
+        ("negated", "gram", "negative diagonal"),
+        ("huge", "gram", "beyond weights"),
+        ("indefinite", "gram", "not positive semi-definite"),
+        ("mean_sumsq", "mean_sumsq", "negative"),
+        ("cross", "cross", "Cauchy–Schwarz"),
+    ],
+)
+def test_a_tampered_statistics_file_is_refused_in_one_line(fitted, tmp_path, what, key, why):
+    out, _, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    _tamper(out, what)
+    result = cmd("evaluate", out, "--eval-fn", f"{fn}:evaluate", "--checkpoints", "last")
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    line = result.stderr.strip()
+    assert "\n" not in line and "statistics.safetensors" in line, line
+    assert f"statistics.safetensors: {key}" in line and why in line, line
+    assert not (out / "evaluation.json").exists()
+
+
+def test_library_averages_refuse_arguments_out_of_range():
+    from cmdcli.baselines.averages import lawa_weights, swa_weights
+
+    with pytest.raises(ValueError, match="LAWA"):
+        lawa_weights(40, 99)
+    with pytest.raises(ValueError, match="LAWA"):
+        lawa_weights(40, 0)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        swa_weights(np.arange(40), 99999)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        swa_weights(np.arange(40), 1.5)
+    with pytest.raises(ValueError, match="decay"):
+        ema_weights(40, 1.0)
+    gram = RunGram.from_trajectories(planted(50, 40))
+    for spec in ("lawa:99", "swa:99999", "pca:40", "dmd:40"):
+        with pytest.raises(InputError, match=spec.replace(":", ":")):
+            baselines.fit_model(gram, parse_specs(spec)[0])
+
+
+def test_spec_names_are_canonical():
+    assert [s.name for s in parse_specs("pca:02,dmd:0003,lawa:5,ema:0.90")] == [
+        "pca:2",
+        "dmd:3",
+        "lawa:5",
+        "ema:0.90",
+    ]
+    with pytest.raises(InputError, match="twice"):
+        parse_specs("pca:2,pca:02")
+    with pytest.raises(InputError, match="both|integer"):
+        parse_specs("swa:1e3")
 
 
 # --------------------------------------------------------------------------- cmd evaluate
@@ -470,9 +655,7 @@ def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
     assert reads == list(range(len(STEPS)))  # every checkpoint read once, in order
     names = [r["model"] for r in result["models"]]
     assert names == [m["model"] for m in report["models"]]
-    with safe_open(str(out / "cmd.safetensors"), "numpy") as f:
-        steps = f.get_tensor("steps").tolist()
-    gram = baselines.read_statistics(out / "statistics.safetensors", steps)
+    gram = read_stats(out)
     x64 = x.astype(np.float64)
     for row in result["models"][1:]:
         model = baselines.fit_model(gram, parse_specs(row["model"])[0])
@@ -503,6 +686,53 @@ def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
         assert_within(alone["models"][1]["metrics"][key], value, tol, f"uniform {key}")
     with pytest.raises(InputError, match="--models: unknown model"):
         ev.evaluate_fit(out, f"{fn}:evaluate", models="pcaa:2")
+
+
+def test_evaluate_sums_the_models_in_groups_that_fit_max_memory(fitted, tmp_path, monkeypatch):
+    from cmdcli import evaluate as ev
+
+    out, x, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    one = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last")
+    assert "notices" not in one
+    reads = []
+    original = ev.original_state_dict
+
+    def counted(model, t, **kw):
+        reads.append(t)
+        return original(model, t, **kw)
+
+    monkeypatch.setattr(ev, "original_state_dict", counted)
+    n = x.shape[0]
+    # the EMA and SWA baselines and 9 models; equal ones (SWA from step 700, swa:0.5 and
+    # swa:650) share a sum: 3 sums a read
+    grouped = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", max_memory=3 * 8 * n)
+    distinct = len({tuple(v) for v in _vectors(ev, out).values()})
+    n_reads = -(-distinct // 3)
+    assert n_reads >= 3 and reads == list(range(len(STEPS))) * n_reads
+    assert any(
+        f"the {distinct} sums" in m and f"read {n_reads} times, 3 sums at a time" in m
+        for m in grouped["notices"]
+    ), grouped["notices"]
+    # the same float64 sums in the same order: the same numbers
+    grouped.pop("notices")
+    assert grouped == one
+    result = cmd(
+        "evaluate", out, "--eval-fn", f"{fn}:evaluate", "--checkpoints", "last",
+        "--max-memory", str(3 * 8 * n), "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0 and f"read {n_reads} times" in result.stderr
+
+
+def _vectors(ev, out):
+    model = ev._load_model(out)
+    steps = [int(c.step) for c in model.model_file_.checkpoints]
+    specs, gram = ev._compared_models(out, model, steps, "fit")
+    vectors, _ = ev._model_vectors(model, specs, gram, steps, len(steps) - 1)
+    vectors["baseline:ema"] = baselines.averages.ema_weights(len(steps), 0.9)
+    vectors["baseline:swa"] = baselines.averages.swa_weights(np.asarray(steps), steps[6])
+    return vectors
 
 
 def test_evaluate_cli_prints_the_models(fitted, tmp_path):
@@ -542,7 +772,9 @@ def test_tradeoff_figure_has_every_model_and_labelled_axes(fitted, tmp_path):
     try:
         (ax,) = fig.axes
         drawn = _points(ax)
-        notes = {t.get_text().rsplit(": ", 1)[0] for t in ax.texts}
+        # a label per point drawn on the floor: "model: value", or for several at one
+        # place "model = model: value"
+        notes = {n for t in ax.texts for n in t.get_text().rsplit(": ", 1)[0].split(" = ")}
         for row in report["models"]:
             kind, ev = row["kind"], row["explained_variance"]
             # a point at its storage and explained variance, or, below the axis' floor,
@@ -637,3 +869,77 @@ def test_streaming_rebuild_is_x_times_c_block_by_block(tmp_path):
     want = (x64 @ columns).T
     bound = gamma(9, U64) * (np.abs(columns).T @ np.abs(x64).T) + U32 * np.abs(want)
     assert_within(got, want, bound, "X·C")
+
+
+def test_known_kinds_start_with_pca_and_negative_zero_prints_as_zero():
+    from cmdcli import cli, reports
+
+    with pytest.raises(InputError, match=r"known: pca:K, dmd:R, "):
+        parse_specs("pcb:2")
+    for fmt in (cli._fmt, reports._fmt):
+        assert fmt(-0.00001) == "0.0000" and fmt(-0.0) == "0.0000"
+        assert fmt(-0.25) == "-0.2500" and fmt(0.25, 2) == "0.25"
+
+
+def test_dry_run_states_what_the_baselines_pass_writes(tmp_path):
+    from cmdcli.api import FitOptions, plan_fit
+
+    run, x = write_run(tmp_path)
+    n, t = x.shape
+    opts = FitOptions(n_modes=2, baselines="pca:1,dmd:2,lawa:3", reconstruct_baselines="all")
+    plan = plan_fit(run, opts)
+    k = t + t + 1  # PCA and DMD at every step, LAWA once
+    assert plan["baseline_outputs"] == k
+    assert plan["baselines_spool_bytes"] == 4 * k * n
+    assert plan["baselines_write_bytes"] == k * (4 * n + 8)  # float32 weights, int64 count
+    none = plan_fit(run, FitOptions(n_modes=2, baselines="pca:1"))
+    assert none["baseline_outputs"] == 0
+    result = cmd(
+        "fit", run, "--dry-run", "-m", "2", "--baselines", "pca:1,dmd:2,lawa:3",
+        "--reconstruct-baselines", "all",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "baselines' pass writes" in result.stdout and f"{k} checkpoints" in result.stdout
+
+
+def test_html_lists_models_scored_by_evaluate_but_not_in_the_report(fitted, tmp_path):
+    from cmdcli import evaluate as ev
+    from cmdcli.html_report import build_html
+
+    out, _, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", models="pca:2,lawa:4")
+    page = build_html(out).read_text()
+    assert "<code>pca:2</code>" in page  # pca:2 is not among the fit's baselines
+    assert "1 model scored by <code>cmd evaluate --models</code>" in page
+    assert "not in report.json" in page
+
+
+def test_tradeoff_panels_share_storage_name_overlaps_and_say_what_is_left_out(fitted, tmp_path):
+    from cmdcli import plots
+    from cmdcli.evaluate import _load_model, evaluate_fit
+
+    out, _, _ = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    result = evaluate_fit(out, f"{fn}:evaluate", checkpoints="last")
+    # four metrics: the figure draws three and says which it leaves out
+    result["metrics"] = ["sum", "energy", "sum2", "extra"]
+    for row in result["models"]:
+        row["metrics"].update(sum2=1.0, extra=2.0)
+    model = _load_model(out)
+    report = json.loads((out / "report.json").read_text())
+    fig = plots.tradeoff_figure(model, report, result)
+    try:
+        axes = fig.axes
+        assert len(axes) == 4
+        assert all(ax.get_xlim() == axes[0].get_xlim() for ax in axes)
+        # swa:0.5 and swa:650 are the same average (from step 700): one label, both names
+        for ax in axes[:2]:
+            texts = [t.get_text() for t in ax.texts]
+            assert any("swa:0.5 = swa:650" in t for t in texts), texts
+        notes = [t.get_text() for t in fig.texts if t.get_gid() == "tradeoff-left-out"]
+        assert notes == ["the first 3 of 4 metrics are drawn; left out: extra"]
+    finally:
+        del fig

@@ -656,3 +656,30 @@ def test_help_examples_need_nothing_from_a_clone(command):
     assert "sample_runs" not in result.stdout and "digits" not in result.stdout
     if command:
         assert "Examples:" in result.stdout and "my-run" in result.stdout
+
+
+def _commands(command, path=()):
+    yield list(path)
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_fits_80_columns_with_no_line_twice():
+    import collections
+
+    import typer
+    from typer.testing import CliRunner
+
+    from cmdcli.cli import app
+
+    runner = CliRunner()
+    paths = list(_commands(typer.main.get_command(app)))
+    assert len(paths) >= 7  # cmd itself and each command
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0, path
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        long = [line for line in lines if len(line) > 80]
+        assert not long, (path, long)
+        twice = [line for line, n in collections.Counter(lines).items() if n > 1]
+        assert not twice, (path, twice)

@@ -8,7 +8,11 @@ a :class:`Baseline`.
 
 from __future__ import annotations
 
-from . import averages, dmd, pca  # noqa: F401  (each registers its entries)
+# each registers its entries, in this order (the order of help and error messages)
+# isort: off
+from . import pca, dmd, averages  # noqa: F401
+
+# isort: on
 from .rebuild import RebuiltColumns, rebuild_columns
 from .registry import (
     REGISTRY,
@@ -17,6 +21,7 @@ from .registry import (
     RunGram,
     Spec,
     check_specs,
+    explained_variance_stderr,
     fit_model,
     parse_specs,
     register,
@@ -34,6 +39,7 @@ __all__ = [
     "Spec",
     "check_specs",
     "default_specs",
+    "explained_variance_stderr",
     "fit_model",
     "parse_specs",
     "read_statistics",

@@ -26,42 +26,73 @@ __all__ = [
 
 def ema_weights(n_checkpoints: int, decay: float) -> np.ndarray:
     """e ← decay·e + (1 − decay)·θ_t, started at θ_1: c_1 = decay^(T−1),
-    c_t = (1 − decay)·decay^(T−t) for t ≥ 2 (they sum to 1)."""
+    c_t = (1 − decay)·decay^(T−t) for t ≥ 2 (they sum to 1).
+
+    Raises ``ValueError`` unless T ≥ 1 and 0 ≤ decay < 1.
+    """
+    _check_count(n_checkpoints)
+    if not (isinstance(decay, (int, float, np.floating)) and 0.0 <= float(decay) < 1.0):
+        raise ValueError(f"an EMA decay must be in [0, 1), got {decay!r}")
     t = np.arange(n_checkpoints)
     c = (1.0 - decay) * decay ** (n_checkpoints - 1 - t).astype(np.float64)
     c[0] = decay ** (n_checkpoints - 1)
     return c
 
 
+def _check_count(n_checkpoints: int) -> None:
+    if isinstance(n_checkpoints, bool) or not isinstance(n_checkpoints, (int, np.integer)):
+        raise ValueError(f"the number of checkpoints must be an integer, got {n_checkpoints!r}")
+    if n_checkpoints < 1:
+        raise ValueError(f"an average needs at least one checkpoint, got {n_checkpoints}")
+
+
 def swa_start_index(steps: np.ndarray, start: float | int) -> int:
-    """First averaged checkpoint: ``start`` a fraction of the run (float, index ⌊f·T⌋)
-    or a training step (int, the first checkpoint at or after it)."""
-    if isinstance(start, float):
+    """First averaged checkpoint: ``start`` a fraction of the run (float in [0, 1),
+    index ⌊f·T⌋) or a training step (int, the first checkpoint at or after it;
+    T when there is none)."""
+    if isinstance(start, (float, np.floating)):
+        if not 0.0 <= float(start) < 1.0:
+            raise ValueError(f"an SWA start written as a fraction must be in [0, 1), got {start!r}")
         return int(np.floor(start * len(steps)))
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+        raise ValueError(f"an SWA start must be a fraction or a training step, got {start!r}")
     later = np.flatnonzero(np.asarray(steps) >= start)
     return int(later[0]) if len(later) else len(steps)
 
 
 def swa_weights(steps: np.ndarray, start: float | int) -> np.ndarray:
-    """The uniform mean of the checkpoints from ``start`` on (see :func:`swa_start_index`)."""
+    """The uniform mean of the checkpoints from ``start`` on (see :func:`swa_start_index`).
+
+    Raises ``ValueError`` when no checkpoint is at or after ``start``.
+    """
     first = swa_start_index(steps, start)
+    if first >= len(steps):
+        raise ValueError(f"no checkpoint at or after SWA start {start!r}")
     c = np.zeros(len(steps))
     c[first:] = 1.0 / (len(steps) - first)
     return c
 
 
 def lawa_weights(n_checkpoints: int, k: int) -> np.ndarray:
-    """LAWA: the uniform mean of the ``k`` last checkpoints."""
+    """LAWA: the uniform mean of the ``k`` last checkpoints.
+
+    Raises ``ValueError`` unless 1 ≤ k ≤ T.
+    """
+    _check_count(n_checkpoints)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_checkpoints:
+        raise ValueError(f"LAWA needs 1 … {n_checkpoints} checkpoints, got {k!r}")
     c = np.zeros(n_checkpoints)
     c[n_checkpoints - k :] = 1.0 / k
     return c
 
 
 def uniform_weights(n_checkpoints: int) -> np.ndarray:
+    _check_count(n_checkpoints)
     return np.full(n_checkpoints, 1.0 / n_checkpoints)
 
 
 def last_weights(n_checkpoints: int) -> np.ndarray:
+    _check_count(n_checkpoints)
     c = np.zeros(n_checkpoints)
     c[-1] = 1.0
     return c
@@ -135,11 +166,15 @@ def _check_swa(start: float | int, steps: np.ndarray) -> str | None:
 
 def _parse_swa(text: str) -> float | int:
     if _args.is_decimal(text):
-        return _args.fraction(text, "a fraction of the run")
+        try:
+            return _args.fraction(text, "a fraction of the run")
+        except ValueError as exc:
+            raise ValueError(f"{exc}; a training step is written as an integer (1000)") from None
     if text.isdigit():
         return int(text)
     raise ValueError(
-        f"expected a fraction of the run like 0.5 or a training step like 1000, got {text!r}"
+        f"expected a fraction of the run written with a point (0.5) or a training step "
+        f"written as an integer (1000), got {text!r}"
     )
 
 

@@ -11,11 +11,17 @@ their remainder is rounding and is dropped).
 All of it is computed from XᵀX, through a T×T factor P with PᵀP = XᵀX (from its
 eigen-decomposition): P = Qᵀ X for an orthonormal N×T basis Q of the snapshots'
 span, so DMD of the columns of P is DMD of the run seen in that basis — the same
-Ã, Λ, K and b. Its accuracy is that of XᵀX: an eigenvalue of the factor is off
-by at most ‖Δ(XᵀX)‖₂ (the Gram's rounding, and 2⁻⁵³·‖XᵀX‖ of the
-decomposition, whose largest eigenvalue is ≈ T·‖x̄‖²), so singular values of X1
-far below √(2⁻⁵³·T)·‖x̄‖ are not resolved; the rank is cut there and the report
-says so.
+Ã, Λ, K and b. Its accuracy is that of XᵀX: each squared singular value of X1
+(an eigenvalue of X1ᵀX1, a block of XᵀX) is off by at most E = ‖Δ(XᵀX)‖₂
+(Weyl), the bound :meth:`RunGram.raw_error` derives from the sums' own rounding
+(pass 2 sums float32 products, so E is dominated by the float32 rounding of the
+large mean part x̄ᵀx̄ and X_cᵀx̄ when the weights move little around their
+mean). Singular values at or below √E are not resolved: the rank is cut there,
+and the model's ``details["note"]`` (in the report) says so.
+
+The amplitudes are b = Φ⁺x_1, the least-squares fit of the first snapshot by
+the modes (Tu et al.'s choice; other choices fit every snapshot, which changes
+the model). A rank-r DMD is then no better than its fit of x_1 and Λ's powers.
 
 Storage, float32: the r modes (N real numbers each; a complex conjugate pair is
 stored as the real and imaginary parts of one of them, 2N numbers for the two),
@@ -43,16 +49,19 @@ def gram_factor(raw_gram: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(lam, 0.0, None))[:, None] * z.T
 
 
-def dmd_coefficients(p: np.ndarray, r: int) -> tuple[np.ndarray, dict]:
+def dmd_coefficients(p: np.ndarray, r: int, floor: float = 0.0) -> tuple[np.ndarray, dict]:
     """Exact DMD of the columns of ``p`` (any real matrix whose Gram is the run's).
 
-    Returns the (T, T) coefficients on the checkpoints and details for the report
-    (the rank used, the eigenvalues as [real, imag] pairs).
+    Singular values of the snapshots at or below ``floor`` (and float64's own
+    relative resolution) are left out. Returns the (T, T) coefficients on the
+    checkpoints and details for the report (the rank used, the eigenvalues as
+    [real, imag] pairs).
     """
     t = p.shape[1]
     x1, x2 = p[:, :-1], p[:, 1:]
     u, s, vh = np.linalg.svd(x1, full_matrices=False)
     tol = s[0] * max(x1.shape) * np.finfo(np.float64).eps if len(s) and s[0] > 0 else 0.0
+    tol = max(tol, float(floor))
     rank = int(min(r, np.sum(s > tol)))
     coefficients = np.zeros((t, t))
     if rank == 0:
@@ -75,17 +84,24 @@ def dmd_coefficients(p: np.ndarray, r: int) -> tuple[np.ndarray, dict]:
 
 def fit_dmd(gram: RunGram, r: int) -> LinearModel:
     """Exact DMD of rank ``r`` (see the module's docstring)."""
-    coefficients, details = dmd_coefficients(gram_factor(gram.raw), r)
+    error = gram.raw_error()
+    floor = float(np.sqrt(error))
+    coefficients, details = dmd_coefficients(gram_factor(gram.raw), r, floor)
+    details["resolution"] = floor
     if details["rank"] < r:
         details["note"] = (
-            f"rank {details['rank']}: the snapshots have no further direction above rounding"
+            f"rank {details['rank']} of {r}: the snapshots' further singular values are at "
+            f"or below {floor:.3g}, the square root of the bound {error:.3g} on the Gram "
+            f"matrix's rounding, and are not resolved"
         )
+    rank = details["rank"]
     return LinearModel(
         name=f"dmd:{r}",
         kind="dmd",
-        label=f"Exact DMD, rank {r}",
+        label=f"Exact DMD, rank {r}" + (f" (cut to {rank})" if rank < r else ""),
         coefficients=coefficients,
-        storage_bytes=dmd_storage_bytes(gram.n_weights, r),
+        # what the model needs: the modes it has (a cut rank stores fewer)
+        storage_bytes=dmd_storage_bytes(gram.n_weights, rank),
         squared_error=squared_errors(gram, coefficients),
         parameter=r,
         details=details,

@@ -15,6 +15,7 @@ are parsed by :func:`parse_specs`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +25,13 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = [
+    "MAX_MODELS",
     "Baseline",
     "LinearModel",
     "REGISTRY",
     "RunGram",
     "Spec",
+    "explained_variance_stderr",
     "fit_model",
     "parse_specs",
     "register",
@@ -58,6 +61,11 @@ class RunGram:
         Bytes of one checkpoint's modelled tensors in their own dtypes.
     estimated : bool
         The sums come from a sample of the weights, not all of them.
+    parts : ndarray (P, T, T) or None
+        For a sample: ``gram`` estimated from each of its P disjoint parts alone
+        (each scaled to the run), for standard errors (:func:`explained_variance_stderr`).
+    rounding : float or None
+        See :attr:`entry_rounding`.
     models : tuple of str
         The specs ``cmd fit`` fitted from these sums (as stored beside them).
 
@@ -77,10 +85,96 @@ class RunGram:
     checkpoint_bytes: int
     estimated: bool = False
     models: tuple[str, ...] = ()
+    rounding: float | None = None
+    parts: np.ndarray | None = None
 
     @property
     def n_checkpoints(self) -> int:
         return len(self.steps)
+
+    @property
+    def entry_rounding(self) -> float:
+        """ρ: every entry of ``gram`` and ``cross`` is within ρ·Σ_i |a_i|·|b_i| of the
+        exact sum of its terms (a, b the trajectories' values it multiplies).
+
+        ``rounding`` when given (``from_trajectories``: float64 sums); otherwise the
+        sums of pass 2 (see the class docstring): float32 products summed in float32
+        over one piece of B = ``cpu_chunk(T)`` columns, then in float64, and x̄
+        rounded to float32 in ``cross``: ρ = γ_B + 2u + γ_N(float64).
+        """
+        if self.rounding is not None:
+            return float(self.rounding)
+        from ..kernels import cpu_chunk
+
+        u32, u64 = 2.0**-24, 2.0**-53
+        b = cpu_chunk(self.n_checkpoints)
+        n = max(int(self.n_weights), 1)
+        return b * u32 / (1 - b * u32) + 2 * u32 + n * u64 / (1 - n * u64)
+
+    def raw_error(self) -> float:
+        """A bound on ‖Δ(XᵀX)‖₂, the error of :attr:`raw` and of its eigen-decomposition.
+
+        With ρ = :attr:`entry_rounding`: ``|ΔG| ≤ ρ·|X_c|ᵀ|X_c|`` entrywise, whose
+        2-norm is at most trace(G); ``|Δcross_t| ≤ ρ·√(G_tt·x̄ᵀx̄)``, so the two
+        rank-one terms move by 2·√T·‖Δcross‖ ≤ 2ρ·√(T·x̄ᵀx̄·trace G); x̄ᵀx̄ (float64
+        squares of float64 means) by ρ·x̄ᵀx̄ at most, T times in 11ᵀ. Forming XᵀX and
+        its eigen-decomposition in float64 add about 3T·2⁻⁵³·‖XᵀX‖_F.
+        """
+        rho = self.entry_rounding
+        t = self.n_checkpoints
+        trace = max(float(np.trace(self.gram)), 0.0)
+        m = max(float(self.mean_sumsq), 0.0)
+        sums = rho * (trace + 2 * np.sqrt(t * m * trace) + t * m)
+        return float(sums + 3 * t * 2.0**-53 * np.linalg.norm(self.raw))
+
+    def problem(self) -> tuple[str, str] | None:
+        """Why these sums cannot be any run's (``(key, reason)``), None when they can.
+
+        Sums read from a file are untrusted: each property the sums of N weights
+        have is checked, with the slack their float rounding allows. Each of the
+        products behind an entry of ``gram`` and ``cross`` is float32 and sums of
+        at most N of them run in float32 (any kernel, any order), so an entry is
+        within ``γ_N · Σ_i |a_i|·|b_i| ≤ γ_N · √(Σa²·Σb²)`` of the exact sum
+        (Higham §3.1; no bound where N·u ≥ ½): hence ``gram`` is symmetric
+        and within Cauchy–Schwarz to that slack, its eigenvalues are ≥
+        −γ_N·trace (‖|X_c|ᵀ|X_c|‖₂ ≤ trace), and ``cross_t² ≤ G_tt·x̄ᵀx̄`` to the
+        same slack. A diagonal entry and ``mean_sumsq`` are sums of squares (never
+        negative in floating point), and every weight is within the kernels'
+        ``MAX_MAGNITUDE`` (M): trace ≤ N·T·M², x̄ᵀx̄ ≤ N·M². A sampled Gram matrix is
+        scaled to the run, which keeps all of this except the Cauchy–Schwarz
+        bound on ``cross`` (summed over every weight, not the sample): not checked
+        then.
+        """
+        from ..kernels import MAX_MAGNITUDE
+
+        g, c, m = self.gram, self.cross, float(self.mean_sumsq)
+        n, t = max(int(self.n_weights), 1), self.n_checkpoints
+        diag = np.diagonal(g)
+        if (diag < 0).any():
+            return "gram", "has a negative diagonal entry (a sum of squares)"
+        if not m >= 0:
+            return "mean_sumsq", "is negative (a sum of squares)"
+        trace = float(diag.sum())
+        if trace > n * t * MAX_MAGNITUDE**2:
+            return "gram", f"sums beyond weights of ±{MAX_MAGNITUDE:g} for {n:,} weights"
+        if m > n * MAX_MAGNITUDE**2:
+            return "mean_sumsq", f"sums beyond weights of ±{MAX_MAGNITUDE:g} for {n:,} weights"
+        gamma = gram_rounding(n)
+        if gamma >= 0.5:  # sums this long bound nothing in float32's worst case
+            return None
+        # computed diagonals are within (1 ± γ) of the exact sums of squares, so
+        # √(Σa²·Σb²) ≤ √(G_ss·G_tt)/(1 − γ)
+        scale = np.sqrt(np.outer(diag, diag)) / (1 - gamma)
+        if (np.abs(g - g.T) > 2 * gamma * scale).any():
+            return "gram", "is not symmetric"
+        if (np.abs(g) > (1 + gamma) * scale).any():
+            return "gram", "breaks Cauchy–Schwarz (|G_st| > √(G_ss·G_tt))"
+        if t and float(np.linalg.eigvalsh((g + g.T) / 2)[0]) < -2 * gamma * trace:
+            return "gram", "is not positive semi-definite"
+        bound = (1 + gamma) / (1 - gamma) * np.sqrt(diag * m)
+        if not self.estimated and (np.abs(c) > bound).any():
+            return "cross", "breaks Cauchy–Schwarz (cross_t² > G_tt·mean_sumsq)"
+        return None
 
     @property
     def raw(self) -> np.ndarray:
@@ -103,7 +197,16 @@ class RunGram:
         cls, stats: Any, steps: Sequence[int], n_weights: int, checkpoint_bytes: int
     ) -> RunGram:
         """From :class:`cmdcli.fitting.FitStatistics` (``gram``, ``cross_per_checkpoint``,
-        ``mean_sumsq``; ``gram_sampled`` where the fit sampled the weights)."""
+        ``mean_sumsq``; ``gram_sampled`` where the fit sampled the weights, and then
+        ``gram_groups``, already scaled to the run, as :attr:`parts`)."""
+        estimated = bool(getattr(stats, "gram_sampled", False))
+        parts = None
+        groups = getattr(stats, "gram_groups", None)
+        if estimated and groups is not None:
+            groups = np.asarray(groups, dtype=np.float64)
+            counts = getattr(stats, "gram_group_weights", None)
+            used = np.ones(len(groups), bool) if counts is None else np.asarray(counts) > 0
+            parts = groups[used] if used.sum() >= 2 else None
         return cls(
             gram=np.array(stats.gram, dtype=np.float64),
             cross=np.array(stats.cross_per_checkpoint, dtype=np.float64),
@@ -111,7 +214,8 @@ class RunGram:
             steps=np.asarray(steps, dtype=np.int64),
             n_weights=int(n_weights),
             checkpoint_bytes=int(checkpoint_bytes),
-            estimated=bool(getattr(stats, "gram_sampled", False)),
+            estimated=estimated,
+            parts=parts,
         )
 
     @classmethod
@@ -127,7 +231,37 @@ class RunGram:
             steps=np.arange(x.shape[1]) if steps is None else np.asarray(steps, np.int64),
             n_weights=x.shape[0],
             checkpoint_bytes=4 * x.shape[0],
+            rounding=x.shape[0] * 2.0**-53 / (1 - x.shape[0] * 2.0**-53),
         )
+
+
+def explained_variance_stderr(gram: RunGram, spec: Spec) -> float:
+    """Standard error of ``spec``'s explained variance when ``gram`` is a sample's estimate.
+
+    The model is fitted again and scored on each of the sample's P disjoint parts
+    (:attr:`RunGram.parts`, ``cross`` and ``mean_sumsq`` unchanged: they are summed
+    over every weight) and the spread of those P figures is taken over √P, as for
+    PCA's figures in the report. 0 for exact sums; NaN where there are fewer than
+    two parts.
+    """
+    if not gram.estimated:
+        return 0.0
+    if gram.parts is None or len(gram.parts) < 2:
+        return float("nan")
+    values = []
+    for part in gram.parts:
+        one = dataclasses.replace(gram, gram=np.asarray(part, dtype=np.float64), parts=None)
+        values.append(fit_model(one, spec).explained_variance(one))
+    ev = np.asarray(values)
+    return float(ev.std(ddof=1) / np.sqrt(len(ev)))
+
+
+def gram_rounding(n_weights: int) -> float:
+    """γ_N for float32 (u = 2⁻²⁴; 1 once N·u ≥ ½): the relative rounding of a sum of
+    N float32 products in any order, the most pass 2 can have (see
+    :meth:`RunGram.problem`)."""
+    nu = int(n_weights) * 2.0**-24
+    return 1.0 if nu >= 0.5 else nu / (1 - nu)
 
 
 def squared_errors(gram: RunGram, coefficients: np.ndarray) -> np.ndarray:
@@ -269,6 +403,10 @@ class Baseline:
 
 REGISTRY: dict[str, Baseline] = {}
 
+MAX_MODELS = 64
+"""Models one ``--baselines`` / ``--models`` list (or a statistics file) may name:
+``cmd evaluate`` scores each with the user's function, and the default set has 11."""
+
 
 def register(entry: Baseline) -> Baseline:
     """Add a baseline kind (one module defines and registers each)."""
@@ -292,7 +430,10 @@ def parse_specs(text: str, *, option: str = "--baselines") -> list[Spec]:
         return []
     specs: list[Spec] = []
     seen: set[tuple[str, Any]] = set()
-    for raw in cleaned.split(","):
+    items = cleaned.split(",")
+    if len(items) > MAX_MODELS:
+        raise InputError(f"{option}: {len(items)} models, more than the {MAX_MODELS} allowed")
+    for raw in items:
         item = raw.strip()
         kind, colon, arg = item.partition(":")
         kind = kind.strip().lower()
@@ -318,7 +459,9 @@ def parse_specs(text: str, *, option: str = "--baselines") -> list[Spec]:
         if key in seen:
             raise InputError(f"{option}: {item!r} is asked for twice")
         seen.add(key)
-        specs.append(Spec(kind, value, arg if value is not None else ""))
+        # integers by their value (pca:02 is pca:2); decimals as written (ema:0.999)
+        text_arg = "" if value is None else str(value) if isinstance(value, int) else arg
+        specs.append(Spec(kind, value, text_arg))
     return specs
 
 
@@ -334,7 +477,20 @@ def check_specs(
 
 
 def fit_model(gram: RunGram, spec: Spec) -> LinearModel:
-    """Fit one requested model from the Gram matrices."""
-    model = REGISTRY[spec.kind].fit(gram, spec.argument)
+    """Fit one requested model from the Gram matrices.
+
+    Raises
+    ------
+    InputError
+        The kind is not registered, or its argument does not fit the run's
+        checkpoints (the entry's ``check``, as :func:`check_specs`).
+    """
+    entry = REGISTRY.get(spec.kind)
+    if entry is None:
+        raise InputError(f"{spec.name}: unknown model; known: {_known()}")
+    problem = entry.check(spec.argument, np.asarray(gram.steps, dtype=np.int64))
+    if problem:
+        raise InputError(f"{spec.name}: {problem}")
+    model = entry.fit(gram, spec.argument)
     model.name = spec.name
     return model

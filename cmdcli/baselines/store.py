@@ -3,11 +3,14 @@
 Written by ``cmd fit`` so that ``cmd evaluate`` can fit and score the same
 baselines later without a pass over the run. Read as untrusted input: the file
 size is checked before it is parsed, every tensor's shape and dtype against the
-model's number of checkpoints, and every value for finiteness.
+model's number of checkpoints, every value for finiteness, the sums for the
+properties sums of N weights have (:meth:`RunGram.problem`), the sizes against the
+model file's and the stored specs against the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.paths import printable
-from .registry import RunGram, parse_specs
+from .registry import RunGram, check_specs, parse_specs
 
 __all__ = ["read_statistics", "write_statistics"]
 
@@ -50,8 +53,28 @@ def write_statistics(path: Path, gram: RunGram, models: Sequence[str] = ()) -> N
     save_file(tensors, str(path), metadata=meta)
 
 
-def read_statistics(path: Path, steps: list[int]) -> RunGram:
-    """Read and check the file against the fitted checkpoints' ``steps``."""
+def read_statistics(
+    path: Path, steps: list[int], *, n_weights: int, checkpoint_bytes: int
+) -> RunGram:
+    """Read and check the file against the fitted model.
+
+    Parameters
+    ----------
+    path : Path
+    steps : list of int
+        The fitted checkpoints' steps, from the model file.
+    n_weights, checkpoint_bytes : int
+        The modelled weights and the bytes of one checkpoint of them, from the
+        model file: the statistics file's own sizes must equal them (storage
+        figures are never taken from it).
+
+    Raises
+    ------
+    InputError
+        One line naming the file and the key: the file is not one ``cmd fit``
+        wrote for this model, its sums cannot be any run's (:meth:`RunGram.problem`),
+        or its ``models`` are not specs this run can have (:func:`check_specs`).
+    """
     from safetensors import safe_open
 
     shown = printable(path)
@@ -93,29 +116,31 @@ def read_statistics(path: Path, steps: list[int]) -> RunGram:
         raise InputError(f"{shown}: its checkpoint steps are not the model's")
     try:
         sizes = json.loads(meta.get("sizes", ""))
-        n_weights = sizes["n_weights"]
-        ckpt_bytes = sizes["checkpoint_bytes"]
+        stored_n = sizes["n_weights"]
+        stored_bytes = sizes["checkpoint_bytes"]
         estimated = sizes.get("estimated", False)
-        ok = all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for v in (n_weights, ckpt_bytes)
-        )
-        if not ok or not isinstance(estimated, bool):
+        if not isinstance(estimated, bool):
             raise ValueError
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise InputError(f"{shown}: its sizes metadata is not valid") from None
-    text = meta.get("models", "")
-    try:
-        models = tuple(spec.name for spec in parse_specs(text, option=f"{shown}: models"))
-    except InputError as exc:
-        raise InputError(str(exc)) from None
-    return RunGram(
-        models=models,
+    if stored_n != int(n_weights) or stored_bytes != int(checkpoint_bytes):
+        raise InputError(
+            f"{shown}: sizes says {stored_n!r} weights of {stored_bytes!r} bytes a checkpoint; "
+            f"the model has {int(n_weights):,} of {int(checkpoint_bytes):,}"
+        )
+    gram = RunGram(
         gram=arrays["gram"],
         cross=arrays["cross"],
         mean_sumsq=float(arrays["mean_sumsq"][0]),
         steps=arrays["steps"],
-        n_weights=n_weights,
-        checkpoint_bytes=ckpt_bytes,
+        n_weights=int(n_weights),
+        checkpoint_bytes=int(checkpoint_bytes),
         estimated=estimated,
     )
+    problem = gram.problem()
+    if problem is not None:
+        raise InputError(f"{shown}: {problem[0]} {problem[1]}")
+    option = f"{shown}: models"
+    specs = parse_specs(meta.get("models", ""), option=option)
+    check_specs(specs, steps, option=option)
+    return dataclasses.replace(gram, models=tuple(spec.name for spec in specs))
