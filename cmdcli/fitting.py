@@ -984,15 +984,17 @@ EXACT_GRAM_WEIGHTS = 2**22
 # A sampled Gram matrix is summed over at least this many weights.
 MIN_GRAM_SAMPLE = 2**20
 # Beyond that, the sample keeps the Gram matrix's cost near that of this many
-# multiply–adds per value (T/2 for the exact matrix).
-GRAM_MULADDS_PER_VALUE = 8
+# multiply–adds per value (T/2 for the exact matrix). Drawing a sample costs
+# about what 25 multiply–adds per value do on the CPU (a pass for Σ xc² by rows,
+# the draw, the copy), so a sample pays only from T ≈ 64 on.
+GRAM_MULADDS_PER_VALUE = 32
 
 
 def gram_stride(n_weights: int, n_checkpoints: int) -> int:
     """The Gram matrix's sampling stride for a run of this size (1: exact).
 
-    Exact up to ``EXACT_GRAM_WEIGHTS`` weights; beyond, one weight in s with
-    s = ⌈T / (2·GRAM_MULADDS_PER_VALUE)⌉, but never fewer than
+    Exact up to ``EXACT_GRAM_WEIGHTS`` weights, and for T ≤ 64; beyond, one
+    weight in s with s = ⌈T / (2·GRAM_MULADDS_PER_VALUE)⌉, but never fewer than
     ``MIN_GRAM_SAMPLE`` weights in the sample (the report states the standard
     error of every figure drawn from it).
     """

@@ -181,10 +181,11 @@ def test_a_sampled_gram_matrix_is_unbiased_and_its_standard_error_honest(name, d
 
 def test_gram_stride_is_exact_for_small_runs_and_bounded_in_cost_for_large_ones():
     assert fitting.gram_stride(4 * 10**6, 200) == 1
-    assert fitting.gram_stride(20 * 10**6, 50) == 4  # ⌈50 / 16⌉
-    big = fitting.gram_stride(5 * 10**6, 200)
+    assert fitting.gram_stride(20 * 10**6, 50) == 1  # a sample costs more below T = 64
+    assert fitting.gram_stride(20 * 10**6, 100) == 2  # ⌈100 / 64⌉
+    big = fitting.gram_stride(5 * 10**6, 400)
     assert 5 * 10**6 // big >= fitting.MIN_GRAM_SAMPLE  # never a sample below that
-    assert fitting.gram_stride(10**9, 200) == 13
+    assert fitting.gram_stride(10**9, 1000) == 16
 
 
 class _Columns:
