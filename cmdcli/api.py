@@ -267,13 +267,15 @@ class RunSource:
 
     def gather(self, index: dict[str, np.ndarray]) -> np.ndarray:
         rows = sum(len(v) for v in index.values())
-        out = np.empty((rows, self.n_checkpoints))
+        # checkpoint by checkpoint into rows (a column of an (n, T) array would
+        # touch one cache line per value), turned around once at the end
+        out = np.empty((self.n_checkpoints, rows))
         for t, ckpt in enumerate(self.checkpoints):
             with _unchanged(ckpt), ckpt.open(trust_pickle=self.trust_pickle) as reader:
                 # One call for every tensor: the reader merges the reads of all of them.
                 values = reader.gather_many(index)
                 _check_finite_rows(values, ckpt, index)
-                out[:, t] = values
+                out[t] = values
                 if self.keep_unmodelled:
                     for name, spec in self.unmodelled.items():
                         key = f"extra/{t}/{name}"
@@ -288,7 +290,7 @@ class RunSource:
                     self._block_checkpoints[t] = self._spool(t, ckpt, reader)
             if self.progress:
                 self.progress("sample", t + 1, self.n_checkpoints)
-        return out
+        return np.ascontiguousarray(out.T)
 
     def _spool(self, t: int, ckpt: Checkpoint, reader) -> Checkpoint:
         path = self.spool_dir / f"{t}.safetensors"  # type: ignore[operator]
