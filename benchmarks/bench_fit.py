@@ -453,7 +453,7 @@ def _fields(path: str, keys: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
 
 
 class MemorySampler(threading.Thread):
@@ -469,7 +469,7 @@ class MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval, self.pss_interval = pid, interval, pss_interval
         self.done = threading.Event()
-        self.peak = {"rss": 0, "anon": 0, "file": 0, "pss_anon": 0, "main_anon": 0}
+        self.peak = {"rss": 0, "anon": 0, "file": 0, "pss_anon": 0, "main_anon": 0, "hwm": 0}
         self.samples = 0
         self.max_processes = 0
 
@@ -479,8 +479,11 @@ class MemorySampler(threading.Thread):
             pids = _tree(self.pid)
             totals = dict.fromkeys(STATUS_KEYS, 0)
             for p in pids:
-                for k, v in _fields(f"/proc/{p}/status", STATUS_KEYS).items():
+                fields = _fields(f"/proc/{p}/status", STATUS_KEYS)
+                for k, v in fields.items():
                     totals[k] += v
+                # the high-water mark of each process since its exec (or fork)
+                self.peak["hwm"] = max(self.peak["hwm"], fields.get("VmHWM", 0))
                 if p == self.pid:
                     self.peak["main_anon"] = max(self.peak["main_anon"], totals["RssAnon"])
             now = time.monotonic()
@@ -520,7 +523,10 @@ def run_child(cmd: list[str], *, sample: bool = True, env: dict | None = None) -
     result = {
         "start": start,
         "wall": wall,
-        "max_rss": usage.ru_maxrss * 1024,  # the largest single process of the tree
+        # the largest single process of the tree: its VmHWM as sampled (ru_maxrss
+        # would count the benchmark's own memory, which the child has between fork
+        # and exec, and keeps through the exec)
+        "max_rss": sampler.peak["hwm"] if sampler else usage.ru_maxrss * 1024,
         "cpu": usage.ru_utime + usage.ru_stime,  # with the worker processes it waited for
         "stdout": stdout,
         "stderr": stderr,
