@@ -138,8 +138,9 @@ def _columns(
     # of ~1e-7·|mean| that must not pick a mode.
     constant = x_sq <= n_ckpt * (1e-6 * x_mean) ** 2
     modes[constant] = 0
-    cols = np.arange(width)
-    a64 = c[modes, cols].astype(f64) * ctx.inv_norm[modes]  # cov / ‖rc‖²
+    # flat indices of (mode, column): several times faster than c[modes, cols]
+    flat = modes * width + np.arange(width)
+    a64 = np.take(c, flat).astype(f64) * ctx.inv_norm[modes]  # cov / ‖rc‖²
     a64[constant] = 0.0
     r_mean = ctx.r_mean[modes]
     b64 = x_mean - a64 * r_mean
@@ -149,6 +150,7 @@ def _columns(
         a64[fcols] = 1.0
         b64[fcols] = 0.0
         r_mean = ctx.r_mean[modes]
+        flat = modes * width + np.arange(width)
     a, b = a64.astype(f32), b64.astype(f32)
 
     for i in range(len(ctx.alt_names)):
@@ -168,7 +170,7 @@ def _columns(
     shift[np.abs(shift) < TINY] = 0.0
     a_ftz = np.where(np.abs(a) < TINY, f32(0), a)
     coef = np.zeros((n_modes + 1, width), f32)
-    coef[modes, cols] = a_ftz
+    coef.ravel()[flat] = a_ftz
     coef[n_modes] = shift
     err = _sgemm()(-1.0, coef.T, ctx.rc_ones.T, beta=1.0, c=xc.T, overwrite_c=1)
     if not np.shares_memory(err, xc):  # a BLAS wrapper that copied: take its result
