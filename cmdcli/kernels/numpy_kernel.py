@@ -4,9 +4,9 @@ Arranged so that nearly every pass over a piece is a BLAS call, and so that the
 piece is read from the block once (``T × w`` float32 of about ``CHUNK_BYTES``,
 which stays in the core's caches through the rest):
 
-1. the mean of each column (a matrix–vector product), then the piece minus its
-   mean copied into a contiguous scratch buffer — the one elementwise pass that
-   writes — and the mean of what is left (``fix``, the float32 rounding of the
+1. the piece copied into a contiguous scratch buffer (the one read of the block
+   from memory), the mean of each column (a matrix–vector product) subtracted
+   in place, and the mean of what is left (``fix``, the float32 rounding of the
    first mean), which is *not* subtracted: every sum below takes it out exactly
    in float64 instead (a constant weight is still rebuilt exactly);
 2. Σ xc² per column (one fused pass);
@@ -111,11 +111,14 @@ def _columns(
     to_mean = np.full(n_ckpt, 1.0 / n_ckpt, f32)
 
     # 1. Centre into the scratch buffer; x itself is only read.
-    mean = np.dot(to_mean, x)
+    # (the piece is copied first: one streaming read of the block from memory,
+    # after which both passes below run in the cache)
+    xc = _scratch((n_ckpt, width))
+    np.copyto(xc, x)
+    mean = np.dot(to_mean, xc)
     if not np.isfinite(mean).all():  # NaN and Inf reach the mean
         raise NonFiniteColumn(c0 + int(np.flatnonzero(~np.isfinite(mean))[0]))
-    xc = _scratch((n_ckpt, width))
-    np.subtract(x, mean, out=xc)
+    xc -= mean
     fix = np.dot(to_mean, xc)  # xc − fix is centred to float32 rounding
     fix64 = fix.astype(f64)
     x_mean = mean.astype(f64) + fix64
