@@ -239,7 +239,8 @@ def test_dmd_cuts_its_rank_where_the_gram_matrix_cannot_resolve_the_snapshots():
         scale = (x**2).sum() / var  # the sums' rounding relative to the variance
         assert_within(model.explained_variance(gram), ev, 64 * 20 * U64 * scale, "DMD EV")
     # pass 2's float32 sums are coarser: the same run at 1e-4 is resolved in float64
-    # (σ ≈ 1e-2 ≫ √E ≈ 3e-4) but not from float32 sums (√E ≈ 2·√(T·γ_B·x̄ᵀx̄) ≈ 30)
+    # (σ ≈ 1e-2 ≫ √E ≈ 3e-4) but not from float32 sums (√E ≈ √(T·ρ·x̄ᵀx̄) ≈ 5, with
+    # ρ ≈ 6·√B·u the probabilistic bound of RunGram.entry_rounding)
     x = _small_motion(5000, 20, 1e-4)
     exact = RunGram.from_trajectories(x)
     coarse = RunGram(exact.gram, exact.cross, exact.mean_sumsq, exact.steps, 5000, 20000)

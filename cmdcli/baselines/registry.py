@@ -100,7 +100,14 @@ class RunGram:
         ``rounding`` when given (``from_trajectories``: float64 sums); otherwise the
         sums of pass 2 (see the class docstring): float32 products summed in float32
         over one piece of B = ``cpu_chunk(T)`` columns, then in float64, and x̄
-        rounded to float32 in ``cross``: ρ = γ_B + 2u + γ_N(float64).
+        rounded to float32 in ``cross``. The worst case of such a sum, γ_B ≈ B·u,
+        needs every rounding of B terms to go the same way; the probabilistic bound
+        of Higham and Mary (SIAM J. Sci. Comput. 41, 2019), λ·√B·u, holds with
+        probability at least 1 − 2·exp(−λ²/2) when roundings are independent and
+        is what float32 sums of real data reach. With λ = 6 (a failure chance of
+        3e-8 per entry): ρ = 6·√B·u + 2u + 6·√N·u₆₄. It decides only where DMD's
+        rank is cut; the checks of an untrusted file (:meth:`problem`) keep the
+        worst case.
         """
         if self.rounding is not None:
             return float(self.rounding)
@@ -109,7 +116,7 @@ class RunGram:
         u32, u64 = 2.0**-24, 2.0**-53
         b = cpu_chunk(self.n_checkpoints)
         n = max(int(self.n_weights), 1)
-        return b * u32 / (1 - b * u32) + 2 * u32 + n * u64 / (1 - n * u64)
+        return 6 * np.sqrt(b) * u32 + 2 * u32 + 6 * np.sqrt(n) * u64
 
     def raw_error(self) -> float:
         """A bound on ‖Δ(XᵀX)‖₂, the error of :attr:`raw` and of its eigen-decomposition.
