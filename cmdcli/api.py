@@ -45,7 +45,7 @@ from .io.safetensors import SafetensorsWriter, TensorEntry
 from .lazy import torch
 from .model import CMD, DEFAULT_MAX_MEMORY, MAX_AUTO_MODES, REFERENCE_KINDS
 from .reports import build_report, render_markdown
-from .threads import available_cores
+from .threads import available_cores, single_threaded
 
 __all__ = [
     "FitOptions",
@@ -645,6 +645,7 @@ def fit_run(
     with (
         cluster(opts.scheduler) as executor,
         outdir.new_directory(out, overwrite=opts.overwrite, protect=[run_dir, run.root]) as tmp,
+        single_threaded(),  # every phase: the parallelism is the workers' (cmdcli.threads)
     ):
         workers = opts.workers or (executor.threads if executor is not None else available_cores())
         source = RunSource(
@@ -1469,8 +1470,8 @@ def reconstruct_run(
     written: list[dict] = []
 
     def build(tmp: Path) -> list[str]:
-        written.extend(
-            _write_reconstructions(
+        with single_threaded():
+            rebuilt = _write_reconstructions(
                 model,
                 ckpts,
                 tmp,
@@ -1480,7 +1481,7 @@ def reconstruct_run(
                 native=native,
                 trust_pickle=trust_pickle,
             )
-        )
+        written.extend(rebuilt)
         return [rec["path"] for rec in written]
 
     placed = outdir.place(

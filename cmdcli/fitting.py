@@ -736,6 +736,14 @@ def run_block(
     return result, part
 
 
+def run_block_limited(*args) -> tuple[BlockResult, FitStatistics]:
+    """:func:`run_block` with one BLAS / OpenMP / torch thread, undone after: the task a
+    cluster's worker runs (each of its threads runs a block)."""
+    from .threads import limited
+
+    return limited(run_block, *args)
+
+
 # What the forked worker processes of pass 2 share with their parent: set before
 # the fork, inherited, never pickled (see _forked_pool).
 _FORKED: tuple | None = None
@@ -946,6 +954,16 @@ def stream_fit(
                 while nxt < len(blocks) and len(pending) < max(int(workers), 1):
                     if fork:
                         task: tuple = (_forked_block, blocks[nxt], origins[nxt])
+                    elif executor is not None:  # a cluster's worker thread: one BLAS thread
+                        task = (
+                            run_block_limited,
+                            source,
+                            blocks[nxt],
+                            ctx,
+                            str(device),
+                            sink,
+                            origins[nxt],
+                        )
                     else:
                         task = (
                             run_block,

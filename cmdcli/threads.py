@@ -15,15 +15,30 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["available_cores", "one_thread_here", "single_threaded"]
+__all__ = ["available_cores", "limited", "one_thread_here", "single_threaded"]
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, where the OS has one)."""
+    """Cores this process may run on: its CPU affinity (where the OS has one),
+    capped by a cgroup v2 CPU quota (a container limited to 2 CPUs of a large host)."""
     try:
-        return max(len(os.sched_getaffinity(0)), 1)
+        cores = max(len(os.sched_getaffinity(0)), 1)
     except (AttributeError, OSError):  # not Linux
-        return max(os.cpu_count() or 1, 1)
+        cores = max(os.cpu_count() or 1, 1)
+    quota = _cgroup_quota()
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def _cgroup_quota() -> int | None:
+    """⌈quota / period⌉ from /sys/fs/cgroup/cpu.max, None where there is none."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 @contextmanager
@@ -43,6 +58,26 @@ def single_threaded() -> Iterator[None]:
             if torch is not None:
                 torch.set_num_threads(1)
             yield
+    finally:
+        late = sys.modules.get("torch")
+        if before is not None:
+            torch.set_num_threads(before)
+        elif late is not None:  # imported during the block, perhaps limited by a worker
+            late.set_num_threads(available_cores())
+
+
+def limited(fn, *args):
+    """``fn(*args)`` with one BLAS / OpenMP / torch thread, the limits undone after
+    (a task sent to a Dask worker, whose threads each run a block)."""
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        with threadpool_limits(limits=1):
+            if torch is not None:
+                torch.set_num_threads(1)
+            return fn(*args)
     finally:
         if torch is not None and before is not None:
             torch.set_num_threads(before)

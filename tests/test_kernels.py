@@ -268,3 +268,62 @@ def test_a_fit_on_the_gpu_equals_the_fit_on_the_cpu_to_float32_rounding():
     # blocks summed at once on the GPU
     sb = statistics_bounds(W, gpu.references_, gpu.a_, gpu.b_, gpu.modes_, columns_per_sum=len(W))
     assert_within(gpu.explained_variance_, sb.explained_variance, sb.explained_variance_tol, "EV")
+
+
+def test_every_phase_of_cmd_fit_after_pass_2_runs_on_one_blas_thread(tmp_path, monkeypatch):
+    # the rebuilds and the baselines' pass too, not only pass 1 and pass 2
+    from threadpoolctl import threadpool_info
+
+    from cmdcli import api
+    from tests.builders import tiny_state_dicts, write_safetensors_run
+
+    write_safetensors_run(tmp_path / "run", tiny_state_dicts(6), [1, 2, 3, 4, 5, 6])
+    seen = {}
+    phases = {"_write_reconstructions", "_fit_baselines", "_write_baseline_reconstructions"}
+    for name in phases:
+        real = getattr(api, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            seen[_name] = {i["num_threads"] for i in threadpool_info()}
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(api, name, spy)
+    opts = api.FitOptions(n_modes=2, reconstruct_baselines="last")
+    api.fit_run(tmp_path / "run", tmp_path / "out", opts)
+    assert set(seen) == {
+        "_write_reconstructions",
+        "_fit_baselines",
+        "_write_baseline_reconstructions",
+    }
+    assert all(threads == {1} for threads in seen.values()), seen
+
+
+def test_available_cores_follows_a_cgroup_quota(monkeypatch):
+    from cmdcli import threads
+
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: 1)
+    assert threads.available_cores() == 1
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+    assert threads.available_cores() >= 1
+
+
+def test_the_header_cache_keeps_the_headers_of_many_shards(monkeypatch):
+    # a run of 40 shards per checkpoint reads each header once per pass, in rotation
+    import json
+
+    from cmdcli.io import safetensors as st
+
+    monkeypatch.setattr(st, "_headers", {})
+    monkeypatch.setattr(st, "_header_bytes", 0)
+    parsed = []
+    real = st.parse_header
+    monkeypatch.setattr(st, "parse_header", lambda *a: parsed.append(a) or real(*a))
+    raws = []
+    for i in range(40):
+        raw = json.dumps({f"w{i}": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+        raws.append(raw.encode())
+    for _ in range(3):
+        for raw in raws:
+            st._parsed(raw, 8 + len(raw) + 8, "x")
+    assert len(parsed) == 40  # each parsed once, then remembered
+    assert st._header_bytes == sum(len(r) for r in raws)

@@ -183,9 +183,10 @@ def read_header(path: Path, display: str | None = None) -> SafetensorsHeader:
 # ~45 ms to check. The check is a function of the header's bytes and the file size
 # alone (the name shown only goes into errors, which are not kept), so a header seen
 # before is not checked again. SafetensorsHeader and its entries are immutable.
-_HEADERS = 16
+_HEADERS = 4096  # a bound by count too; the bytes below are the real one
 _HEADER_CACHE_BYTES = 8 * 1024 * 1024  # of header text kept (the parsed form is ~5x)
 _headers: dict[tuple[bytes, int], SafetensorsHeader] = {}
+_header_bytes = 0  # of the header text in _headers
 _headers_lock = threading.Lock()
 
 
@@ -200,9 +201,13 @@ def _parsed(raw: bytes, size: int, display: str) -> SafetensorsHeader:
             _headers[key] = header  # now the most recently used
             return header
     header = parse_header(raw, size, display)
+    global _header_bytes
     with _headers_lock:
+        if key not in _headers:
+            _header_bytes += len(raw)
         _headers[key] = header
-        while len(_headers) > _HEADERS or sum(len(k[0]) for k in _headers) > _HEADER_CACHE_BYTES:
+        while len(_headers) > _HEADERS or _header_bytes > _HEADER_CACHE_BYTES:
+            _header_bytes -= len(next(iter(_headers))[0])
             del _headers[next(iter(_headers))]
     return header
 
