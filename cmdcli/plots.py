@@ -1140,7 +1140,7 @@ def _label_singles(ax: Any, points: list[tuple[float, float, str, float | None]]
     another (they sit on one vertical line) or are drawn on the floor (with their
     value). ``points``: (storage, value, name, the floor where drawn there, else None).
     Points whose values are within 2% of the panel's range of each other get one label,
-    their names joined by ``=``."""
+    their names joined by ``=`` (equal values) or ``≈`` (close ones)."""
     span = (max(drawn) - min(drawn)) if drawn else 0.0
     close = 0.02 * span if span > 0 else 0.0
     clusters: list[list[tuple[float, float, str, float | None]]] = []
@@ -1167,7 +1167,9 @@ def _label_singles(ax: Any, points: list[tuple[float, float, str, float | None]]
         if placed is not None and placed[0] == x:
             lift = max(0.0, placed[1] + 7.0 - y * per_unit)
         placed = (x, y * per_unit + lift)
-        text = " = ".join(p[2] for p in cluster) + (f": {value:.2g}" if floor else "")
+        same = len({p[1] for p in cluster}) == 1
+        joint = " = " if same else " ≈ "  # equal, or only too close to tell apart here
+        text = joint.join(p[2] for p in cluster) + (f": {value:.2g}" if floor else "")
         ax.annotate(
             text, (x, y), textcoords="offset points", xytext=(6, lift), ha="left",
             va="center", fontsize=6, color="0.3",

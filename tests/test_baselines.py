@@ -775,7 +775,9 @@ def test_tradeoff_figure_has_every_model_and_labelled_axes(fitted, tmp_path):
         drawn = _points(ax)
         # a label per point drawn on the floor: "model: value", or for several at one
         # place "model = model: value"
-        notes = {n for t in ax.texts for n in t.get_text().rsplit(": ", 1)[0].split(" = ")}
+        import re
+
+        notes = {n for t in ax.texts for n in re.split(" [=≈] ", t.get_text().rsplit(": ", 1)[0])}
         for row in report["models"]:
             kind, ev = row["kind"], row["explained_variance"]
             # a point at its storage and explained variance, or, below the axis' floor,
@@ -944,3 +946,29 @@ def test_tradeoff_panels_share_storage_name_overlaps_and_say_what_is_left_out(fi
         assert notes == ["the first 3 of 4 metrics are drawn; left out: extra"]
     finally:
         del fig
+
+
+def test_overlapping_averages_are_named_equal_only_when_they_are():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cmdcli import plots
+
+    fig, ax = plt.subplots()
+    try:
+        ax.plot([1e3, 1e5], [0.0, 1.0])
+        points = [
+            (1e3, 0.500, "last", None),
+            (1e3, 0.500, "lawa:1", None),
+            (1e3, 0.505, "swa:0.9", None),  # within 2 % of the range: one label
+        ]
+        plots._label_singles(ax, points, [0.0, 1.0])
+        texts = [t.get_text() for t in ax.texts]
+        assert texts == ["last ≈ lawa:1 ≈ swa:0.9"], texts
+        ax.texts[0].remove()
+        plots._label_singles(ax, points[:2], [0.0, 1.0])
+        assert [t.get_text() for t in ax.texts] == ["last = lawa:1"]
+    finally:
+        plt.close(fig)
