@@ -34,7 +34,6 @@ import numpy as np
 from .errors import CMDError
 from .kernels import (
     GRAM_GROUPS,
-    KERNELS,
     MAX_MAGNITUDE,
     KernelContext,
     NonFiniteColumn,
@@ -42,15 +41,11 @@ from .kernels import (
     default_kernel,
     get_kernel,
 )
-from .kernels.numpy_kernel import _abs_argmax  # noqa: F401  (tests reach it here)
 
 if TYPE_CHECKING:
     import torch
 
     from .io.modelfile import CoefficientSink
-
-_Context = KernelContext  # the name older code and tests use
-BACKENDS = tuple(KERNELS)
 
 __all__ = [
     "GRAM_GROUPS",
@@ -530,7 +525,6 @@ def fit_block(
         weight; ties and constant weights go to the lowest mode id.
     """
     fit = _fit_centred(x.clone(), references, forced)
-    # (torch, float64: the online and embedded fits call this on small blocks)
     return fit.a, fit.b, fit.modes
 
 
@@ -703,7 +697,7 @@ def block_budget(max_memory: int, workers: int, *, distributed: bool = False) ->
 def run_block(
     source: TrajectorySource,
     segments: list[Segment],
-    ctx: _Context,
+    ctx: KernelContext,
     device: str = "cpu",
     sink: CoefficientSink | None = None,
     origin: int = 0,

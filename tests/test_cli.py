@@ -440,13 +440,13 @@ def test_weights_too_large_for_float32_sums_are_refused(tmp_path, dtype, scale):
 
 
 def test_a_huge_column_is_refused_by_both_kernels():
-    from cmdcli import fitting
+    from cmdcli import fitting, kernels
     from tests.planted import planted_modes
 
     planted = planted_modes(n_weights=300, n_checkpoints=12, n_modes=2, seed=0)
     refs = planted.refs
-    ctx = fitting._Context.build(refs, [], {})
-    for backend in ("numpy", "torch"):
+    ctx = kernels.KernelContext.build(refs, [], {})
+    for backend in kernels.KERNELS:
         x = planted.W.T.astype(np.float32).copy()
         x[:, 7] *= 1e20  # finite in float32, but its square is not
         with pytest.raises(fitting.NonFiniteColumn) as info:
