@@ -225,6 +225,9 @@ class RunSource:
             readers, self._readers = list(self._readers.values()), {}
         for reader in readers:
             reader.close()
+        from .io.safetensors import release_caches
+
+        release_caches()
 
     @contextmanager
     def _block_reader(self, t: int) -> Iterator[CheckpointReader]:

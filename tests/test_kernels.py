@@ -327,3 +327,15 @@ def test_the_header_cache_keeps_the_headers_of_many_shards(monkeypatch):
             st._parsed(raw, 8 + len(raw) + 8, "x")
     assert len(parsed) == 40  # each parsed once, then remembered
     assert st._header_bytes == sum(len(r) for r in raws)
+
+
+def test_a_fit_leaves_no_read_plans_behind(tmp_path):
+    # a library process fitting run after run keeps only the bounded header cache
+    from cmdcli import api
+    from cmdcli.io import safetensors as st
+    from tests.builders import tiny_state_dicts, write_safetensors_run
+
+    write_safetensors_run(tmp_path / "run", tiny_state_dicts(6), [1, 2, 3, 4, 5, 6])
+    api.fit_run(tmp_path / "run", tmp_path / "out", api.FitOptions(n_modes=2, workers=1))
+    assert not st._many_plans and not st._segment_plans and not st._gather_plans
+    assert st._gather_plans_size == 0

@@ -380,7 +380,9 @@ class SafetensorsReader(CheckpointReader):
         # The layout (where every tensor lies): readers of checkpoints laid out alike
         # share the read plans of read_segments.
         self._layout = _layout_id(
-            tuple((n, e.file, e.offset, e.spec.code) for n, e in self._entries.items())
+            tuple(
+                (n, e.file, e.offset, e.spec.code, e.spec.numel) for n, e in self._entries.items()
+            )
         )
         # File descriptors are opened on first use: a reader of a sharded checkpoint
         # that is only asked for one tensor keeps one fd, not one per shard.
@@ -1179,3 +1181,20 @@ def pwrite_all(fd: int, data, pos: int) -> None:
     while view:
         n = os.pwrite(fd, view, pos)
         view, pos = view[n:], pos + n
+
+
+def release_caches() -> None:
+    """Forget the read plans of both passes and this thread's staging buffers.
+
+    They make a fit's repeated reads cheap; once its passes are over they are only
+    memory a library process would keep (the parsed headers stay: they are bounded
+    by ``_HEADER_CACHE_BYTES`` and serve the next command on the same run).
+    """
+    global _gather_plans_size
+    with _many_plans_lock:
+        _many_plans.clear()
+        _segment_plans.clear()
+    with _gather_plans_lock:
+        _gather_plans.clear()
+        _gather_plans_size = 0
+    _scratch_local.__dict__.clear()
