@@ -948,26 +948,9 @@ def stream_fit(
                 while nxt < len(blocks) and len(pending) < max(int(workers), 1):
                     if fork:
                         task: tuple = (_forked_block, blocks[nxt], origins[nxt])
-                    elif executor is not None:  # a cluster's worker thread: one BLAS thread
-                        task = (
-                            run_block_limited,
-                            source,
-                            blocks[nxt],
-                            ctx,
-                            str(device),
-                            sink,
-                            origins[nxt],
-                        )
-                    else:
-                        task = (
-                            run_block,
-                            source,
-                            blocks[nxt],
-                            ctx,
-                            str(device),
-                            sink,
-                            origins[nxt],
-                        )
+                    else:  # a cluster's worker thread gets one BLAS thread per block
+                        fn = run_block if executor is None else run_block_limited
+                        task = (fn, source, blocks[nxt], ctx, str(device), sink, origins[nxt])
                     pending.append(pool.submit(*task))
                     nxt += 1
                 try:
