@@ -638,13 +638,9 @@ def metrics_of(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
-    from cmdcli import evaluate as ev
-
-    out, x, report = fitted
-    fn = tmp_path / "score.py"
-    fn.write_text(EVAL_SOURCE)
-    reads = []
+def _count_reads(ev, monkeypatch) -> list[int]:
+    """The checkpoints ``cmd evaluate`` reads from the run, in order (filled as it reads)."""
+    reads: list[int] = []
     original = ev.original_state_dict
 
     def counted(model, t, **kw):
@@ -652,6 +648,16 @@ def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
         return original(model, t, **kw)
 
     monkeypatch.setattr(ev, "original_state_dict", counted)
+    return reads
+
+
+def test_evaluate_scores_every_model_in_one_read(fitted, tmp_path, monkeypatch):
+    from cmdcli import evaluate as ev
+
+    out, x, report = fitted
+    fn = tmp_path / "score.py"
+    fn.write_text(EVAL_SOURCE)
+    reads = _count_reads(ev, monkeypatch)
     result = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last", models_at="500")
     assert reads == list(range(len(STEPS)))  # every checkpoint read once, in order
     names = [r["model"] for r in result["models"]]
@@ -697,14 +703,7 @@ def test_evaluate_sums_the_models_in_groups_that_fit_max_memory(fitted, tmp_path
     fn.write_text(EVAL_SOURCE)
     one = ev.evaluate_fit(out, f"{fn}:evaluate", checkpoints="last")
     assert "notices" not in one
-    reads = []
-    original = ev.original_state_dict
-
-    def counted(model, t, **kw):
-        reads.append(t)
-        return original(model, t, **kw)
-
-    monkeypatch.setattr(ev, "original_state_dict", counted)
+    reads = _count_reads(ev, monkeypatch)
     n = x.shape[0]
     # the EMA and SWA baselines and 9 models; equal ones (SWA from step 700, swa:0.5 and
     # swa:650) share a sum: 3 sums a read
